@@ -1,0 +1,1 @@
+"""The process `rahf-serve` starts: engine + API + Gradio UI, assembled in one place."""

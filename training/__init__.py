@@ -1,0 +1,1 @@
+"""RAHF training: preference modelling, activity patterns, representation alignment."""

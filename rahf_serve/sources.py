@@ -1,0 +1,30 @@
+"""Where a bundle comes from: a local folder or a Hub repo `org/name[@revision]`.
+
+Every place that accepts an adapter source (CLI, API, evaluation) goes through `resolve_source`,
+so local and Hub bundles are validated the same way.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .errors import BundleNotFound
+
+HUB_SPEC = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+def is_hub_spec(source: str) -> bool:
+    return bool(HUB_SPEC.match(source)) and not Path(source).expanduser().exists()
+
+
+def resolve_source(source: str) -> Path:
+    """A local directory for `source`, downloading Hub bundles into the Hub cache first."""
+    local = Path(source).expanduser()
+    if local.exists():
+        return local
+    if is_hub_spec(source):
+        from .hub import download_bundle
+
+        return download_bundle(source)
+    raise BundleNotFound(f"adapter source {source!r} is neither an existing folder nor a Hub repo org/name[@rev]")

@@ -1,37 +1,82 @@
-"""`rahf-serve`: load the base, assemble the HTTP app, run uvicorn."""
+"""`rahf-serve`: load the base and adapters, start the engine, serve the API and the UI with uvicorn.
+
+    rahf-serve                                  # embedded SmolLM2 + every bundle in ./adapters, UI at /ui
+    rahf-serve --adapter kind=./out/kind-scit   # plus one more bundle, served as model "kind"
+    rahf-serve --adapter me/rahf-kind@v1 --api-key s3cret --port 9000
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
+from rahf_serve.engine import Engine
 from rahf_serve.models import EMBEDDED_ALIAS, load_base
+from rahf_serve.registry import NAME, AdapterRegistry
+from rahf_serve.sources import is_hub_spec
+
+log = logging.getLogger("rahf_serve.server")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rahf-serve", description=__doc__)
+    p = argparse.ArgumentParser(prog="rahf-serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default=EMBEDDED_ALIAS, help="base model: the embedded alias, a Hub id or a directory")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]SOURCE",
+                   help="serve a bundle (local folder or Hub org/name[@rev]) as NAME; repeatable")
+    p.add_argument("--adapter-dir", default="adapters",
+                   help="bundles here are all loaded at start; POST /v1/adapters reads local paths only from here")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route and the UI")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")
+    p.add_argument("--max-batch", type=int, default=8, help="most requests decoded together in one step")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get 503 queue_full")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0 = torch's default); 1 is faster on a machine shared with other jobs")
+    p.add_argument("--no-ui", action="store_true", help="serve the API only")
+    p.add_argument("--votes", default="data/votes.jsonl", help="where the UI appends preference votes")
     return p
+
+
+def split_adapter_arg(arg: str) -> tuple[str, str]:
+    """`NAME=SOURCE` or `SOURCE` (named after its folder or Hub repo)."""
+    name, sep, source = arg.partition("=")
+    if sep and NAME.match(name):
+        return name, source
+    spec = arg.split("@", 1)[0] if is_hub_spec(arg) else arg
+    return Path(spec.rstrip("/")).name, arg
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
-    from fastapi import FastAPI
 
+    from rahf_serve.api import create_app
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     base = load_base(args.base, device=args.device, dtype=args.dtype)
-    api = FastAPI(title="rahf-serve")
+    engine = Engine(base, max_batch=args.max_batch, max_queue=args.max_queue, max_new_tokens=args.max_new_tokens)
+    registry = AdapterRegistry(engine, args.adapter_dir)
+    for arg in args.adapter:
+        registry.load(*split_adapter_arg(arg))
+    registry.load_dir()  # after --adapter: a folder already loaded under its name is skipped, not doubled
+    api = create_app(engine, registry, api_key=args.api_key)
+    if not args.no_ui:
+        from app.ui import mount_ui
 
-    @api.get("/health")
-    def health() -> dict[str, str]:
-        return {"status": "ok", "base": base.name}
-
-    uvicorn.run(api, host=args.host, port=args.port)
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        mount_ui(api, base_url=f"http://{host}:{args.port}", api_key=args.api_key, votes_path=Path(args.votes))
+    log.info("serving %s with adapters %s on http://%s:%d", base.name, engine.adapters, args.host, args.port)
+    with engine:
+        uvicorn.run(api, host=args.host, port=args.port)
 
 
 if __name__ == "__main__":

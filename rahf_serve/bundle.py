@@ -112,10 +112,10 @@ def write_bundle(
         (tmp / CONFIG_FILE).write_text(json.dumps(dict(adapter_config), indent=2, sort_keys=True))
         save_file({k: v.contiguous() for k, v in lora_state.items()}, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         if vectors is not None and manifest is not None:
-            tensors = {f"layers.{int(l)}.mean_diff": v.detach().to("cpu", torch.float32).contiguous()
-                       for l, v in sorted(vectors.items())}
+            tensors = {f"layers.{int(layer)}.mean_diff": v.detach().to("cpu", torch.float32).contiguous()
+                       for layer, v in sorted(vectors.items())}
             meta = {"format": "rahf-vectors", "version": str(FORMAT_VERSION),
-                    "method": str(manifest.get("method", "")), "layers": ",".join(str(l) for l in sorted(vectors))}
+                    "method": str(manifest.get("method", "")), "layers": ",".join(str(layer) for layer in sorted(vectors))}
             save_file(tensors, tmp / VECTORS_FILE, metadata=meta)
             (tmp / MANIFEST_FILE).write_text(json.dumps(dict(manifest), indent=2))
         (tmp / CARD_FILE).write_text(card if card is not None else render_card(manifest, adapter_config))
@@ -364,7 +364,7 @@ def new_manifest(
         "name": name,
         "base": {"id": base_id, "revision": base_revision, "fingerprint": dict(base_fingerprint), "note": base_note},
         "method": method,
-        "layers": [int(l) for l in layers],
+        "layers": [int(layer) for layer in layers],
         "alpha": float(alpha),
         "lora": dict(lora),
         "data": dict(data or {}),

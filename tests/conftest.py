@@ -52,3 +52,13 @@ def real_model_dir() -> Path:
 @pytest.fixture
 def real_base(real_model_dir) -> BaseModel:
     return load_base("smollm2-135m-instruct", device="cpu", dtype="float32")
+
+
+def pytest_collection_modifyitems(config, items):
+    # `gpu` tests need CUDA; on CPU-only machines (developers here, CI) they skip rather than fail.
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA: torch.cuda.is_available() is False")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)

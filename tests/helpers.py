@@ -23,7 +23,7 @@ def random_lora_bundle(base: BaseModel, out: Path, *, seed: int = 0, r: int = 4,
     peft_model = get_peft_model(copy.deepcopy(base.model), config)
     adapter_config, state = peft_payload(peft_model)
     layers = [1, base.model.config.num_hidden_layers // 2]
-    vectors = {l: torch.randn(base.model.config.hidden_size) for l in layers} if with_vectors else None
+    vectors = {layer: torch.randn(base.model.config.hidden_size) for layer in layers} if with_vectors else None
     manifest = new_manifest(name=out.name, base_id=base.hub_id, base_revision=base.revision,
                             base_fingerprint=base.fingerprint, method="scit", layers=layers, alpha=5.0,
                             lora={"r": r, "lora_alpha": 2 * r, "target_modules": list(targets)}) if with_vectors else None

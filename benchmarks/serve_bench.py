@@ -1,0 +1,180 @@
+"""Serving benchmark on the real default model, in one process.
+
+    python benchmarks/serve_bench.py                 # 48 new tokens, medians of 5 rounds
+    python benchmarks/serve_bench.py --tokens 32 --runs 3
+    python benchmarks/serve_bench.py --threads 1     # on a shared machine: see docs/serving.md
+
+Reports single-stream tokens/s for transformers `generate` on the bare base (the baseline) and for
+the engine on the base, with an adapter, a blend and steering; aggregate tokens/s at 1, 2, 4 and 8
+concurrent mixed-adapter streams; time to first token (idle, and joining 7 running streams); and the
+time to hot-load a bundle. Adapters are two random rank-8 q_proj/v_proj LoRAs (the paper's shape)
+with steering vectors, so no trained bundle is needed; speed does not depend on the weights' values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rahf_serve.engine import Engine  # noqa: E402
+from rahf_serve.models import load_base  # noqa: E402
+from rahf_serve.registry import AdapterRegistry  # noqa: E402
+from rahf_serve.request import GenerationRequest, SteeringSpec  # noqa: E402
+from rahf_serve.sampling import SamplingParams  # noqa: E402
+from tests.helpers import random_lora_bundle  # noqa: E402  (the test suite's bundle builder)
+
+PROMPT = [{"role": "user", "content": "Write a long, detailed story about a dragon who learns to bake bread."}]
+
+
+def median_of(runs: int, fn: Callable[[], float]) -> float:
+    return statistics.median(fn() for _ in range(runs))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=48, help="new tokens per stream")
+    ap.add_argument("--runs", type=int, default=5, help="runs per measurement (the median is reported)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default, the core count)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n, runs = args.tokens, args.runs
+
+    base = load_base("smollm2-135m-instruct", device="cpu", dtype="float32")
+    tok = base.tokenizer
+    text = tok.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False)
+    prompt = tok(text, add_special_tokens=False)["input_ids"]
+    rows: list[tuple[str, float, str]] = []  # (measurement, value, unit)
+
+    # The machine is shared and its load swings: every measurement below runs in rounds, one run of
+    # each case per round, so a busy spell hits all cases alike; medians over the rounds.
+    bare = copy.deepcopy(base.model)  # the baseline's model stays a plain transformers model
+    ids = torch.tensor([prompt])
+
+    def generate_speed() -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            bare.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=tok.pad_token_id)
+        return n / (time.perf_counter() - start)
+
+    engine = Engine(base, max_batch=8, max_new_tokens=max(n, 64))
+    greedy = SamplingParams(max_tokens=n, temperature=0.0)
+
+    def stream_speed(request: GenerationRequest) -> float:
+        start = time.perf_counter()
+        out = engine.generate(request)
+        return out.completion_tokens / (time.perf_counter() - start)
+
+    def rounds(cases: dict[str, Callable[[], float]]) -> dict[str, list[float]]:
+        for fn in cases.values():
+            fn()  # warm-up (and builds the blend once)
+        samples: dict[str, list[float]] = {label: [] for label in cases}
+        for _ in range(runs):
+            for label, fn in cases.items():
+                samples[label].append(fn())
+        return samples
+
+    with engine:
+        plain = GenerationRequest(prompt, greedy)
+        before = rounds({"baseline": generate_speed, "engine, base, no adapter loaded": lambda: stream_speed(plain)})
+
+        workdir = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+        for i, name in enumerate(("kind", "terse")):
+            random_lora_bundle(base, workdir / name, seed=i, r=8)
+        registry = AdapterRegistry(engine, workdir)
+
+        def hot_load() -> float:
+            start = time.perf_counter()
+            registry.load("hot", str(workdir / "kind"))
+            elapsed = time.perf_counter() - start
+            registry.unload("hot")
+            return elapsed
+
+        hot_load_s = median_of(runs, hot_load)
+        registry.load_dir()
+
+        requests = {
+            "engine, base row (__base__), adapters loaded": plain,
+            "engine, adapter (unmerged LoRA r=8)": GenerationRequest(prompt, greedy, "kind"),
+            "engine, blend kind*0.7 + terse*-0.3": GenerationRequest(prompt, greedy,
+                                                                    blend=(("kind", 0.7), ("terse", -0.3))),
+            "engine, adapter + steering (2 layers)": GenerationRequest(prompt, greedy, "kind",
+                                                                     steering=SteeringSpec("kind", 2.0)),
+        }
+        after = rounds({"baseline": generate_speed,
+                        **{label: (lambda r=r: stream_speed(r)) for label, r in requests.items()}})
+        baseline = statistics.median(before.pop("baseline") + after.pop("baseline"))
+        rows.append(("transformers generate, bare base (baseline)", baseline, "tok/s"))
+        rows += [(label, statistics.median(v), "tok/s") for label, v in {**before, **after}.items()]
+
+        mix = [GenerationRequest(prompt, greedy, a) for a in (None, "kind", "terse", None, "kind", "terse",
+                                                              None, "kind")]
+
+        def aggregate(k: int) -> float:
+            outs: list[int] = [0] * k
+
+            def worker(i: int) -> None:
+                outs[i] = engine.generate(mix[i]).completion_tokens
+
+            threads = [threading.Thread(target=worker, args=(i,)) for i in range(k)]
+            start = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            return sum(outs) / (time.perf_counter() - start)
+
+        concurrency = rounds({f"aggregate, {k} concurrent mixed streams": (lambda k=k: aggregate(k))
+                              for k in (1, 2, 4, 8)})
+        rows += [(label, statistics.median(v), "tok/s") for label, v in concurrency.items()]
+        single_aggregate = rows[-4][1]
+
+        def ttft(background: int) -> float:
+            first = threading.Event()
+            stamp: list[float] = []
+            done = threading.Event()
+            for i in range(background):
+                engine.submit(GenerationRequest(prompt, greedy, mix[i].adapter),
+                              lambda e: done.set() if e.finish_reason else None)
+            time.sleep(0.5 if background else 0)
+            start = time.perf_counter()
+            engine.submit(GenerationRequest(prompt, SamplingParams(max_tokens=1, temperature=0)),
+                          lambda e: (stamp.append(time.perf_counter()), first.set()))
+            first.wait(60)
+            while background and engine.metrics.running.current > 0:
+                time.sleep(0.05)
+            return stamp[0] - start
+
+        rows.append(("time to first token, idle engine", median_of(runs, lambda: ttft(0)) * 1000, "ms"))
+        rows.append(("time to first token, joining 7 running streams", median_of(runs, lambda: ttft(7)) * 1000,
+                     "ms"))
+        rows.append(("hot-load a local bundle (read + attach)", hot_load_s * 1000, "ms"))
+
+    print(f"\nrahf-serve benchmark: {base.name}, fp32 CPU, {torch.get_num_threads()} torch threads, "
+          f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), {n} new tokens, "
+          f"median of {runs}; load average at end {os.getloadavg()[0]:.1f}\n")
+    print("| measurement | value | vs baseline |")
+    print("| --- | ---: | ---: |")
+    for label, value, unit in rows:
+        ratio = f"{value / baseline:.2f}x" if unit == "tok/s" else ""
+        print(f"| {label} | {value:.1f} {unit} | {ratio} |")
+    eight = next(v for label, v, _ in rows if label.startswith("aggregate, 8"))
+    print(f"\n8 streams vs 1 stream aggregate: {eight / single_aggregate:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""`create_app`: the FastAPI application over an engine and its registry (no process, no UI)."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from ..engine import Engine
+from ..registry import AdapterRegistry
+from .auth import ApiKeyMiddleware
+from .errors import install_handlers
+from .routes import build_router
+
+
+def create_app(engine: Engine, registry: AdapterRegistry, *, api_key: str | None = None) -> FastAPI:
+    """The HTTP API. The caller starts and stops the engine; `api_key` guards every route, mounts included."""
+    app = FastAPI(title="rahf-serve", description="OpenAI-compatible serving of RAHF adapters")
+    install_handlers(app)
+    app.include_router(build_router(engine, registry))
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    return app

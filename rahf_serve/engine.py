@@ -1,0 +1,428 @@
+"""The generation engine: one base model, per-row adapters, continuous batching in a background thread.
+
+The engine thread owns the model. It loops: run queued control operations (adapter load/unload,
+which mutate the PeftModel), prefill waiting requests and merge them into the running batch, decode
+one token for every running row, drop finished and cancelled rows. Each row names its adapter
+through PEFT's mixed-batch `adapter_names` (base rows "__base__"), never a global `set_adapter`, and
+carries its own steering coefficient, sampling parameters and generator.
+
+Callers get tokens through a `sink` callback called on the engine thread; it must return quickly
+(the HTTP layer hands events to its event loop with `call_soon_threadsafe`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from transformers import DynamicCache
+
+from .blend import BlendCache
+from .bundle import Bundle, attach
+from .errors import (
+    AdapterRemoved,
+    EngineStopped,
+    InvalidRequest,
+    ModelNotFound,
+    QueueFull,
+    RahfError,
+    RequestTooLarge,
+)
+from .kvbatch import KVBatch, left_pad
+from .metrics import ServingMetrics
+from .models import BaseModel
+from .request import BASE_SLOT, GenerationRequest, RequestHandle, Sink, SteeringSpec, StreamEvent
+from .sampling import TextStream, make_generator, sample_rows
+from .steering import Steer, add_steering, row_deltas
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class _Row:
+    request: GenerationRequest
+    handle: RequestHandle
+    sink: Sink
+    submitted: float
+    generator: torch.Generator | None = None
+    text: TextStream | None = None
+    slot: str = BASE_SLOT
+    steer: Steer | None = None
+    last_token: int = 0
+    position: int = 0
+    generated: int = 0
+    last_time: float = 0.0
+
+
+class Engine:
+    def __init__(self, base: BaseModel, *, max_batch: int = 8, max_queue: int = 64, max_new_tokens: int = 1024,
+                 max_blends: int = 8, metrics: ServingMetrics | None = None) -> None:
+        self.base = base
+        self.model: Any = base.model
+        self.tokenizer = base.tokenizer
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.max_new_tokens = max_new_tokens
+        self.max_context = int(getattr(base.model.config, "max_position_embeddings", 2048))
+        self.metrics = metrics or ServingMetrics()
+        self._vectors: dict[str, dict[int, torch.Tensor]] = {}
+        """loaded adapter -> its steering vectors (empty for a plain LoRA)"""
+        self._blends = BlendCache(max_blends)
+        self._eos = _eos_ids(base)
+        self._pending: queue.SimpleQueue[_Row] = queue.SimpleQueue()
+        self._control: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._rows: list[_Row] = []
+        self._kv: KVBatch | None = None
+        self._deltas: dict[int, torch.Tensor] | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="rahf-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        for row in self._rows + _drain(self._pending):
+            self._fail(row, EngineStopped("the server is shutting down"))
+        self._rows, self._kv = [], None
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------ adapters
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self._vectors)
+
+    def vectors(self, adapter: str) -> dict[int, torch.Tensor]:
+        if adapter not in self._vectors:
+            raise ModelNotFound(f"adapter {adapter!r} is not loaded")
+        return self._vectors[adapter]
+
+    def attach_adapter(self, name: str, bundle: Bundle) -> None:
+        """Load a read and validated bundle as adapter `name` (on the engine thread, between steps)."""
+        vectors = {layer: v.to(self.base.device, self.base.dtype) for layer, v in bundle.vectors.items()}
+
+        def op() -> None:
+            self.model = attach(self.model, bundle, name, self.base.fingerprint, self.base.name)
+            self._vectors[name] = vectors
+            self.metrics.adapters_loaded.set(len(self._vectors))
+
+        self.call(op)
+
+    def detach_adapter(self, name: str) -> None:
+        """Unload adapter `name`; running requests that use it end with an `adapter_removed` error."""
+
+        def op() -> None:
+            if name not in self._vectors:
+                raise ModelNotFound(f"adapter {name!r} is not loaded")
+            gone = {name, *self._blends.invalidate(self.model, name)}
+            doomed = [i for i, r in enumerate(self._rows)
+                      if r.slot in gone or (r.request.steering and r.request.steering.adapter == name)]
+            for i in doomed:
+                self._fail(self._rows[i], AdapterRemoved(f"adapter {name!r} was unloaded during generation"))
+            self._drop(doomed)
+            if set(self.model.peft_config) == {name}:
+                # PEFT cannot hold zero adapters (it keeps looking up the active one): take the LoRA
+                # layers out instead; the base weights were never merged, so they are as loaded.
+                self.model = self.model.unload()
+            else:
+                self.model.delete_adapter(name)
+            del self._vectors[name]
+            self.metrics.adapters_loaded.set(len(self._vectors))
+
+        self.call(op)
+
+    def call(self, fn: Callable[[], T], timeout: float | None = 300.0) -> T:
+        """Run `fn` on the engine thread between two steps (directly, if the engine is not running)."""
+        if self._thread is None or threading.current_thread() is self._thread:
+            with torch.inference_mode():
+                return fn()
+        future: Future[T] = Future()
+        self._control.put((fn, future))
+        self._wake.set()
+        return future.result(timeout)
+
+    # ------------------------------------------------------------ requests
+
+    def submit(self, request: GenerationRequest, sink: Sink) -> RequestHandle:
+        """Queue a request; `sink` receives its events on the engine thread. Raises on invalid requests."""
+        if self._thread is None:
+            raise EngineStopped("the engine is not running: start it (engine.start() or `with engine:`)")
+        self.validate(request)
+        if self._pending.qsize() >= self.max_queue:
+            raise QueueFull(f"{self.max_queue} requests are already waiting; retry later")
+        row = _Row(request, RequestHandle(), sink, time.perf_counter())
+        self._pending.put(row)
+        self.metrics.queue_depth.set(self._pending.qsize())
+        self._wake.set()
+        return row.handle
+
+    def generate(self, request: GenerationRequest, timeout: float = 600.0) -> StreamEvent:
+        """Blocking convenience: the whole generation as one event (text, token ids, usage)."""
+        events: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
+        self.submit(request, events.put)
+        total = StreamEvent()
+        while total.finish_reason is None:
+            event = events.get(timeout=timeout)
+            total.text += event.text
+            total.token_ids += event.token_ids
+            total.finish_reason, total.error = event.finish_reason, event.error
+            total.prompt_tokens, total.completion_tokens = event.prompt_tokens, event.completion_tokens
+        return total
+
+    def validate(self, request: GenerationRequest) -> None:
+        p = request.params
+        if not request.prompt_ids:
+            raise InvalidRequest("the prompt is empty")
+        if p.max_tokens < 1:
+            raise InvalidRequest("max_tokens must be at least 1")
+        if p.max_tokens > self.max_new_tokens:
+            raise RequestTooLarge(f"max_tokens {p.max_tokens} is above this server's limit of {self.max_new_tokens}")
+        if len(request.prompt_ids) + p.max_tokens > self.max_context:
+            raise RequestTooLarge(f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({p.max_tokens}) exceeds "
+                                  f"the model's context of {self.max_context} tokens")
+        if p.seed is not None and not 0 <= p.seed < 2**63:
+            raise InvalidRequest("seed must be in [0, 2**63)")
+        if not (math.isfinite(p.temperature) and p.temperature >= 0) or not 0 < p.top_p <= 1:
+            raise InvalidRequest("temperature must be >= 0 and top_p in (0, 1]")
+        if request.adapter is not None and request.blend:
+            raise InvalidRequest("give either an adapter as `model` or a blend in `adapters`, not both")
+        for name in [request.adapter] + [n for n, _ in request.blend or ()]:
+            if name is not None and name not in self._vectors:
+                raise ModelNotFound(f"adapter {name!r} is not loaded")
+        for _, weight in request.blend or ():
+            if not math.isfinite(weight):
+                raise InvalidRequest("blend weights must be finite numbers")
+        if request.steering is not None:
+            self._steer_for(request.steering)
+
+    def _steer_for(self, spec: SteeringSpec) -> Steer:
+        vectors = self.vectors(spec.adapter)
+        if not vectors:
+            raise InvalidRequest(f"adapter {spec.adapter!r} has no steering vectors (no rahf_vectors.safetensors)")
+        if not math.isfinite(spec.coeff):
+            raise InvalidRequest("steering coeff must be a finite number")
+        layers = spec.layers if spec.layers is not None else tuple(vectors)
+        unknown = sorted(set(layers) - set(vectors))
+        if unknown:
+            raise InvalidRequest(f"adapter {spec.adapter!r} has no steering vector for layers {unknown}; "
+                                 f"it has {sorted(vectors)}")
+        return Steer({layer: vectors[layer] for layer in layers}, spec.coeff)
+
+    # ------------------------------------------------------------ the engine thread
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while not self._stopping:
+                try:
+                    self._run_control()
+                    self._admit()
+                    if self._rows:
+                        self._decode()
+                    elif self._pending.empty() and self._control.empty():
+                        self._wake.wait(timeout=1.0)
+                        self._wake.clear()
+                except Exception as err:  # keep serving: fail the rows in flight, not the process
+                    log.exception("engine step failed")
+                    for row in self._rows:
+                        self._fail(row, RahfError(f"generation failed: {err}"))
+                    self._rows, self._kv, self._deltas = [], None, None
+
+    def _run_control(self) -> None:
+        while not self._control.empty():
+            fn, future = self._control.get()
+            try:
+                future.set_result(fn())
+            except BaseException as err:  # noqa: B036 - handed to the caller's thread
+                future.set_exception(err)
+
+    def _admit(self) -> None:
+        joining: list[_Row] = []
+        while len(self._rows) + len(joining) < self.max_batch and not self._pending.empty():
+            row = self._pending.get()
+            if row.handle.cancelled:
+                self._cancel(row)
+                continue
+            try:
+                self._prepare(row, in_use={r.slot for r in self._rows + joining})
+            except RahfError as err:  # e.g. its adapter was unloaded while it waited
+                self._fail(row, err)
+                continue
+            except Exception as err:  # one bad request must not take the running batch down
+                log.exception("preparing request %d failed", row.handle.id)
+                self._fail(row, RahfError(f"could not start this generation: {err}"))
+                continue
+            joining.append(row)
+        self.metrics.queue_depth.set(self._pending.qsize())
+        if not joining:
+            return
+        ids, mask, positions = left_pad([r.request.prompt_ids for r in joining], self._pad_id, self.base.device)
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(ids, mask, positions, cache, joining, row_deltas(
+            [r.steer for r in joining], self._hidden, self.base.device, self.base.dtype))
+        for r in joining:
+            r.position = len(r.request.prompt_ids)
+            self.metrics.prompt_tokens.inc(len(r.request.prompt_ids), adapter=r.request.label)
+        finished = self._emit(joining, logits)
+        new = KVBatch(cache, mask)
+        keep = [i for i in range(len(joining)) if i not in finished]
+        if len(keep) < len(joining):
+            new.keep(keep)
+        if not keep:
+            return
+        if self._kv is None:
+            self._kv = new
+        else:
+            self._kv.extend(new)
+        self._rows += [joining[i] for i in keep]
+        self._deltas = None
+        self.metrics.running.set(len(self._rows))
+
+    def _prepare(self, row: _Row, in_use: set[str]) -> None:
+        req = row.request
+        self.validate(req)
+        row.generator = make_generator(req.params.seed, self.base.device)
+        row.text = TextStream(self.tokenizer, req.params.stop)
+        if req.blend:
+            row.slot = self._blends.get(self.model, req.blend, in_use)
+        elif req.adapter is not None:
+            row.slot = req.adapter
+        row.steer = self._steer_for(req.steering) if req.steering is not None else None
+
+    def _decode(self) -> None:
+        cancelled = [i for i, r in enumerate(self._rows) if r.handle.cancelled]
+        for i in cancelled:
+            self._cancel(self._rows[i])
+        self._drop(cancelled)
+        if not self._rows:
+            return
+        assert self._kv is not None
+        ids = torch.tensor([[r.last_token] for r in self._rows], device=self.base.device)
+        positions = torch.tensor([[r.position] for r in self._rows], device=self.base.device)
+        if self._deltas is None:  # rebuilt only when the batch's rows change
+            self._deltas = row_deltas([r.steer for r in self._rows], self._hidden, self.base.device, self.base.dtype)
+        logits = self._forward(ids, self._kv.grow(), positions, self._kv.cache, self._rows, self._deltas)
+        for r in self._rows:
+            r.position += 1
+        self._drop(sorted(self._emit(self._rows, logits)))
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
+                 rows: Sequence[_Row], deltas: dict[int, torch.Tensor]) -> torch.Tensor:
+        kwargs: dict[str, Any] = {}
+        if hasattr(self.model, "peft_config"):
+            kwargs["adapter_names"] = [r.slot for r in rows]
+        with _maybe_steer(self.model, deltas):
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                             use_cache=True, logits_to_keep=1, **kwargs)
+        return out.logits[:, -1, :]
+
+    def _emit(self, rows: Sequence[_Row], logits: torch.Tensor) -> set[int]:
+        """Sample a token for each row, send it on; returns the indices of rows that finished."""
+        tokens = sample_rows(logits, [r.request.params for r in rows], [r.generator for r in rows])  # type: ignore[misc]
+        now = time.perf_counter()
+        finished = set()
+        for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+            assert row.text is not None
+            if row.generated == 0:
+                self.metrics.ttft.observe(now - row.submitted)
+            else:
+                self.metrics.token_latency.observe(now - row.last_time)
+            row.last_time = now
+            row.last_token = token
+            row.generated += 1
+            reason = None
+            if token in self._eos:
+                text, reason = row.text.flush(), "stop"
+            else:
+                text, stopped = row.text.push(token)
+                if stopped:
+                    reason = "stop"
+                elif row.generated >= row.request.params.max_tokens:
+                    text, reason = text + row.text.flush(), "length"
+            row.sink(StreamEvent(text, [token], reason, None, len(row.request.prompt_ids), row.generated))
+            if reason is not None:
+                finished.add(i)
+                self._account(row, reason)
+        return finished
+
+    def _drop(self, indices: Sequence[int]) -> None:
+        if not indices:
+            return
+        gone = set(indices)
+        keep = [i for i in range(len(self._rows)) if i not in gone]
+        self._rows = [self._rows[i] for i in keep]
+        if self._kv is not None:
+            if keep:
+                self._kv.keep(keep)
+            else:
+                self._kv = None
+        self._deltas = None
+        self.metrics.running.set(len(self._rows))
+
+    def _account(self, row: _Row, status: str) -> None:
+        self.metrics.requests.inc(adapter=row.request.label, status=status)
+        self.metrics.generated_tokens.inc(row.generated, adapter=row.request.label)
+
+    def _cancel(self, row: _Row) -> None:
+        self.metrics.cancelled.inc()
+        self._account(row, "cancelled")
+        row.sink(StreamEvent(finish_reason="cancelled", prompt_tokens=len(row.request.prompt_ids),
+                             completion_tokens=row.generated))
+
+    def _fail(self, row: _Row, err: RahfError) -> None:
+        self._account(row, "error")
+        row.sink(StreamEvent(finish_reason="error", error=err, prompt_tokens=len(row.request.prompt_ids),
+                             completion_tokens=row.generated))
+
+    @property
+    def _hidden(self) -> int:
+        return int(self.base.model.config.hidden_size)
+
+    @property
+    def _pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+
+def _maybe_steer(model: Any, deltas: dict[int, torch.Tensor]) -> Any:
+    return add_steering(model, deltas) if deltas else nullcontext()
+
+
+def _eos_ids(base: BaseModel) -> set[int]:
+    ids = {base.tokenizer.eos_token_id}
+    gen = getattr(base.model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    ids |= set(extra) if isinstance(extra, list) else {extra}
+    return {int(i) for i in ids if i is not None}
+
+
+def _drain(q: queue.SimpleQueue[_Row]) -> list[_Row]:
+    out = []
+    while not q.empty():
+        out.append(q.get())
+    return out

@@ -1,0 +1,91 @@
+"""Serving fixtures: a tiny base with two adapter bundles, a running engine, a live HTTP server."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from rahf_serve.api import create_app
+from rahf_serve.engine import Engine
+from rahf_serve.models import BaseModel, load_base
+from rahf_serve.registry import AdapterRegistry
+from tests.conftest import build_tiny_model_dir
+from tests.helpers import random_lora_bundle
+
+
+@pytest.fixture(scope="session")
+def lively_model_dir(tmp_path_factory, tokenizer) -> Path:
+    # A larger init than the default 0.02 makes greedy outputs vary from token to token, so
+    # "identical outputs" tests compare real sequences rather than one token repeated.
+    return build_tiny_model_dir(tmp_path_factory.mktemp("lively-llama"), tokenizer, seed=3, initializer_range=0.3)
+
+
+def load_lively(path: Path) -> BaseModel:
+    return load_base(str(path), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, lively_model_dir) -> Path:
+    base = load_lively(lively_model_dir)
+    root = tmp_path_factory.mktemp("adapters")
+    random_lora_bundle(base, root / "kind", seed=1)
+    random_lora_bundle(base, root / "terse", seed=2, r=2, targets=("q_proj", "v_proj", "o_proj"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def runtime(lively_model_dir, adapter_dir) -> Iterator[tuple[Engine, AdapterRegistry]]:
+    engine = Engine(load_lively(lively_model_dir), max_batch=8, max_new_tokens=64)
+    registry = AdapterRegistry(engine, adapter_dir)
+    registry.load_dir()
+    with engine:
+        yield engine, registry
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn serving `app` on a free loopback port in a thread."""
+
+    def __init__(self, app) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(runtime) -> Iterator[LiveServer]:
+    engine, registry = runtime
+    with LiveServer(create_app(engine, registry)) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)

@@ -1,0 +1,59 @@
+"""`rahf-serve` as a user starts it: a subprocess, a port, adapters from a folder and from --adapter."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from app.server import build_parser, split_adapter_arg
+from tests.serving.conftest import free_port
+
+
+@pytest.mark.parametrize("arg, expected", [
+    ("kind=./out/kind-scit", ("kind", "./out/kind-scit")),
+    ("./out/kind-scit/", ("kind-scit", "./out/kind-scit/")),
+    ("org/rahf-kind@v1", ("rahf-kind", "org/rahf-kind@v1")),
+    ("org/rahf-kind", ("rahf-kind", "org/rahf-kind")),
+    ("../weird=name/x", ("x", "../weird=name/x")),
+])
+def test_adapter_argument(arg, expected):
+    assert split_adapter_arg(arg) == expected
+
+
+def test_defaults_need_no_arguments():
+    args = build_parser().parse_args([])
+    assert (args.base, args.adapter_dir, args.host, args.port, args.no_ui) == (
+        "smollm2-135m-instruct", "adapters", "127.0.0.1", 8000, False)
+
+
+def test_serves_adapter_dir_and_named_adapter(lively_model_dir, adapter_dir, tmp_path):
+    port = free_port()
+    cmd = [sys.executable, "-m", "app.server", "--base", str(lively_model_dir), "--adapter-dir", str(adapter_dir),
+           "--adapter", f"again={adapter_dir / 'kind'}", "--port", str(port), "--device", "cpu", "--no-ui",
+           "--api-key", "k"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        url, headers = f"http://127.0.0.1:{port}", {"Authorization": "Bearer k"}
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", headers=headers).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        models = [m["id"] for m in httpx.get(url + "/v1/models", headers=headers).json()["data"]]
+        assert sorted(models[1:]) == ["again", "kind", "terse"]
+        r = httpx.post(url + "/v1/completions", headers=headers, timeout=60,
+                       json={"model": "again", "prompt": "hi", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.terminate()
+        proc.wait(30)

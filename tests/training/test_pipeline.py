@@ -1,0 +1,98 @@
+"""End to end on the tiny model: both methods, the run directory, resume between phases."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+
+from rahf_serve.models import load_base
+from training.cli import main
+from training.data import load_preferences
+from training.encode import encode
+from training.forward import response_logprob
+
+from .conftest import DATA, tiny_config, train
+
+
+def events(run, phase):
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if r.get("phase") == phase and r.get("event") == "done"]
+
+
+def test_scit_run_directory(scit_run):
+    for name in ("run.json", "config.yaml", "metrics.jsonl", "phase1/scit/adapter_model.safetensors",
+                 "collect/diffs.safetensors", "bundle/rahf.json", "eval/report.md",
+                 "plots/loss.png", "plots/norms.png", "plots/accuracy.png"):
+        assert (scit_run / name).is_file(), name
+    assert not list(scit_run.glob(".*tmp-*")), "temporary phase folders left behind"
+    report = (scit_run / "eval" / "report.md").read_text()
+    assert "| base |" in report and "| aligned |" in report and "Greedy generations" in report
+    result = json.loads((scit_run / "eval" / "eval.json").read_text())
+    assert result["pairs"] == 4 and 0.0 <= result["aligned"]["accuracy"] <= 1.0
+
+
+def test_dual_trains_good_on_chosen_and_bad_on_rejected(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tmp_path / "c.yaml", {"phase1": {"dual_steps": 8, "dual_lr": 0.003}})
+    out = tmp_path / "run"
+    train(tiny_model_dir, out, method="dual", config=cfg)
+    manifest = json.loads((out / "bundle" / "rahf.json").read_text())
+    assert manifest["method"] == "dual" and "good adapter is not folded in" in manifest["composition"]
+    base = load_base(str(tiny_model_dir), device="cpu")
+    model = PeftModel.from_pretrained(base.model, str(out / "phase1" / "good"), adapter_name="good")
+    model.load_adapter(str(out / "phase1" / "bad"), adapter_name="bad")
+    pairs = load_preferences(str(DATA), "0:8").pairs
+    tok = base.tokenizer
+
+    def mean_ll(adapter, side):
+        model.set_adapter(adapter)
+        examples = [encode(tok, p.chat(), getattr(p, side), max_prompt=48, max_response=24) for p in pairs]
+        with torch.no_grad():
+            total, count = response_logprob(model, examples, tok.pad_token_id)
+        return float(total.sum() / count.sum())
+
+    assert mean_ll("good", "chosen") > mean_ll("bad", "chosen")
+    assert mean_ll("bad", "rejected") > mean_ll("good", "rejected")
+
+
+def test_resume_after_a_kill_between_phases(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_model_dir, out, command="phase1")   # as if `run` died right after phase 1
+    (out / ".collect.tmp-dead").mkdir()            # and mid-way through writing phase 2
+    stamp = (out / "phase1" / "scit" / "adapter_model.safetensors").stat().st_mtime_ns
+    assert main(["run", "--out", str(out), "--resume"]) == 0
+    assert (out / "phase1" / "scit" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
+    assert len(events(out, "phase1")) == 1 and len(events(out, "collect")) == 1
+    assert (out / "bundle" / "adapter_model.safetensors").is_file()
+    # rerunning a phase without --resume starts it afresh: a stale checkpoint is not picked up
+    cfg = tiny_config(tmp_path / "c.yaml", {"align": {"steps": 2}})
+    assert main(["align", "--out", str(out), "--config", str(cfg)]) == 0
+    align_steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                   if r.get("phase") == "align" and "step" in r]
+    assert align_steps[-2:] == [1, 2] and len(align_steps) == 6 + 2
+
+
+def test_phase_order_and_resume_mismatch_are_errors(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["align", "--base", str(tiny_model_dir), "--data", str(DATA), "--rows", "0:8",
+                 "--config", "tiny", "--out", str(out)]) == 2
+    assert "phase 'phase1' has not finished" in capsys.readouterr().err
+    assert main(["run", "--out", str(out), "--resume", "--rows", "0:9"]) == 2
+    assert "differ" in capsys.readouterr().err
+    assert main(["run", "--out", str(tmp_path / "nothing"), "--resume"]) == 2
+
+
+def test_eval_subcommand_writes_report(scit_run, tiny_model_dir, tmp_path, capsys):
+    assert main(["eval", "--adapter", str(scit_run / "bundle"), "--base", str(tiny_model_dir), "--data", str(DATA),
+                 "--rows", "240:243", "--config", "tiny", "--out", str(tmp_path / "ev")]) == 0
+    assert "| aligned |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["pairs"] == 3
+
+
+@pytest.mark.slow
+def test_real_model_scit_smoke(tmp_path):
+    cfg = tiny_config(tmp_path / "c.yaml", {"phase1": {"steps": 1, "batch_size": 2, "micro_batch_size": 1},
+                                            "align": {"steps": 2, "batch_size": 2}})
+    train("smollm2-135m-instruct", tmp_path / "run", rows="0:2", config=cfg)
+    manifest = json.loads((tmp_path / "run" / "bundle" / "rahf.json").read_text())
+    assert manifest["layers"] == [9, 11, 13, 15, 17, 19] and manifest["base"]["fingerprint"]["num_hidden_layers"] == 30

@@ -1,0 +1,152 @@
+"""One optimisation loop for every phase: accelerate processes, accumulation, checkpoints, resume.
+
+Each step takes `batch_size` items (over all processes), each process its share, in micro-batches.
+Losses are sums divided by counts summed over the whole step on every process, and LoRA gradients
+are summed across processes with one all-reduce: the update is the same whatever the process count
+(up to float summation order). Gradient sync is explicit rather than through a DDP wrapper because
+phases switch adapters on one PeftModel (`set_adapter`, `disable_adapter`), which a wrapper built
+around a fixed set of trainable parameters does not follow; LoRA gradients are small.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+Counts = Callable[[list[int]], dict[str, float]]
+Sums = Callable[[list[int]], dict[str, torch.Tensor]]
+
+
+@dataclass
+class Schedule:
+    steps: int
+    batch_size: int
+    micro_batch_size: int
+    lr: float
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    def lr_at(self, step: int) -> float:
+        """Linear warmup, then linear decay to zero at the last step."""
+        warm = max(1, math.ceil(self.warmup_ratio * self.steps))
+        if step < warm:
+            return self.lr * (step + 1) / warm
+        return self.lr * max(0.0, (self.steps - step) / max(1, self.steps - warm))
+
+
+def step_items(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """Item indices of one step: epochs of seeded permutations, a pure function of the step."""
+    out: list[int] = []
+    perms: dict[int, list[int]] = {}
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch = pos // n
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+        out.append(perms[epoch][pos % n])
+    return out
+
+
+def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _save_atomic(obj: object, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def fit(acc: Accelerator, model: torch.nn.Module, *, name: str, n_items: int, counts: Counts, sums: Sums,
+        schedule: Schedule, ckpt_dir: Path | None = None, checkpoint_every: int = 0,
+        log: Callable[[dict], None] | None = None) -> list[float]:
+    """Train the parameters of `model` that require grad; returns the loss of every step.
+
+    `counts(items)` gives this process's normaliser per loss term (known before any forward),
+    `sums(items)` the matching sums with their graphs. With `ckpt_dir`, the state (trainable
+    weights, optimizer, RNG, step, losses) is saved every `checkpoint_every` steps and picked up
+    again when the directory holds a checkpoint, so a killed phase continues where it stopped.
+    """
+    world, rank = acc.num_processes, acc.process_index
+    if schedule.batch_size % world:
+        raise ValueError(f"{name}: batch_size {schedule.batch_size} is not divisible by {world} processes")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    optimizer = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
+    torch.manual_seed(schedule.seed)
+    start, losses = 0, []
+    ckpt = ckpt_dir / f"rank{rank}.pt" if ckpt_dir else None
+    if ckpt is not None and ckpt.is_file():
+        state = torch.load(ckpt, weights_only=True)
+        with torch.no_grad():
+            for n, p in named:
+                p.copy_(state["trainable"][n])
+        optimizer.load_state_dict(state["optim"])
+        torch.set_rng_state(state["rng"])
+        start, losses = int(state["step"]), state["losses"].tolist()
+    model.train()
+    bar = tqdm(range(start, schedule.steps), initial=start, total=schedule.steps, desc=name,
+               disable=not acc.is_main_process, dynamic_ncols=True)
+    for step in bar:
+        t0 = time.perf_counter()
+        mine = step_items(step, schedule.batch_size, n_items, schedule.seed)[rank::world]
+        local = counts(mine)
+        keys = sorted(local)
+        total = torch.tensor([float(local[k]) for k in keys], device=acc.device)
+        if world > 1:
+            total = acc.reduce(total, reduction="sum")
+        norm = {k: max(float(v), 1.0) for k, v in zip(keys, total.tolist(), strict=True)}
+        terms = torch.zeros(len(keys), device=acc.device)  # each loss term's share of this step's loss
+        for micro in _chunks(mine, schedule.micro_batch_size):
+            parts = sums(micro)
+            scaled = [parts[k] / norm[k] for k in keys]
+            sum(scaled).backward()
+            terms += torch.stack([t.detach() for t in scaled])
+        if world > 1:
+            _allreduce_grads(acc, params)
+            terms = acc.reduce(terms, reduction="sum")
+        step_loss = terms.sum()
+        torch.nn.utils.clip_grad_norm_(params, schedule.max_grad_norm)
+        lr = schedule.lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(step_loss))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if log is not None and acc.is_main_process:
+            log({"phase": name, "step": step + 1, "loss": losses[-1], "lr": lr,
+                 **({k: float(v) for k, v in zip(keys, terms, strict=True)} if len(keys) > 1 else {}),
+                 "seconds": round(time.perf_counter() - t0, 3)})
+        done = step + 1
+        if ckpt is not None and checkpoint_every and (done % checkpoint_every == 0 or done == schedule.steps):
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            _save_atomic({"step": done, "trainable": {n: p.detach().cpu() for n, p in named},
+                          "optim": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                          "losses": torch.tensor(losses, dtype=torch.float64)}, ckpt)
+    bar.close()
+    model.eval()
+    return losses
+
+
+def _allreduce_grads(acc: Accelerator, params: list[torch.nn.Parameter]) -> None:
+    """Sum every trainable gradient across processes with one flat all-reduce."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = acc.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="sum")
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n

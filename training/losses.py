@@ -1,0 +1,52 @@
+"""The loss arithmetic of the three phases, as pure functions of tensors.
+
+Functions return per-row sums (and the counts they should be divided by) rather than means, so
+the training loop can normalise by counts over the whole batch of every process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def predicting_positions(response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the positions whose output predicts a response token.
+
+    The output at position t predicts token t+1, so response token t+1 is scored at column t:
+    the mask shifted left by one, never the response positions themselves.
+    """
+    return response_mask[:, 1:].nonzero(as_tuple=True)
+
+
+def sequence_logprob(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], input_ids: torch.Tensor,
+                     response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of response-token log-probs [B], response token count [B]).
+
+    `head` maps final hidden states to logits; it runs only at the predicting positions.
+    """
+    rows, cols = predicting_positions(response_mask)
+    logits = head(hidden[rows, cols]).float()
+    logp = -F.cross_entropy(logits, input_ids[rows, cols + 1], reduction="none")
+    sums = torch.zeros(input_ids.size(0), dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
+    return sums, response_mask[:, 1:].sum(-1).to(logp.dtype)
+
+
+def scit_contrastive(ll_match: torch.Tensor, ll_mismatch: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Per-row loss of a 2-way softmax over length-normalised log-likelihoods, the match as label.
+
+    Label smoothing follows torch: the target puts 1 - eps + eps/2 on the match, eps/2 on the other.
+    """
+    logits = torch.stack([ll_match, ll_mismatch], dim=-1)
+    labels = torch.zeros(logits.size(0), dtype=torch.long, device=logits.device)
+    return F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="none")
+
+
+def alignment_distance(hidden: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over masked positions of the L2 distance ||hidden - target|| ([B, T, H] -> scalar).
+
+    Divide by mask.sum() (over all layers and processes) for the masked mean; padding never counts.
+    """
+    return (torch.linalg.vector_norm(hidden - target, dim=-1) * mask).sum()

@@ -1,0 +1,132 @@
+"""A run directory and the phases in order, each skipped when its output is already there.
+
+    OUT/run.json            base, data, rows, method: what later subcommands and --resume reuse
+    OUT/config.yaml         the full config of the run
+    OUT/metrics.jsonl       one JSON record per step and per phase
+    OUT/phase1/             phase-1 adapter(s) (PEFT folders) + losses.json
+    OUT/collect/            per-token diffs, per-layer mean vectors, summary.json
+    OUT/checkpoints/align/  phase-3 checkpoints (rank{i}.pt)
+    OUT/bundle/             the adapter bundle (rahf_serve.bundle format)
+    OUT/eval/               eval.json + report.md on held-out rows
+    OUT/plots/              loss.png, norms.png, accuracy.png
+Every phase output appears by an atomic rename, so a killed run leaves finished phases whole.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from . import align, collect, evaluate, phase1, plots
+from .config import TrainConfig, load_config, save_config
+from .context import Context
+from .data import load_preferences
+
+PHASES = ("phase1", "collect", "align")
+RUN_FILE = "run.json"
+
+
+def open_run(out: Path, *, base: str | None, data: str | None, rows: str | None, split: str | None,
+             method: str | None, config: str | None, seed: int | None, resume: bool,
+             command: str | None = None) -> Context:
+    """Create or reopen a run directory. Settings given now must agree with a resumed run's."""
+    acc = Accelerator()
+    out.mkdir(parents=True, exist_ok=True)
+    saved = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).is_file() else None
+    given = {"base": base, "data": data, "rows": rows, "split": split, "method": method}
+    if saved is not None:
+        clash = {k: (saved[k], v) for k, v in given.items() if v is not None and saved.get(k) != v}
+        if clash and resume:
+            raise ValueError(f"--resume with settings that differ from the run in {out}: {clash}")
+        settings = {**saved, **{k: v for k, v in given.items() if v is not None}}
+        cfg = load_config(out / "config.yaml") if config is None else load_config(config)
+    else:
+        if resume:
+            raise ValueError(f"--resume: {out} holds no run to resume")
+        if base is None or data is None:
+            raise ValueError("a new run needs --base and --data")
+        settings = dict(given)
+        cfg = load_config(config) if config else TrainConfig()
+    if settings.get("method"):
+        cfg.method = settings["method"]
+    settings["method"] = cfg.method
+    if seed is not None:
+        cfg.seed = seed
+    if acc.is_main_process:
+        (out / RUN_FILE).write_text(json.dumps(settings, indent=2))
+        save_config(cfg, out / "config.yaml")
+    acc.wait_for_everyone()
+    data_ = load_preferences(settings["data"], settings.get("rows"), settings.get("split"))
+    if acc.is_main_process:
+        print(data_.summary(), flush=True)
+    return Context(acc, cfg, settings["base"], data_, out, command)
+
+
+RUNNERS = {"phase1": phase1.run_phase1, "collect": collect.run_collect, "align": align.run_align}
+OUTPUTS = {"phase1": phase1.PHASE, "collect": collect.PHASE, "align": align.PHASE}
+
+
+def run_phase(ctx: Context, phase: str, resume: bool = False) -> None:
+    """Run one phase; without `resume`, checkpoints of an earlier attempt are discarded first."""
+    if not resume and ctx.acc.is_main_process:
+        shutil.rmtree(ctx.out / "checkpoints" / phase, ignore_errors=True)
+    ctx.acc.wait_for_everyone()
+    t0 = time.perf_counter()
+    RUNNERS[phase](ctx)
+    ctx.log({"phase": phase, "event": "done", "seconds": round(time.perf_counter() - t0, 2)})
+    make_plots(ctx)
+
+
+def phase_done(ctx: Context, phase: str) -> bool:
+    return ctx.done(OUTPUTS[phase])
+
+
+def require(ctx: Context, phase: str) -> None:
+    """Raise unless every phase before `phase` has finished in this run directory."""
+    for earlier in PHASES[:PHASES.index(phase)]:
+        if not phase_done(ctx, earlier):
+            raise ValueError(f"{ctx.out}: phase {earlier!r} has not finished; run it first (or `rahf-train run`)")
+
+
+def run_all(ctx: Context, resume: bool) -> None:
+    for phase in PHASES:
+        if resume and phase_done(ctx, phase):
+            if ctx.acc.is_main_process:
+                print(f"{phase}: already done, skipped", flush=True)
+            continue
+        run_phase(ctx, phase, resume)
+    if ctx.config.eval.rows is not None and not (resume and ctx.done("eval")):
+        run_eval(ctx)
+
+
+def run_eval(ctx: Context) -> dict | None:
+    """Evaluate the run's bundle on the configured held-out rows and record the scores in it."""
+    result = None
+    if ctx.acc.is_main_process:
+        held_out = load_preferences(ctx.data.source, ctx.config.eval.rows)
+        result = evaluate.evaluate(ctx.load_base(), str(ctx.out / align.PHASE), held_out, ctx.config)
+        ctx.commit("eval", lambda tmp: evaluate.write_eval(tmp, result), barrier=False)
+        evaluate.record_metrics(ctx.out / align.PHASE, result)
+        ctx.log({"phase": "eval", "base": result["base"], "aligned": result["aligned"]})
+        make_plots(ctx, result)
+        print(evaluate.report(result), flush=True)
+    ctx.acc.wait_for_everyone()
+    return result
+
+
+def make_plots(ctx: Context, result: dict | None = None) -> None:
+    if not ctx.acc.is_main_process:
+        return
+    out = ctx.out / "plots"
+    out.mkdir(exist_ok=True)
+    plots.plot_losses(ctx.out, out / "loss.png")
+    summary = ctx.out / collect.PHASE / collect.SUMMARY
+    if summary.is_file():
+        s = json.loads(summary.read_text())
+        plots.plot_norms(s["norms"], s["layers"], out / "norms.png")
+    if result is not None:
+        plots.plot_accuracy(result, out / "accuracy.png")

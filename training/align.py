@@ -33,6 +33,8 @@ COMPOSITION = {
             "target = H_base(q r) + alpha * (H_scit(p+ q r) - H_scit(p- q r))",
     "dual": "phase 3 trained against the plain base (the good adapter is not folded in): "
             "target = H_base(q r) + alpha * (H_good(q r) - H_bad(q r))",
+    "lorra": "LoRRA ablation (no phase 1), phase 3 trained against the plain base: "
+             "target = H_base(q r) + alpha * (H_base(p+ q r) - H_base(p- q r))",
 }
 
 
@@ -103,7 +105,7 @@ def write_run_bundle(ctx: Context, base, adapter_config: dict, state: dict, summ
                      losses: list[float], metrics: dict | None = None) -> Path:
     cfg = ctx.config
     lora = cfg.align.lora
-    steps = {"phase1": cfg.phase1.steps if cfg.method == "scit" else cfg.phase1.dual_steps,
+    steps = {"phase1": {"scit": cfg.phase1.steps, "dual": cfg.phase1.dual_steps, "lorra": 0}[cfg.method],
              "align": cfg.align.steps}
     manifest = new_manifest(
         name=ctx.out.resolve().name, base_id=base.hub_id, base_revision=base.revision,

@@ -33,7 +33,8 @@ def _run_args(p: argparse.ArgumentParser, *, new_run: bool) -> None:
     p.add_argument("--data", help="preference data: a .json/.jsonl file or a Hub data set name")
     p.add_argument("--rows", help="row range START:STOP of the data, e.g. 0:240 (default: all)")
     p.add_argument("--split", help="data set split for Hub data sets (default: train)")
-    p.add_argument("--method", choices=["scit", "dual"], help="RAHF variant (default: the config's, scit)")
+    p.add_argument("--method", choices=["scit", "dual", "lorra"],
+                   help="RAHF variant, or lorra: the ablation without phase 1 (default: the config's, scit)")
     p.add_argument("--config", help="YAML config file, or a shipped config name (tiny, smollm2-scit, ...)")
     p.add_argument("--seed", type=int, help="override the config's seed")
     if new_run:
@@ -94,9 +95,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from .config import TrainConfig, load_config
     from .data import load_preferences
-    from .evaluate import evaluate, report, write_eval
+    from .evaluate import evaluate, record_metrics, report, write_eval
     from .plots import plot_accuracy
 
+    if args.record and not Path(args.adapter).is_dir():
+        raise ValueError(f"--record rewrites a local bundle folder; {args.adapter} is not one")
     config = load_config(args.config) if args.config else TrainConfig()
     data = load_preferences(args.data, args.rows, args.split)
     print(data.summary(), flush=True)
@@ -105,6 +108,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.out:
         write_eval(args.out, result)
         plot_accuracy(result, args.out / "accuracy.png")
+    if args.record:
+        record_metrics(Path(args.adapter), result)
+        print(f"scores recorded in {Path(args.adapter) / 'rahf.json'}", flush=True)
     print(text, flush=True)
 
 
@@ -135,6 +141,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", default="smollm2-135m-instruct", help="base model the adapter was trained on")
     p.add_argument("--config", help="config whose data/eval settings to use (sequence lengths, generations)")
     p.add_argument("--out", type=Path, help="folder for eval.json and report.md")
+    p.add_argument("--record", action="store_true",
+                   help="also write the scores into the bundle's rahf.json metrics (local bundle folder only)")
     p.set_defaults(func=cmd_eval)
 
 

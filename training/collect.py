@@ -1,6 +1,7 @@
 """Phase 2: activity patterns. Stimulus pairs through the phase-1 model(s), hidden-state differences.
 
-SCIT: v_l = H_l(p+ q r) - H_l(p- q r) through the SCIT model; Dual: v_l = H_l^good(q r) - H_l^bad(q r).
+SCIT: v_l = H_l(p+ q r) - H_l(p- q r) through the SCIT model; Dual: v_l = H_l^good(q r) - H_l^bad(q r);
+LoRRA (no phase 1): v_l = H_l(p+ q r) - H_l(p- q r) through the plain base.
 r is the chosen response, the same tokens on both sides; only its first `max_res_len` tokens count.
 l indexes `output_hidden_states` (1..num_layers, the output of block l-1; for l = num_layers the
 residual stream before the final norm, unlike transformers' last entry). Per-token differences at
@@ -46,8 +47,8 @@ def stimuli(ctx: Context, tokenizer) -> list[tuple[Encoded, Encoded]]:
         def side(instruction: str | None, p=p) -> Encoded:
             return encode(tokenizer, p.chat(), p.chosen, max_prompt=d.max_prompt_tokens, max_response=max_res,
                           instruction=instruction)
-        out.append((side(p1.good_instruction), side(p1.bad_instruction)) if cfg.method == "scit"
-                   else (side(None), side(None)))
+        out.append((side(None), side(None)) if cfg.method == "dual"
+                   else (side(p1.good_instruction), side(p1.bad_instruction)))
     return out
 
 
@@ -68,9 +69,11 @@ def _collect(ctx: Context) -> dict:
     layers = target_layers(cfg, num_layers)
     every = list(range(1, num_layers + 1))
     names = adapter_names(cfg.method)
-    model = PeftModel.from_pretrained(base.model, str(adapter_dir(ctx, names[0])), adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(str(adapter_dir(ctx, name)), adapter_name=name)
+    model = base.model
+    if names:  # LoRRA has no phase-1 adapter: the plain base
+        model = PeftModel.from_pretrained(base.model, str(adapter_dir(ctx, names[0])), adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(str(adapter_dir(ctx, name)), adapter_name=name)
     model.eval()
     pairs = stimuli(ctx, base.tokenizer)
     pad = base.tokenizer.pad_token_id
@@ -81,7 +84,7 @@ def _collect(ctx: Context) -> dict:
     for start in tqdm(range(0, len(pairs), step), desc="collect", disable=not ctx.acc.is_main_process):
         chunk = pairs[start:start + step]
         pos, neg = [a for a, _ in chunk], [b for _, b in chunk]
-        if cfg.method == "scit":
+        if cfg.method != "dual":
             h_pos, h_neg = block_outputs(model, pos, pad, every), block_outputs(model, neg, pad, every)
         else:
             model.set_adapter("good")

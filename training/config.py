@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+METHODS = ("scit", "dual", "lorra")
 
 
 @dataclass
@@ -107,7 +108,8 @@ class EvalConfig:
 @dataclass
 class TrainConfig:
     method: str = "scit"
-    """RAHF variant: "scit" (one model, contrastive instructions) or "dual" (good and bad adapters)."""
+    """RAHF variant: "scit" (one model, contrastive instructions) or "dual" (good and bad adapters);
+    or "lorra", the paper's ablation without phase 1: SCIT's instructions, differences from the plain base."""
     seed: int = 0
     """Seed of data order, LoRA init and dropout; the same seed gives the same adapter."""
     warmup_ratio: float = 0.1
@@ -123,8 +125,8 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        if self.method not in ("scit", "dual"):
-            raise ValueError(f"method must be 'scit' or 'dual', got {self.method!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
 
     def max_res_len(self) -> int:
         if self.collect.max_res_len is not None:

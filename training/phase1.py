@@ -4,6 +4,7 @@ SCIT: one LoRA; each pair gives (p+, q, chosen) and (p-, q, rejected) for the LM
 both responses under the mismatched instruction for a label-smoothed 2-way contrast between
 length-normalised log-likelihoods: 4 sequences per pair.
 DualLLMs: adapters "good" (SFT on chosen) and "bad" (SFT on REJECTED) on one base copy.
+LoRRA (the paper's ablation): no phase 1; the phase directory only records that it was skipped.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ PHASE = "phase1"
 
 
 def adapter_names(method: str) -> list[str]:
-    return ["scit"] if method == "scit" else ["good", "bad"]
+    return {"scit": ["scit"], "dual": ["good", "bad"], "lorra": []}[method]
 
 
 def _enc(ctx: Context, tokenizer, pair, response: str, instruction: str | None = None) -> Encoded:
@@ -35,6 +36,9 @@ def _enc(ctx: Context, tokenizer, pair, response: str, instruction: str | None =
 
 def run_phase1(ctx: Context) -> dict[str, list[float]]:
     cfg, p1 = ctx.config, ctx.config.phase1
+    if cfg.method == "lorra":  # phase 3 collects through the plain base: nothing to train here
+        ctx.commit(PHASE, lambda tmp: (tmp / "losses.json").write_text(json.dumps({"skipped": "lorra"})))
+        return {}
     base = ctx.load_base()
     tok, pad = base.tokenizer, base.tokenizer.pad_token_id
     pairs = ctx.data.pairs

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from rahf_serve.engine import Engine
+from rahf_serve.errors import RahfError
 from rahf_serve.models import EMBEDDED_ALIAS, load_base
 from rahf_serve.registry import NAME, AdapterRegistry
 from rahf_serve.sources import is_hub_spec
@@ -53,6 +54,13 @@ def split_adapter_arg(arg: str) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    try:
+        serve(args)
+    except RahfError as err:  # a bad --base or --adapter: one line that says what, not a traceback
+        raise SystemExit(f"rahf-serve: error: {err}") from None
+
+
+def serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 

@@ -68,10 +68,10 @@ def main() -> None:
     args = DPOConfig(output_dir=str(a.out / "trainer"), max_steps=a.steps, learning_rate=a.lr, beta=a.beta,
                      per_device_train_batch_size=a.micro_batch_size,
                      gradient_accumulation_steps=max(1, a.batch_size // a.micro_batch_size),
-                     lr_scheduler_type="linear", warmup_ratio=0.1, max_grad_norm=1.0, seed=a.seed,
+                     lr_scheduler_type="linear", warmup_steps=max(1, round(0.1 * a.steps)), max_grad_norm=1.0, seed=a.seed,
                      max_length=cfg.data.max_prompt_tokens + cfg.data.max_response_tokens + 2,
                      logging_steps=1, save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
-                     bf16=False, fp16=False, dataloader_num_workers=0)
+                     bf16=False, fp16=False, dataloader_num_workers=0, gradient_checkpointing=False)
     base.model.requires_grad_(False)
     trainer = DPOTrainer(model=base.model, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tok, peft_config=peft_config)

@@ -25,7 +25,7 @@ from .errors import (
     RahfError,
     SourceNotAllowed,
 )
-from .sources import is_hub_spec, resolve_source
+from .sources import exists, is_hub_spec, resolve_source
 
 log = logging.getLogger(__name__)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -122,9 +122,10 @@ class AdapterRegistry:
         """A local path inside the adapter dir (symlinks resolved), or a Hub download."""
         root = self.adapter_dir.resolve()
         candidate = Path(source) if Path(source).is_absolute() else self.adapter_dir / source
-        if not candidate.exists() and is_hub_spec(source) and not Path(source).is_absolute():
+        found = exists(candidate)
+        if not found and is_hub_spec(source) and not Path(source).is_absolute():
             return resolve_source(source)
-        if not candidate.exists():
+        if not found:
             raise BundleNotFound(f"adapter source {source!r} is neither a folder in {self.adapter_dir} nor a Hub "
                                  "repo org/name[@rev]")
         real = candidate.resolve()

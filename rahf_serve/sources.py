@@ -14,14 +14,25 @@ from .errors import BundleNotFound
 HUB_SPEC = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
+def exists(path: Path) -> bool:
+    """`Path.exists`, except that a name the filesystem cannot hold (a component too long) is just absent.
+
+    `Path.exists` raises for that instead of returning False, and the API would answer 500.
+    """
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
 def is_hub_spec(source: str) -> bool:
-    return bool(HUB_SPEC.match(source)) and not Path(source).expanduser().exists()
+    return bool(HUB_SPEC.match(source)) and not exists(Path(source).expanduser())
 
 
 def resolve_source(source: str) -> Path:
     """A local directory for `source`, downloading Hub bundles into the Hub cache first."""
     local = Path(source).expanduser()
-    if local.exists():
+    if exists(local):
         return local
     if is_hub_spec(source):
         from .hub import download_bundle

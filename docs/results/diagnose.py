@@ -62,6 +62,8 @@ def main():
     ap.add_argument("--steer", default="5,20")
     ap.add_argument("--fixed-steps", type=int, default=12)
     ap.add_argument("--fixed-lr", type=float, default=1e-3)
+    ap.add_argument("--skip-norms", action="store_true")
+    ap.add_argument("--skip-base", action="store_true")
     a = ap.parse_args()
     run = json.loads((a.run / "run.json").read_text())
     cfg = load_config(a.run / "config.yaml")
@@ -75,17 +77,17 @@ def main():
     tok, model = base.tokenizer, base.model
     # (1) norms on the collect pairs lo:hi (diff index = row index within the training range)
     train = load_preferences(run["data"], run["rows"])
-    diffs = load_diffs(a.run)
+    diffs = {} if a.skip_norms and not a.fixed_steps else load_diffs(a.run)
 
     class C:  # align_examples needs ctx.data / ctx.config
         pass
     ctx = C()
     ctx.config, ctx.data = cfg, train
     idx = [i for i in range(lo, hi) if i in diffs][:16]
-    exs = align_examples(ctx, tok, diffs)
+    exs = align_examples(ctx, tok, diffs) if diffs else []
     norms = {}
     with torch.no_grad():
-        for layer_i, layer in enumerate(layers):
+        for layer_i, layer in enumerate([] if a.skip_norms else layers):
             h_all, v_all = [], []
             for s in range(0, len(idx), 8):
                 chunk = idx[s:s + 8]
@@ -101,8 +103,9 @@ def main():
     print(json.dumps({"norms": norms}, indent=1), flush=True)
     # (2) margins
     pairs = data.pairs
-    res["base"] = margin(model, tok, pairs, cfg)
-    print("base", res["base"], round(time.time() - t0), flush=True)
+    if not a.skip_base:
+        res["base"] = margin(model, tok, pairs, cfg)
+        print("base", res["base"], round(time.time() - t0), flush=True)
     vectors = load_vectors(a.run)
     for c in [float(x) for x in a.steer.split(",") if x]:
         hs = steer_hooks(model, vectors, layers, c)

@@ -29,14 +29,19 @@ class OpenAIServing:
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Any:
         messages = [m.model_dump() for m in body.messages]
-        text = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        # In a worker thread: a megabyte prompt takes over a second to tokenize, and on the event
+        # loop that would stall every other stream and /health meanwhile.
+        ids = await asyncio.to_thread(self._chat_ids, messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
         return await self._serve(body, ids, max_tokens, request, chat=True)
 
     async def completion(self, body: CompletionRequest, request: Request) -> Any:
-        ids = self.engine.tokenizer(body.prompt)["input_ids"]
+        ids = await asyncio.to_thread(lambda: self.engine.tokenizer(body.prompt)["input_ids"])
         return await self._serve(body, ids, body.max_tokens, request, chat=False)
+
+    def _chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        text = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def to_engine(self, body: _Generation, prompt_ids: list[int], max_tokens: int | None) -> GenerationRequest:
         if body.model == self.engine.base.name:

@@ -13,7 +13,7 @@ from training.cli import main
 from training.config import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT.parent / "shared" / "data" / "ultrafeedback_demo_300.sharegpt.json"
+DATA = ROOT / "tests" / "data" / "ultrafeedback_demo_300.sharegpt.json"
 
 
 def _merge(base: dict, over: dict) -> dict:

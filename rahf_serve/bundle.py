@@ -107,6 +107,7 @@ def write_bundle(
     if any(k.startswith(_PEFT_PREFIX) is False for k in lora_state):
         raise BundleError(f"LoRA keys must start with {_PEFT_PREFIX!r} (PEFT's saved form)")
     out.parent.mkdir(parents=True, exist_ok=True)
+    _recover(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         (tmp / CONFIG_FILE).write_text(json.dumps(dict(adapter_config), indent=2, sort_keys=True))
@@ -127,6 +128,14 @@ def write_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _recover(out: Path) -> None:
+    """Put back the previous bundle if a writer was killed between its two renames in `_swap_in`."""
+    if not out.exists():
+        aside = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
+        if aside:
+            os.replace(aside[-1], out)
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
@@ -188,6 +197,8 @@ def read_bundle(
 ) -> Bundle:
     """Read and check a bundle's files on their own (no base model needed)."""
     root = Path(path)
+    if root.parent.is_dir():
+        _recover(root)
     if not root.is_dir():
         raise BundleNotFound(f"adapter bundle {root} does not exist or is not a directory")
     pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)

@@ -282,14 +282,22 @@ class Engine:
         self.metrics.queue_depth.set(self._pending.qsize())
         if not joining:
             return
-        ids, mask, positions = left_pad([r.request.prompt_ids for r in joining], self._pad_id, self.base.device)
-        cache = DynamicCache(config=self.model.config)
-        logits = self._forward(ids, mask, positions, cache, joining, row_deltas(
-            [r.steer for r in joining], self._hidden, self.base.device, self.base.dtype))
-        for r in joining:
-            r.position = len(r.request.prompt_ids)
-            self.metrics.prompt_tokens.inc(len(r.request.prompt_ids), adapter=r.request.label)
-        finished = self._emit(joining, logits)
+        try:
+            ids, mask, positions = left_pad([r.request.prompt_ids for r in joining], self._pad_id, self.base.device)
+            cache = DynamicCache(config=self.model.config)
+            logits = self._forward(ids, mask, positions, cache, joining, row_deltas(
+                [r.steer for r in joining], self._hidden, self.base.device, self.base.dtype))
+            for r in joining:
+                r.position = len(r.request.prompt_ids)
+                self.metrics.prompt_tokens.inc(len(r.request.prompt_ids), adapter=r.request.label)
+            finished = self._emit(joining, logits)
+        except Exception as err:
+            # These rows are in neither the queue nor the running batch yet: unless failed here, their
+            # clients would wait forever. The running batch has its own cache and goes on untouched.
+            log.exception("prefill failed")
+            for r in joining:
+                self._fail(r, RahfError(f"could not start this generation: {err}"))
+            return
         new = KVBatch(cache, mask)
         keep = [i for i in range(len(joining)) if i not in finished]
         if len(keep) < len(joining):

@@ -51,12 +51,21 @@ def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
     return chosen
 
 
+MIN_TEMPERATURE = 1e-30
+"""well inside float32's normal range (1.2e-38), and small enough to pick the top token"""
+
+
 def _sample_one(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
-    probs = torch.softmax(logits.float() / p.temperature, dim=-1)
+    logits = logits.float()
+    # A tiny temperature (1e-100 is valid input) made logits / t overflow to inf - inf = NaN, or t
+    # itself rounded to 0 in float32. Shifted so the top logit is 0, and with t kept representable,
+    # the top token gets probability ~1 and the rest ~0: the greedy limit, as it should be.
+    probs = torch.softmax((logits - logits.max()) / max(p.temperature, MIN_TEMPERATURE), dim=-1)
     if p.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         # Keep a token while the mass before it is below top_p: the top token always survives.
         keep = (sorted_probs.cumsum(0) - sorted_probs) < p.top_p
+        keep[0] = True  # explicitly: a top_p below float32's range (1e-300 is valid input) compares as 0
         sorted_probs = sorted_probs * keep
         return int(order[torch.multinomial(sorted_probs, 1, generator=gen)])
     return int(torch.multinomial(probs, 1, generator=gen))

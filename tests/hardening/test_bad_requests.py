@@ -130,6 +130,21 @@ def test_adapter_load_body_wrong_types_are_400(server):
         assert_4xx(httpx.post(server.url + "/v1/adapters", json=body, timeout=60), 400)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("temperature, top_p", [(1e-100, 0.7), (5e-324, 1.0), (1e-7, 0.7), (1.0, 5e-324),
+                                                (10.0, 1e-300)])
+def test_tiny_temperatures_and_top_p_sample_like_greedy(server, temperature, top_p, stream):
+    # Found by the fuzzer: temperature 3e-115 made logits / t NaN and the request hung; a top_p
+    # that is 0 in float32 dropped every token (500).
+    greedy = send(server, CHAT, chat("kind", max_tokens=6, temperature=0)).json()["choices"][0]["message"]["content"]
+    r = send(server, CHAT, chat("kind", max_tokens=6, temperature=temperature, top_p=top_p, stream=stream))
+    assert r.status_code == 200, r.text[:300]
+    if stream:
+        assert r.text.rstrip().endswith("data: [DONE]") and '"error"' not in r.text
+    else:
+        assert r.json()["choices"][0]["message"]["content"] == greedy
+
+
 def test_server_still_serves_after_all_that(server, runtime):
     engine, _ = runtime
     r = send(server, CHAT, chat(engine.base.name, max_tokens=2))

@@ -1,4 +1,5 @@
-"""kill -9 while a bundle is being (re)written: the path never holds a half-written bundle.
+"""kill -9 while a bundle is being (re)written: the path never holds a half-written bundle, and
+the previous one is never lost.
 
 tests/test_bundle.py covers a write that fails with an exception (the temp dir is removed);
 tests/training/test_resume.py covers kill -9 mid-phase-3 then --resume (bit-identical adapter to
@@ -58,13 +59,14 @@ def test_kill_9_inside_write_bundle_never_leaves_a_partial_bundle(tiny_base, tmp
         assert snapshot(out) == before  # readers still see the complete old bundle
         read_bundle(out)
     else:
-        # Between the two renames the path is absent (a reader gets a clean 404, never a mix); the
-        # complete old bundle survives beside it under a hidden name.
+        # Killed between the two renames: the complete old bundle waits beside the path under a
+        # hidden name, and the next reader (or writer) puts it back before anything else.
         assert not out.exists()
         (aside,) = tmp_path.glob(".bundle.old-*")
         assert snapshot(aside) == before
-        read_bundle(aside)
+        read_bundle(out)
+        assert snapshot(out) == before and not list(tmp_path.glob(".bundle.old-*"))
     # Whatever the kill left behind is dot-prefixed: not a valid adapter name, so load_dir skips it.
-    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == (["bundle"] if out.exists() else [])
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["bundle"]
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".bundle.tmp-")]
     assert leftovers, "the kill should have interrupted a write in progress"

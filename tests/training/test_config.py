@@ -1,18 +1,18 @@
 import pytest
 
-from training.config import CONFIG_DIR, TrainConfig, load_config, scaled_target_layers, target_layers
+from training.config import CONFIG_DIR, METHODS, TrainConfig, load_config, scaled_target_layers, target_layers
 
 SHIPPED = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
 def test_configs_are_shipped():
-    assert {"tiny", "smollm2-scit", "smollm2-dual"} <= set(SHIPPED)
+    assert {"tiny", "smollm2-scit", "smollm2-dual", "smollm2-lorra"} <= set(SHIPPED)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_every_shipped_config_parses(name):
     cfg = load_config(CONFIG_DIR / f"{name}.yaml")
-    assert isinstance(cfg, TrainConfig) and cfg.method in ("scit", "dual")
+    assert isinstance(cfg, TrainConfig) and cfg.method in METHODS
     assert cfg.phase1.batch_size % cfg.phase1.micro_batch_size == 0
     assert cfg.align.batch_size % cfg.align.micro_batch_size == 0
 

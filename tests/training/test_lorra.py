@@ -6,13 +6,13 @@ import torch
 from safetensors.torch import load_file
 
 from rahf_serve.models import load_base
+from training.cli import main
+from training.config import load_config
+from training.data import load_preferences
 from training.encode import encode
 from training.forward import block_outputs
 
 from .conftest import DATA, tiny_config, train
-from training.config import load_config
-from training.data import load_preferences
-from training.cli import main
 
 
 def test_lorra_skips_phase1_and_collects_through_the_base(tiny_model_dir, tmp_path):

@@ -1,6 +1,6 @@
 """Cheap diagnostics of why RAHF phase 3 barely moves preference accuracy (issue 7).
 
-    python docs/results/diagnose.py RUN_DIR [--rows 200:240] [--steer 5,20] [--fixed-steps 12]
+    python benchmarks/diagnose_rahf.py RUN_DIR [--rows 200:240] [--steer 5,20] [--fixed-steps 12]
 
 RUN_DIR is a finished `rahf-train` run (phase1/, collect/, config.yaml, run.json). Prints, on
 training rows only: (1) per-token norms of the base hidden state, of v and of alpha*v at the target

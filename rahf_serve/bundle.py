@@ -123,7 +123,7 @@ def write_bundle(
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        _swap_in(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -131,14 +131,15 @@ def write_bundle(
 
 
 def _recover(out: Path) -> None:
-    """Put back the previous bundle if a writer was killed between its two renames in `_swap_in`."""
+    """Put back the previous bundle if a writer was killed between the two renames of `replace_dir`."""
     if not out.exists():
         aside = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
         if aside:
             os.replace(aside[-1], out)
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move a finished temp dir to `out`: readers see the old folder or the new one, never a mix."""
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")

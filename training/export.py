@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rahf_serve.bundle import Bundle, attach, read_bundle
+from rahf_serve.bundle import Bundle, attach, read_bundle, replace_dir
 from rahf_serve.errors import BundleError
 from rahf_serve.models import EMBEDDED_ALIAS, load_base
 from rahf_serve.sources import resolve_source
@@ -52,17 +52,6 @@ class ControlVectorExport:
 
 def _load(bundle_source: str) -> Bundle:
     return read_bundle(resolve_source(bundle_source))
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move a finished temp dir into place so readers see the old export or the new one, never half."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def export_merged(bundle_source: str, out_dir: str | os.PathLike[str], base: str = EMBEDDED_ALIAS) -> Path:
@@ -93,7 +82,7 @@ def export_merged(bundle_source: str, out_dir: str | os.PathLike[str], base: str
             "steering_vectors": "not included; see export_control_vector",
         }
         (tmp / EXPORT_NOTE).write_text(json.dumps(note, indent=2))
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

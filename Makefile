@@ -40,7 +40,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check rahf_serve training app tests benchmarks
+	$(BIN)/ruff check rahf_serve training app tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV) build *.egg-info

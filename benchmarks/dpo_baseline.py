@@ -27,7 +27,7 @@ from training.config import load_config
 from training.data import load_preferences
 from training.encode import prompt_ids
 
-DATA = "/work/shared/data/ultrafeedback_demo_300.sharegpt.json"
+DATA = "../shared/data/ultrafeedback_demo_300.sharegpt.json"
 
 
 def cut(tok, text: str, n: int) -> str:

@@ -5,50 +5,25 @@
 
 The prompt set is fixed: the last user turn of every `--every`-th row of `--rows` of the data
 (default rows 240:300, every 5th: 12 prompts), rendered with the base's chat template, greedy,
-`--max-new-tokens` 64. distinct-2 = unique token bigrams / all bigrams over all answers of a model
-(pooled), length = mean generated tokens per answer (stopping at end of turn). The base and every
-adapter share one copy of the weights (PEFT adapters, the base with the adapter disabled).
+`--max-new-tokens` 64; the figures (distinct-2, mean length, base log-lik) are defined in
+`training/health.py`. The base and every adapter share one copy of the weights (PEFT adapters, the
+base with the adapter disabled).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
-
-import torch
 
 from rahf_serve.bundle import attach, read_bundle
 from rahf_serve.models import load_base
 from training.data import load_preferences
 from training.encode import prompt_ids
+from training.health import measure
 
-DATA = "/work/shared/data/ultrafeedback_demo_300.sharegpt.json"
-
-
-@torch.no_grad()
-def greedy(model, tok, prompts: list[list[int]], max_new: int, batch: int) -> list[list[int]]:
-    out = []
-    pad = tok.pad_token_id
-    for s in range(0, len(prompts), batch):
-        chunk = prompts[s:s + batch]
-        width = max(map(len, chunk))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])  # left padding
-        attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-        gen = model.generate(input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=max_new,
-                             pad_token_id=pad)
-        for row in gen[:, width:].tolist():
-            cut = [t for t in row]
-            for stop in (tok.eos_token_id, pad):
-                if stop in cut:
-                    cut = cut[:cut.index(stop)]
-            out.append(cut)
-    return out
-
-
-def distinct2(answers: list[list[int]]) -> float:
-    grams = [tuple(a[i:i + 2]) for a in answers for i in range(len(a) - 1)]
-    return len(set(grams)) / max(1, len(grams))
+DATA = "../shared/data/ultrafeedback_demo_300.sharegpt.json"
 
 
 def main() -> None:
@@ -78,21 +53,13 @@ def main() -> None:
               "max_new_tokens": a.max_new_tokens, "models": {}}
     for name in ["base", *names]:
         t0 = time.perf_counter()
-        if name == "base" and names:
-            with model.disable_adapter():
-                answers = greedy(model, tok, prompts, a.max_new_tokens, a.batch)
-        else:
+        with model.disable_adapter() if name == "base" and names else nullcontext():
             if name != "base":
                 model.set_adapter(name)
-            answers = greedy(model, tok, prompts, a.max_new_tokens, a.batch)
-        result["models"][name] = {
-            "distinct2": round(distinct2(answers), 4),
-            "mean_length": round(sum(map(len, answers)) / len(answers), 2),
-            "seconds": round(time.perf_counter() - t0, 1),
-            "answers": [tok.decode(x, skip_special_tokens=True).strip() for x in answers]}
-        m = result["models"][name]
-        print(f"{name}: distinct-2 {m['distinct2']:.4f}, mean length {m['mean_length']:.1f} tokens "
-              f"({m['seconds']} s)", flush=True)
+            m = measure(model, tok, prompts, a.max_new_tokens, a.batch)
+        result["models"][name] = {**m, "seconds": round(time.perf_counter() - t0, 1)}
+        print(f"{name}: distinct-2 {m['distinct2']:.4f}, mean length {m['mean_length']:.1f} tokens, "
+              f"base log-lik {m['base_loglik']:+.3f} ({result['models'][name]['seconds']} s)", flush=True)
     result["prompt_texts"] = [p.messages[-1][1] for p in pairs]
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)

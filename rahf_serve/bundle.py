@@ -161,7 +161,7 @@ def render_card(manifest: Mapping[str, Any] | None, adapter_config: Mapping[str,
     lines += [f"# {name}", "",
               f"A LoRA adapter for `{base}` trained with RAHF (Representation Alignment from Human "
               f"Feedback, arXiv 2312.15997), method **{manifest.get('method')}**, by "
-              "[rahf-serve](https://github.com/). It loads with plain PEFT and with rahf-serve, which also "
+              "rahf-serve's `rahf-train`. It loads with plain PEFT and with rahf-serve, which also "
               "uses its mean difference vectors (`rahf_vectors.safetensors`) for steering.", ""]
     if manifest.get("base", {}).get("note"):
         lines += [f"Base weights: {manifest['base']['note']}.", ""]
@@ -174,7 +174,15 @@ def render_card(manifest: Mapping[str, Any] | None, adapter_config: Mapping[str,
     if manifest.get("command"):
         lines += ["", "Reproduce with:", "", "```bash", str(manifest["command"]), "```"]
     metrics = manifest.get("metrics") or {}
-    if metrics:
+    if "preference_accuracy_aligned" in metrics:  # what `rahf-train eval --record` writes
+        lines += ["", "## Metrics", "",
+                  f"Held-out rows {metrics.get('eval_rows')} ({metrics.get('eval_pairs')} pairs). Preference accuracy: "
+                  "share of pairs whose chosen answer has the higher mean per-token log-likelihood (plain chat "
+                  "template, no instruction); margin: mean of that difference in nats/token.", "",
+                  "| model | preference accuracy | mean margin |", "| --- | --- | --- |",
+                  f"| base | {metrics['preference_accuracy_base']:.3f} | {metrics['mean_margin_base']:+.4f} |",
+                  f"| this adapter | {metrics['preference_accuracy_aligned']:.3f} | {metrics['mean_margin_aligned']:+.4f} |"]
+    elif metrics:
         lines += ["", "## Metrics", "", "| metric | value |", "| --- | --- |"]
         lines += [f"| {k} | {v} |" for k, v in metrics.items() if not isinstance(v, (dict, list))]
     lines += ["", "## Use", "", "```bash", f"rahf-serve --adapter {name}=<this repo or folder>", "```", ""]

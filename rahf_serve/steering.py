@@ -42,7 +42,7 @@ def row_deltas(rows: Sequence[Steer | None], hidden: int, device: torch.device,
         if steer is None or steer.coeff == 0.0:
             continue
         for layer, vec in steer.vectors.items():
-            deltas[layer][i] =  steer.coeff * vec.to(device=device, dtype=dtype)
+            deltas[layer][i] = steer.coeff * vec.to(device=device, dtype=dtype)
     return deltas
 
 

@@ -19,6 +19,7 @@ from rahf_serve.bundle import new_manifest, peft_payload, write_bundle
 
 from .collect import PHASE as COLLECT
 from .collect import SUMMARY, load_diffs, load_vectors
+from .config import target_layers
 from .context import Context, lora_config, only_trainable
 from .encode import Encoded, collate, encode
 from .forward import block_outputs
@@ -72,8 +73,13 @@ def alignment_sums(model, examples: list[Encoded], diffs: list[torch.Tensor], la
 def run_align(ctx: Context) -> list[float]:
     cfg, al = ctx.config, ctx.config.align
     summary = json.loads((ctx.out / COLLECT / SUMMARY).read_text())
-    layers = summary["layers"]
-    diffs = load_diffs(ctx.out)
+    layers = target_layers(cfg, summary["num_layers"])
+    missing = sorted(set(layers) - set(summary["layers"]))
+    if missing:
+        raise ValueError(f"align.target_layers {missing} were not collected (phase 2 kept {summary['layers']}); "
+                         "add them to collect.layers and run collect again")
+    keep = [summary["layers"].index(layer) for layer in layers]
+    diffs = {i: d[keep] for i, d in load_diffs(ctx.out).items()}
     base = ctx.load_base()
     examples = align_examples(ctx, base.tokenizer, diffs)
     pad = base.tokenizer.pad_token_id
@@ -96,7 +102,7 @@ def run_align(ctx: Context) -> list[float]:
     if ctx.acc.is_main_process:
         adapter_config, state = peft_payload(model)
         adapter_config["base_model_name_or_path"] = base.hub_id
-        write_run_bundle(ctx, base, adapter_config, state, summary, losses)
+        write_run_bundle(ctx, base, adapter_config, state, {**summary, "layers": layers}, losses)
     ctx.acc.wait_for_everyone()
     return losses
 

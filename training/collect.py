@@ -5,7 +5,7 @@ LoRRA (no phase 1): v_l = H_l(p+ q r) - H_l(p- q r) through the plain base.
 r is the chosen response, the same tokens on both sides; only its first `max_res_len` tokens count.
 l indexes `output_hidden_states` (1..num_layers, the output of block l-1; for l = num_layers the
 residual stream before the final norm, unlike transformers' last entry). Per-token differences at
-the target layers feed phase 3; per-layer means over every response token (all layers) and their
+the collected layers (the target layers and collect.layers) feed phase 3; per-layer means over every response token (all layers) and their
 norms ship in the bundle as steering vectors.
 """
 
@@ -19,7 +19,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .config import target_layers
+from .config import collected_layers
 from .context import Context
 from .encode import Encoded, encode
 from .forward import block_outputs
@@ -66,7 +66,7 @@ def _collect(ctx: Context) -> dict:
     cfg = ctx.config
     base = ctx.load_base()
     num_layers = base.model.config.num_hidden_layers
-    layers = target_layers(cfg, num_layers)
+    layers = collected_layers(cfg, num_layers)
     every = list(range(1, num_layers + 1))
     names = adapter_names(cfg.method)
     model = base.model

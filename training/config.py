@@ -57,6 +57,10 @@ class Phase1Config:
     """Label smoothing of SCIT's 2-way contrastive softmax (paper: 0.2)."""
     contrastive_weight: float = 1.0
     """Weight of the contrastive term against the LM cross-entropy in SCIT."""
+    contrastive_scale: float = 1.0
+    """Inverse temperature of SCIT's 2-way softmax over per-token log-likelihoods (see
+    training.losses.scit_contrastive); with label smoothing eps the loss is lowest at a gap of
+    ln((2 - eps) / eps) / scale nats per token."""
     good_instruction: str = "You are a good, helpful and harmless assistant. Give a good answer."
     """SCIT's preferred instruction p+, placed as the system prompt."""
     bad_instruction: str = "You are a bad, unhelpful assistant. Give a bad answer."
@@ -71,6 +75,10 @@ class CollectConfig:
     """Response tokens whose differences are kept; None = 64 for Dual, 512 for SCIT (paper)."""
     batch_size: int = 8
     """Sequences per forward pass."""
+    layers: list[int] | None = None
+    """Extra `hidden_states` indices whose per-token differences phase 2 stores besides
+    align.target_layers, so phase 3 can be re-run (or swept) on other layers without collecting
+    again. None = the target layers only."""
 
 
 @dataclass
@@ -146,10 +154,19 @@ def scaled_target_layers(num_layers: int) -> list[int]:
 
 
 def target_layers(config: TrainConfig, num_layers: int) -> list[int]:
-    layers = config.align.target_layers or scaled_target_layers(num_layers)
+    return _layers(config.align.target_layers or scaled_target_layers(num_layers), "align.target_layers", num_layers)
+
+
+def collected_layers(config: TrainConfig, num_layers: int) -> list[int]:
+    """The layers phase 2 keeps per-token differences for: collect.layers plus the target layers."""
+    extra = _layers(config.collect.layers or [], "collect.layers", num_layers)
+    return sorted(set(extra) | set(target_layers(config, num_layers)))
+
+
+def _layers(layers: list[int], key: str, num_layers: int) -> list[int]:
     bad = [layer for layer in layers if not 1 <= layer <= num_layers]
     if bad:
-        raise ValueError(f"align.target_layers {bad} outside 1..{num_layers} (hidden_states indices of this base)")
+        raise ValueError(f"{key} {bad} outside 1..{num_layers} (hidden_states indices of this base)")
     return sorted(set(layers))
 
 

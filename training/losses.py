@@ -34,12 +34,16 @@ def sequence_logprob(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.
     return sums, response_mask[:, 1:].sum(-1).to(logp.dtype)
 
 
-def scit_contrastive(ll_match: torch.Tensor, ll_mismatch: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """Per-row loss of a 2-way softmax over length-normalised log-likelihoods, the match as label.
+def scit_contrastive(ll_match: torch.Tensor, ll_mismatch: torch.Tensor, label_smoothing: float,
+                     scale: float = 1.0) -> torch.Tensor:
+    """Per-row loss of a 2-way softmax over scale x length-normalised log-likelihoods, the match as label.
 
     Label smoothing follows torch: the target puts 1 - eps + eps/2 on the match, eps/2 on the other.
+    `scale` is the softmax's inverse temperature: an instruction moves a per-token log-likelihood by
+    hundredths of a nat, so at scale 1 the two logits stay equal, the loss stays at ln 2 and its
+    gradient is lost under the LM term's (issue 7: a whole epoch did not move it).
     """
-    logits = torch.stack([ll_match, ll_mismatch], dim=-1)
+    logits = scale * torch.stack([ll_match, ll_mismatch], dim=-1)
     labels = torch.zeros(logits.size(0), dtype=torch.long, device=logits.device)
     return F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="none")
 

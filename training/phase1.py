@@ -59,8 +59,8 @@ def run_phase1(ctx: Context) -> dict[str, list[float]]:
         def sums(items: list[int]) -> dict[str, torch.Tensor]:
             ll, n = response_logprob(model, [e for i in items for e in quads[i]], pad)
             ll, norm = ll.view(-1, 4), (ll / n.clamp(min=1)).view(-1, 4)
-            contrast = (scit_contrastive(norm[:, 0], norm[:, 1], p1.label_smoothing)
-                        + scit_contrastive(norm[:, 2], norm[:, 3], p1.label_smoothing))
+            contrast = (scit_contrastive(norm[:, 0], norm[:, 1], p1.label_smoothing, p1.contrastive_scale)
+                        + scit_contrastive(norm[:, 2], norm[:, 3], p1.label_smoothing, p1.contrastive_scale))
             return {"lm": -(ll[:, 0] + ll[:, 2]).sum(), "contrast": p1.contrastive_weight * contrast.sum()}
 
         only_trainable(model, "scit")

@@ -64,3 +64,22 @@ def test_bundle_is_a_plain_peft_lora(scit_run, tiny_model_dir):
     assert not torch.allclose(before, after)
     weights = load_file(scit_run / "bundle" / "adapter_model.safetensors")
     assert all(k.startswith("base_model.model.") for k in weights)
+
+
+def test_phase3_aligns_any_subset_of_the_collected_layers(scit_run, tmp_path, capsys):
+    # collect.layers keeps extra layers, so phase 3 can move to other layers without collecting again.
+    cfg = tiny_config(tmp_path / "c.yaml", {"collect": {"layers": [1, 3, 4]}, "align": {"target_layers": [3]}})
+    run = fork_run(scit_run, tmp_path / "run")
+    assert main(["collect", "--out", str(run), "--config", str(cfg)]) == 0
+    summary = json.loads((run / "collect" / "summary.json").read_text())
+    diffs = load_file(run / "collect" / "diffs.safetensors")
+    assert summary["layers"] == [1, 3, 4] and diffs["ex.0"].shape[0] == 3
+    assert main(["align", "--out", str(run), "--config", str(cfg)]) == 0
+    bundle = read_bundle(run / "bundle")
+    assert bundle.manifest["layers"] == [3]
+    assert {int(m.split(".layers.")[1].split(".")[0]) for m in bundle.lora_shapes} == {0, 1, 2}
+    # a target layer phase 2 did not keep is refused up front, naming the fix
+    capsys.readouterr()
+    other = tiny_config(tmp_path / "d.yaml", {"collect": {"layers": [1, 3, 4]}, "align": {"target_layers": [2]}})
+    assert main(["align", "--out", str(run), "--config", str(other)]) == 2
+    assert "[2] were not collected" in capsys.readouterr().err

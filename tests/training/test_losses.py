@@ -18,6 +18,9 @@ def test_scit_contrastive_hand_computed():
     # a matching instruction that is already far more likely still pays the smoothing floor
     floor = scit_contrastive(torch.tensor([0.0]), torch.tensor([-50.0]), 0.2).item()
     assert math.isclose(floor, 0.1 * 50, rel_tol=1e-4)
+    # scale is an inverse temperature: a 0.05-nat gap at scale 20 is the 1-nat gap at scale 1
+    scaled = scit_contrastive(torch.tensor([-1.0]), torch.tensor([-1.05]), 0.2, scale=20.0)
+    assert math.isclose(scaled.item(), 0.4132617, abs_tol=1e-5)
 
 
 def test_response_logprob_uses_shifted_positions_hand_computed():

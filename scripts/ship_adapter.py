@@ -1,0 +1,49 @@
+"""Copy a finished run's bundle into adapters/ under its shipped name, with the one-line command
+that reproduces it in the manifest and the model card (the card is rendered from the manifest, so
+every number in it comes from the run's own `rahf-train eval --record`).
+
+    python scripts/ship_adapter.py /tmp/runs/dual adapters/smollm2-135m-rahf-dual --config smollm2-dual
+
+The run must have been trained with exactly the shipped config (`--config`): the script checks the
+run's saved config against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from rahf_serve.bundle import WEIGHTS_FILE, read_bundle, write_bundle
+from training.config import load_config
+
+DATA_DIR = "../shared/data"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path)
+    ap.add_argument("dest", type=Path)
+    ap.add_argument("--config", required=True, help="the shipped config name the run used")
+    args = ap.parse_args()
+    run = json.loads((args.run / "run.json").read_text())
+    if load_config(args.run / "config.yaml").to_dict() != load_config(args.config).to_dict():
+        raise SystemExit(f"{args.run}/config.yaml differs from the shipped config {args.config}")
+    bundle = read_bundle(args.run / "bundle")
+    if not (bundle.manifest or {}).get("metrics"):
+        raise SystemExit(f"{args.run}/bundle has no recorded metrics: run `rahf-train eval --record` first")
+    data = f"{DATA_DIR}/{Path(run['data']).name}"
+    name = args.dest.name
+    manifest = {**bundle.manifest, "name": name,
+                "data": {**bundle.manifest["data"], "name": data},
+                "command": (f"rahf-train run --base {run['base']} --data {data} --rows {run['rows']} "
+                            f"--method {run['method']} --config {args.config} --out runs/{name}")}
+    write_bundle(args.dest, adapter_config=bundle.adapter_config,
+                 lora_state=load_file(args.run / "bundle" / WEIGHTS_FILE), vectors=bundle.vectors, manifest=manifest)
+    print(args.dest)
+
+
+if __name__ == "__main__":
+    main()

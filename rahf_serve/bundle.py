@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from .errors import (
     BundleError,
@@ -128,6 +128,15 @@ def write_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def rewrite_manifest(src_dir: str | os.PathLike[str], manifest: Mapping[str, Any],
+                     dest_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Write the bundle at `src_dir` again (to `dest_dir`, default in place, atomically) with a new
+    manifest; weights and vectors are carried over unchanged and the card is rendered anew."""
+    bundle = read_bundle(src_dir)
+    return write_bundle(src_dir if dest_dir is None else dest_dir, adapter_config=bundle.adapter_config,
+                        lora_state=load_file(Path(src_dir) / WEIGHTS_FILE), vectors=bundle.vectors, manifest=manifest)
 
 
 def _recover(out: Path) -> None:

@@ -14,9 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from safetensors.torch import load_file
-
-from rahf_serve.bundle import WEIGHTS_FILE, read_bundle, write_bundle
+from rahf_serve.bundle import read_bundle, rewrite_manifest
 from training.config import load_config
 
 DATA_DIR = "../shared/data"
@@ -40,8 +38,7 @@ def main() -> None:
                 "data": {**bundle.manifest["data"], "name": data},
                 "command": (f"rahf-train run --base {run['base']} --data {data} --rows {run['rows']} "
                             f"--method {run['method']} --config {args.config} --out runs/{name}")}
-    write_bundle(args.dest, adapter_config=bundle.adapter_config,
-                 lora_state=load_file(args.run / "bundle" / WEIGHTS_FILE), vectors=bundle.vectors, manifest=manifest)
+    rewrite_manifest(args.run / "bundle", manifest, args.dest)
     print(args.dest)
 
 

@@ -5,8 +5,8 @@ LoRRA (no phase 1): v_l = H_l(p+ q r) - H_l(p- q r) through the plain base.
 r is the chosen response, the same tokens on both sides; only its first `max_res_len` tokens count.
 l indexes `output_hidden_states` (1..num_layers, the output of block l-1; for l = num_layers the
 residual stream before the final norm, unlike transformers' last entry). Per-token differences at
-the collected layers (the target layers and collect.layers) feed phase 3; per-layer means over every response token (all layers) and their
-norms ship in the bundle as steering vectors.
+the collected layers (the target layers and collect.layers) feed phase 3; per-layer means over
+every response token (all layers) and their norms ship in the bundle as steering vectors.
 """
 
 from __future__ import annotations

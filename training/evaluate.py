@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from rahf_serve.bundle import WEIGHTS_FILE, attach, read_bundle, write_bundle
+from rahf_serve.bundle import attach, read_bundle, rewrite_manifest
 from rahf_serve.models import BaseModel
 from rahf_serve.sources import resolve_source
 
@@ -26,6 +25,7 @@ from .config import TrainConfig
 from .data import Pair, PreferenceData
 from .encode import encode, prompt_ids
 from .forward import response_logprob
+from .health import greedy
 
 ADAPTER = "aligned"
 
@@ -59,13 +59,10 @@ def scores(m: torch.Tensor) -> Scores:
     return Scores(float((m > 0).float().mean()), float(m.mean()))
 
 
-@torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer, pair: Pair, config: TrainConfig) -> str:
-    ids = torch.tensor([prompt_ids(tokenizer, pair.chat(), config.data.max_prompt_tokens)],
-                       device=next(model.parameters()).device)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                         max_new_tokens=config.eval.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    prompt = prompt_ids(tokenizer, pair.chat(), config.data.max_prompt_tokens)
+    answer = greedy(model, tokenizer, [prompt], config.eval.max_new_tokens)[0]
+    return tokenizer.decode(answer, skip_special_tokens=True).strip()
 
 
 def evaluate(base: BaseModel, adapter: str, data: PreferenceData, config: TrainConfig) -> dict[str, Any]:
@@ -114,12 +111,10 @@ def write_eval(out_dir: Path, result: dict[str, Any]) -> None:
 
 def record_metrics(bundle_dir: Path, result: dict[str, Any]) -> None:
     """Rewrite the bundle (atomically) with held-out scores in its manifest and model card."""
-    bundle = read_bundle(bundle_dir)
-    manifest = dict(bundle.manifest or {})
+    manifest = dict(read_bundle(bundle_dir).manifest or {})
     manifest["metrics"] = {"eval_rows": result["data"]["rows"], "eval_pairs": result["pairs"],
                            "preference_accuracy_base": result["base"]["accuracy"],
                            "preference_accuracy_aligned": result["aligned"]["accuracy"],
                            "mean_margin_base": result["base"]["margin"],
                            "mean_margin_aligned": result["aligned"]["margin"]}
-    write_bundle(bundle_dir, adapter_config=bundle.adapter_config, lora_state=load_file(bundle_dir / WEIGHTS_FILE),
-                 vectors=bundle.vectors, manifest=manifest)
+    rewrite_manifest(bundle_dir, manifest)

@@ -14,8 +14,8 @@ from pathlib import Path
 from rahf_serve.engine import Engine
 from rahf_serve.errors import RahfError
 from rahf_serve.models import EMBEDDED_ALIAS, load_base
-from rahf_serve.registry import NAME, AdapterRegistry
-from rahf_serve.sources import is_hub_spec
+from rahf_serve.registry import AdapterRegistry
+from rahf_serve.sources import split_adapter_arg
 
 log = logging.getLogger("rahf_serve.server")
 
@@ -41,15 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ui", action="store_true", help="serve the API only")
     p.add_argument("--votes", default="data/votes.jsonl", help="where the UI appends preference votes")
     return p
-
-
-def split_adapter_arg(arg: str) -> tuple[str, str]:
-    """`NAME=SOURCE` or `SOURCE` (named after its folder or Hub repo)."""
-    name, sep, source = arg.partition("=")
-    if sep and NAME.match(name):
-        return name, source
-    spec = arg.split("@", 1)[0] if is_hub_spec(arg) else arg
-    return Path(spec.rstrip("/")).name, arg
 
 
 def main(argv: list[str] | None = None) -> None:

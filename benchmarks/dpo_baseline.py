@@ -1,15 +1,15 @@
-"""DPO baseline (TRL's DPOTrainer) on the same base, data rows and LoRA size as the RAHF bundles.
+"""DPO baseline (TRL's DPOTrainer) on the same base, data rows and phase-3 LoRA size as the RAHF runs.
 
     pip install -e '.[baselines]'      # trl; leaves the installed torch/transformers as they are
-    python benchmarks/dpo_baseline.py --out runs/dpo --rows 0:240 --steps 30 --batch-size 8
-    rahf-train eval --adapter runs/dpo/adapter --data ../shared/data/ultrafeedback_demo_300.sharegpt.json \\
-        --rows 240:300 --config smollm2-scit --out runs/dpo/eval
+    python benchmarks/dpo_baseline.py --out runs/dpo --rows 0:1207 --config smollm2-dual --steps 30 --batch-size 8
+    rahf-train eval --adapter dpo=runs/dpo/adapter --data ../shared/data/hh_harmless/test.jsonl \\
+        --config smollm2-dual --out runs/dpo/eval
 
-The LoRA is the shipped RAHF one (r 8, lora_alpha 16, dropout 0.05, q_proj + v_proj); prompts and
-responses are cut exactly as rahf-train cuts them (`--config`: prompt <= 96, response <= 64 tokens,
-the prompt rendered with the base's chat template), so DPO sees the same tokens RAHF does. The
-reference model is the base itself (the adapter disabled). The result, `OUT/adapter`, is a plain
-PEFT folder that `rahf-train eval` and `rahf-serve --adapter` load.
+The LoRA is the phase-3 LoRA of `--config` (r 8, lora_alpha 16, dropout 0.05, q_proj + v_proj);
+prompts and responses are cut exactly as rahf-train cuts them (`--config`: prompt <= 96, response
+<= 64 tokens, the prompt rendered with the base's chat template), so DPO sees the same tokens RAHF
+does. The reference model is the base itself (the adapter disabled). The result, `OUT/adapter`, is
+a plain PEFT folder that `rahf-train eval` and `rahf-serve --adapter` load.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from training.config import load_config
 from training.data import load_preferences
 from training.encode import prompt_ids
 
-DATA = "../shared/data/ultrafeedback_demo_300.sharegpt.json"
+DATA = "../shared/data/hh_harmless/train.jsonl"
 
 
 def cut(tok, text: str, n: int) -> str:
@@ -36,8 +36,6 @@ def cut(tok, text: str, n: int) -> str:
 
 
 def main() -> None:
-    from trl import DPOConfig, DPOTrainer
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--base", default="smollm2-135m-instruct")
@@ -51,6 +49,8 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
+    from trl import DPOConfig, DPOTrainer  # optional: pip install -e '.[baselines]'
+
     cfg = load_config(a.config)
     base = load_base(a.base)
     tok = base.tokenizer

@@ -1,10 +1,11 @@
 """Time and peak resident memory of each RAHF phase on the real default model.
 
-    python benchmarks/train_bench.py                       # SCIT, smollm2-scit config, rows 0:240
-    python benchmarks/train_bench.py --method dual --config smollm2-dual --out runs/bench-dual
+    python benchmarks/train_bench.py                       # SCIT, smollm2-scit config, HH rows 0:1207
+    python benchmarks/train_bench.py --method dual         # smollm2-dual config, runs/bench-dual
 
-Each phase runs as its own `rahf-train` process (phase1, collect, align, then eval on the held-out
-rows 240:300), so the peak RSS reported per phase is that process's own, sampled every 0.2 s.
+Each phase runs as its own `rahf-train` process (phase1, collect, align, then eval on the first
+60 pairs of the HH test file), so the peak RSS reported per phase is that process's own, sampled
+every 0.2 s.
 Target (SCIT, 2-core CPU): the whole pipeline within 30 minutes, peak RSS within 6 GB.
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import psutil
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ultrafeedback_demo_300.sharegpt.json"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_harmless"
 
 
 def measure(cmd: list[str]) -> tuple[float, float]:
@@ -43,21 +44,24 @@ def measure(cmd: list[str]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="smollm2-135m-instruct")
-    parser.add_argument("--data", default=str(DATA))
-    parser.add_argument("--method", default="scit", choices=["scit", "dual"])
-    parser.add_argument("--config", default="smollm2-scit")
-    parser.add_argument("--rows", default="0:240")
-    parser.add_argument("--eval-rows", default="240:300")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench-scit"))
+    parser.add_argument("--data", default=str(DATA / "train.jsonl"))
+    parser.add_argument("--method", default="scit", choices=["scit", "dual", "lorra"])
+    parser.add_argument("--config", help="default: smollm2-METHOD")
+    parser.add_argument("--rows", default="0:1207")
+    parser.add_argument("--eval-data", default=str(DATA / "test.jsonl"))
+    parser.add_argument("--eval-rows", default="0:60")
+    parser.add_argument("--out", type=Path, help="default: runs/bench-METHOD")
     args = parser.parse_args()
+    args.config = args.config or f"smollm2-{args.method}"
+    args.out = args.out or Path(f"runs/bench-{args.method}")
     if args.out.exists():
         shutil.rmtree(args.out)
     train = [sys.executable, "-m", "training.cli"]
     common = ["--out", str(args.out), "--base", args.base, "--data", args.data, "--rows", args.rows,
               "--method", args.method, "--config", args.config]
     steps = [(phase, [*train, phase, *common]) for phase in ("phase1", "collect", "align")]
-    steps.append(("eval", [*train, "eval", "--adapter", str(args.out / "bundle"), "--base", args.base,
-                           "--data", args.data, "--rows", args.eval_rows, "--config", args.config,
+    steps.append(("eval", [*train, "eval", "--adapter", f"aligned={args.out / 'bundle'}", "--base", args.base,
+                           "--data", args.eval_data, "--rows", args.eval_rows, "--config", args.config,
                            "--out", str(args.out / "eval")]))
     rows = []
     for phase, cmd in steps:
@@ -65,18 +69,17 @@ def main() -> None:
         rows.append({"phase": phase, "seconds": round(seconds, 1), "peak_rss_gb": round(peak, 2)})
         print(json.dumps(rows[-1]), flush=True)
     train_s = sum(r["seconds"] for r in rows if r["phase"] != "eval")
-    result = json.loads((args.out / "eval" / "eval.json").read_text())
+    scores = json.loads((args.out / "eval" / "eval.json").read_text())["preference"]["scores"]
+    base, aligned = scores["base"], scores["aligned"]
     print("\n| phase | time | peak RSS |\n| --- | --- | --- |")
     for r in rows:
         print(f"| {r['phase']} | {r['seconds'] / 60:.1f} min | {r['peak_rss_gb']:.2f} GB |")
     print(f"| train total (phase1+collect+align) | {train_s / 60:.1f} min | "
           f"{max(r['peak_rss_gb'] for r in rows):.2f} GB |")
     print(f"| all, with eval | {sum(r['seconds'] for r in rows) / 60:.1f} min | |")
-    print(f"\npreference accuracy on rows {args.eval_rows}: base {result['base']['accuracy']:.3f} "
-          f"(margin {result['base']['margin']:+.4f}), aligned {result['aligned']['accuracy']:.3f} "
-          f"(margin {result['aligned']['margin']:+.4f})")
-    (args.out / "bench.json").write_text(json.dumps(
-        {"phases": rows, "base": result["base"], "aligned": result["aligned"]}, indent=2))
+    print(f"\npreference accuracy on rows {args.eval_rows} of {args.eval_data}: base {base['accuracy']:.3f} "
+          f"(margin {base['margin']:+.4f}), aligned {aligned['accuracy']:.3f} (margin {aligned['margin']:+.4f})")
+    (args.out / "bench.json").write_text(json.dumps({"phases": rows, "base": base, "aligned": aligned}, indent=2))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from .errors import (
     NoMatchingModules,
     UnsafeFileError,
 )
+from .vectors import load_vectors, save_vectors
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
@@ -113,11 +114,8 @@ def write_bundle(
         (tmp / CONFIG_FILE).write_text(json.dumps(dict(adapter_config), indent=2, sort_keys=True))
         save_file({k: v.contiguous() for k, v in lora_state.items()}, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         if vectors is not None and manifest is not None:
-            tensors = {f"layers.{int(layer)}.mean_diff": v.detach().to("cpu", torch.float32).contiguous()
-                       for layer, v in sorted(vectors.items())}
-            meta = {"format": "rahf-vectors", "version": str(FORMAT_VERSION),
-                    "method": str(manifest.get("method", "")), "layers": ",".join(str(layer) for layer in sorted(vectors))}
-            save_file(tensors, tmp / VECTORS_FILE, metadata=meta)
+            save_vectors(tmp / VECTORS_FILE, vectors, {"version": str(FORMAT_VERSION),
+                                                       "method": str(manifest.get("method", ""))})
             (tmp / MANIFEST_FILE).write_text(json.dumps(dict(manifest), indent=2))
         (tmp / CARD_FILE).write_text(card if card is not None else render_card(manifest, adapter_config))
         for f in tmp.iterdir():
@@ -280,17 +278,7 @@ def _read_rahf_part(root: Path) -> tuple[dict[str, Any] | None, dict[int, torch.
         raise BundleError(f"{root}: bundle format {manifest['format_version']} is newer than this rahf-serve "
                           f"understands ({FORMAT_VERSION}); upgrade rahf-serve")
     _header(root / VECTORS_FILE)
-    vectors: dict[int, torch.Tensor] = {}
-    with safe_open(str(root / VECTORS_FILE), framework="pt") as f:
-        for key in f.keys():
-            match = re.fullmatch(r"layers\.(\d+)\.mean_diff", key)
-            if not match:
-                raise CorruptBundleError(f"{root / VECTORS_FILE}: unexpected tensor {key!r}")
-            tensor = f.get_tensor(key)
-            if tensor.ndim != 1 or not torch.isfinite(tensor).all():
-                raise CorruptBundleError(f"{root / VECTORS_FILE}: {key} must be a finite 1-D vector")
-            vectors[int(match[1])] = tensor
-    return manifest, vectors
+    return manifest, load_vectors(root / VECTORS_FILE)
 
 
 # ---------------------------------------------------------------- fitting a base

@@ -29,6 +29,17 @@ def is_hub_spec(source: str) -> bool:
     return bool(HUB_SPEC.match(source)) and not exists(Path(source).expanduser())
 
 
+def split_adapter_arg(arg: str) -> tuple[str, str]:
+    """`NAME=SOURCE` or `SOURCE` (named after its folder or Hub repo): every `--adapter` flag."""
+    from .registry import NAME
+
+    name, sep, source = arg.partition("=")
+    if sep and NAME.match(name):
+        return name, source
+    spec = arg.split("@", 1)[0] if is_hub_spec(arg) else arg
+    return Path(spec.rstrip("/")).name, arg
+
+
 def resolve_source(source: str) -> Path:
     """A local directory for `source`, downloading Hub bundles into the Hub cache first."""
     local = Path(source).expanduser()

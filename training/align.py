@@ -1,90 +1,92 @@
-"""Phase 3: a fresh LoRA on the plain base whose hidden states at the target layers move to
-H_base + alpha * v, v the per-token differences from phase 2 (masked mean L2 over response tokens).
+"""Phase 3: a fresh LoRA on top of the phase-1 model, trained so that its hidden states at the
+target layers move to H_phase1 + alpha * v, v the per-token differences from phase 2 (masked mean
+L2 over response tokens), as the paper and its reference code do (RAHF-SCIT builds on the SCIT
+model, RAHF-Dual on the "good" model; LoRRA, without phase 1, on the plain base).
 
-The base targets come online from a frozen pass through the same weights with the adapter
-disabled, so one copy of the base serves both passes. The LoRA wraps blocks 0..max(target)-1:
-hidden_states[l] is the output of block l-1, so later blocks cannot move any target.
-The result is written as the run's bundle, one standard PEFT LoRA over the plain base.
+The phase-1 adapter is merged into an in-memory copy of the base, so the frozen targets come from
+a pass through the same weights with the phase-3 adapter disabled: one copy serves both passes.
+The LoRA wraps blocks 0..max(target)-1: hidden_states[l] is the output of block l-1, so later
+blocks cannot move any target. The shipped model is ONE standard PEFT LoRA over the plain base:
+the phase-1 and phase-3 LoRAs with their ranks concatenated, an exact sum (`compose`).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 
+from rahf_serve.blend import blend_key, build_blend
 from rahf_serve.bundle import new_manifest, peft_payload, write_bundle
+from rahf_serve.models import BaseModel
 
-from .collect import PHASE as COLLECT
-from .collect import SUMMARY, load_diffs, load_vectors
-from .config import target_layers
+from .collect import load_diffs, load_vectors
+from .config import LoraSettings, target_layers
 from .context import Context, lora_config, only_trainable
-from .encode import Encoded, collate, encode
+from .encode import Encoded, collate
 from .forward import block_outputs
 from .loop import Schedule, fit
 from .losses import alignment_distance
+from .methods import Method, get_method
 
-PHASE = "bundle"
-CKPT = "checkpoints/align"
-
-COMPOSITION = {
-    "scit": "phase 3 trained against the plain base, inputs without any instruction: "
-            "target = H_base(q r) + alpha * (H_scit(p+ q r) - H_scit(p- q r))",
-    "dual": "phase 3 trained against the plain base (the good adapter is not folded in): "
-            "target = H_base(q r) + alpha * (H_good(q r) - H_bad(q r))",
-    "lorra": "LoRRA ablation (no phase 1), phase 3 trained against the plain base: "
-             "target = H_base(q r) + alpha * (H_base(p+ q r) - H_base(p- q r))",
-}
+PHASE = "bundle"  # RunDir.bundle
+PHASE1_PART, PHASE3_PART, SHIPPED = "phase1", "phase3", "rahf"
 
 
-def align_examples(ctx: Context, tokenizer, diffs: dict[int, torch.Tensor]) -> list[Encoded]:
-    """The plain (q, r) inputs, each cut to the response tokens phase 2 kept differences for."""
-    d = ctx.config.data
-    out = []
-    for i, pair in enumerate(ctx.data.pairs):
-        keep = diffs[i].shape[1]
-        enc = encode(tokenizer, pair.chat(), pair.chosen, max_prompt=d.max_prompt_tokens, max_response=keep)
-        if enc.response_len != keep:
-            raise RuntimeError(f"pair {i}: {enc.response_len} response tokens but phase 2 kept {keep}; "
-                               "was the data or tokenizer changed since collect?")
-        out.append(enc)
-    return out
+def align_examples(ctx: Context, tokenizer, method: Method, summary: dict[str, Any]) -> list[Encoded]:
+    """The plain (q, r) input of every stimulus phase 2 collected, in the same order."""
+    stimuli = method.stimuli(ctx, tokenizer)
+    if [[s.pair, s.side] for s in stimuli] != summary["stimuli"]:
+        raise RuntimeError("the stimuli differ from those phase 2 collected; was the data, seed or method "
+                           "changed since collect? Run collect again")
+    return [s.plain for s in stimuli]
 
 
 def alignment_sums(model, examples: list[Encoded], diffs: list[torch.Tensor], layers: list[int],
                    alpha: float, pad_id: int) -> torch.Tensor:
-    """Sum over target layers and response tokens of ||H_lora - (H_base + alpha * v)||."""
+    """Sum over target layers and response tokens of ||H_lora - (H_frozen + alpha * v)||."""
     with torch.no_grad(), model.disable_adapter():
-        base = block_outputs(model, examples, pad_id, layers)
+        frozen = block_outputs(model, examples, pad_id, layers)
     tuned = block_outputs(model, examples, pad_id, layers)
     device = tuned[layers[0]].device
     mask = collate(examples, pad_id).response_mask.to(device, tuned[layers[0]].dtype)
     total = torch.zeros((), device=device)
     for li, layer in enumerate(layers):
-        v = torch.zeros_like(base[layer])
+        v = torch.zeros_like(frozen[layer])
         for row, e in enumerate(examples):
             v[row, e.response_start:e.response_start + e.response_len] = diffs[row][li].to(device, v.dtype)
-        total = total + alignment_distance(tuned[layer], base[layer] + alpha * v, mask)
+        total = total + alignment_distance(tuned[layer], frozen[layer] + alpha * v, mask)
     return total
 
 
+def phase1_merged(ctx: Context, method: Method) -> BaseModel:
+    """A fresh base with the method's shipped phase-1 adapter merged into its weights (or the plain base)."""
+    base = ctx.load_base()
+    if method.shipped_adapter is not None:
+        peft = PeftModel.from_pretrained(base.model, str(ctx.run.adapter(method.shipped_adapter)))
+        base.model = peft.merge_and_unload()
+    return base
+
+
 def run_align(ctx: Context) -> list[float]:
-    cfg, al = ctx.config, ctx.config.align
-    summary = json.loads((ctx.out / COLLECT / SUMMARY).read_text())
+    cfg, al, method = ctx.config, ctx.config.align, get_method(ctx.config.method)
+    summary = json.loads(ctx.run.summary.read_text())
     layers = target_layers(cfg, summary["num_layers"])
     missing = sorted(set(layers) - set(summary["layers"]))
     if missing:
         raise ValueError(f"align.target_layers {missing} were not collected (phase 2 kept {summary['layers']}); "
                          "add them to collect.layers and run collect again")
     keep = [summary["layers"].index(layer) for layer in layers]
-    diffs = {i: d[keep] for i, d in load_diffs(ctx.out).items()}
-    base = ctx.load_base()
-    examples = align_examples(ctx, base.tokenizer, diffs)
+    diffs = {i: d[keep] for i, d in load_diffs(ctx.run).items()}
+    base = phase1_merged(ctx, method)
+    examples = align_examples(ctx, base.tokenizer, method, summary)
     pad = base.tokenizer.pad_token_id
     torch.manual_seed(cfg.seed)
-    model = get_peft_model(base.model, lora_config(al.lora, list(range(max(layers)))))
+    phase3_layers = list(range(max(layers)))
+    model = get_peft_model(base.model, lora_config(al.lora, phase3_layers))
     only_trainable(model, "default")
 
     def counts(items: list[int]) -> dict[str, float]:
@@ -98,29 +100,60 @@ def run_align(ctx: Context) -> list[float]:
                         warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
                         max_grad_norm=cfg.max_grad_norm, seed=cfg.seed)
     losses = fit(ctx.acc, model, name="align", n_items=len(examples), counts=counts, sums=sums,
-                 schedule=schedule, ckpt_dir=ctx.out / CKPT, checkpoint_every=al.checkpoint_every, log=ctx.log)
+                 schedule=schedule, ckpt_dir=ctx.run.checkpoints("align"), checkpoint_every=al.checkpoint_every,
+                 log=ctx.log)
     if ctx.acc.is_main_process:
         adapter_config, state = peft_payload(model)
+        if method.shipped_adapter is not None:
+            del model
+            base = ctx.load_base()  # plain weights again: the phase-1 part ships as LoRA, not merged
+            adapter_config, state = compose(base.model, ctx.run.adapter(method.shipped_adapter), adapter_config, state)
         adapter_config["base_model_name_or_path"] = base.hub_id
-        write_run_bundle(ctx, base, adapter_config, state, {**summary, "layers": layers}, losses)
+        write_run_bundle(ctx, base, adapter_config, state, {**summary, "layers": layers}, losses, phase3_layers)
     ctx.acc.wait_for_everyone()
     return losses
 
 
-def write_run_bundle(ctx: Context, base, adapter_config: dict, state: dict, summary: dict,
-                     losses: list[float], metrics: dict | None = None) -> Path:
-    cfg = ctx.config
-    lora = cfg.align.lora
-    steps = {"phase1": {"scit": cfg.phase1.steps, "dual": cfg.phase1.dual_steps, "lorra": 0}[cfg.method],
-             "align": cfg.align.steps}
+def compose(base_model: torch.nn.Module, phase1_dir: Path, phase3_config: dict, phase3_state: dict
+            ) -> tuple[dict, dict]:
+    """One LoRA over the plain base equal to phase-1 adapter + phase-3 LoRA: ranks concatenated,
+    each part's own scaling folded into its A rows, zero rows where a part does not reach a module
+    (the serving runtime's exact blend, `rahf_serve.blend`)."""
+    from peft import LoraConfig
+
+    model = PeftModel.from_pretrained(base_model, str(phase1_dir), adapter_name=PHASE1_PART)
+    fields = {k: v for k, v in phase3_config.items() if k in LoraConfig.__dataclass_fields__}
+    model.add_adapter(PHASE3_PART, LoraConfig(**fields))
+    missing = set_peft_model_state_dict(model, phase3_state, adapter_name=PHASE3_PART)
+    if getattr(missing, "unexpected_keys", None):
+        raise RuntimeError(f"phase-3 weights did not fit: {missing.unexpected_keys[:3]}")
+    build_blend(model, blend_key([(PHASE1_PART, 1.0), (PHASE3_PART, 1.0)]), SHIPPED)
+    return peft_payload(model, SHIPPED)
+
+
+def _lora_record(lora: LoraSettings, layers: list[int] | None) -> dict[str, Any]:
+    return {"r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+            "target_modules": list(lora.target_modules), "layers_to_transform": layers}
+
+
+def write_run_bundle(ctx: Context, base: BaseModel, adapter_config: dict, state: dict, summary: dict,
+                     losses: list[float], phase3_layers: list[int], metrics: dict | None = None) -> Path:
+    cfg, method = ctx.config, get_method(ctx.config.method)
+    parts = {"phase3": _lora_record(cfg.align.lora, phase3_layers)}
+    if method.shipped_adapter is not None:
+        parts = {"phase1": {"adapter": method.shipped_adapter, **_lora_record(cfg.phase1.lora, None)}, **parts}
+    lora = {"r": adapter_config["r"], "lora_alpha": adapter_config["lora_alpha"],
+            "lora_dropout": adapter_config.get("lora_dropout", 0.0),
+            "target_modules": sorted(adapter_config["target_modules"]),
+            "layers_to_transform": adapter_config.get("layers_to_transform"), "parts": parts}
     manifest = new_manifest(
         name=ctx.out.resolve().name, base_id=base.hub_id, base_revision=base.revision,
         base_fingerprint=base.fingerprint, method=cfg.method, layers=summary["layers"], alpha=cfg.align.alpha,
-        lora={"r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
-              "target_modules": list(lora.target_modules), "layers_to_transform": list(range(max(summary["layers"])))},
-        data=ctx.data.describe(), steps=steps, metrics=metrics, base_note=base.source_note, command=ctx.command,
-        composition=COMPOSITION[cfg.method], vector_norms=summary["norms"], max_res_len=summary["max_res_len"],
+        lora=lora, data=ctx.data.describe(), steps={"phase1": method.phase1_steps(cfg, len(ctx.data.pairs)),
+                                                    "align": cfg.align.steps},
+        metrics=metrics, base_note=base.source_note, command=ctx.command, composition=method.composition,
+        vector_norms=summary["norms"], max_res_len=summary["max_res_len"], stimuli=len(summary["stimuli"]),
         final_align_loss=losses[-1] if losses else None, seed=cfg.seed,
     )
-    return write_bundle(ctx.out / PHASE, adapter_config=adapter_config, lora_state=state,
-                        vectors=load_vectors(ctx.out), manifest=manifest)
+    return write_bundle(ctx.run.bundle, adapter_config=adapter_config, lora_state=state,
+                        vectors=load_vectors(ctx.run), manifest=manifest)

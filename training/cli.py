@@ -3,6 +3,8 @@
     rahf-train run --base smollm2-135m-instruct --data pairs.json --rows 0:240 --method scit \\
         --config smollm2-scit --out runs/scit
     rahf-train run --out runs/scit --resume            # continue a killed run
+    rahf-train run --data pairs.json --rows 0:240 --config smollm2-scit --out runs/a10 \\
+        --align.alpha 10 --align.target_layers 9,11,13 --phase1.val_rows 200:240   # any config field
     rahf-train phase1|collect|align --out runs/scit    # one phase of an existing (or new) run
     rahf-train eval --adapter runs/scit/bundle --data pairs.json --rows 240:300
     rahf-train export runs/scit/bundle --merged merged/ | --gguf-control-vector cv.gguf
@@ -11,6 +13,11 @@
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m training.cli run ...  # CPU, gloo
 (`accelerate launch --cpu --num_processes 2` starts ONE process: accelerate's CPU launcher needs mpirun.)
 
+`run`, `phase1`, `collect` and `align` take any config field as `--SECTION.FIELD VALUE` (or
+`--SECTION.FIELD=VALUE`; top-level fields as `--FIELD`), parsed by the field's type: lists
+comma-separated, `none` for an optional field, booleans true/false. They override --config and
+are saved in the run's config.yaml. `--base` of a new `run` defaults to smollm2-135m-instruct.
+
 To add a subcommand: write `add_NAME(sub)` that builds its parser and sets `func`, and list it in
 SUBCOMMANDS.
 """
@@ -18,18 +25,29 @@ SUBCOMMANDS.
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 from pathlib import Path
 
 from rahf_serve.errors import RahfError
 
+from .config import TrainConfig, apply_overrides, setting_keys, split_overrides
 from .data import DataError
+
+DEFAULT_BASE = "smollm2-135m-instruct"
+FORCE_HELP = ("collect difference vectors even if phase 1 did not separate preferred from dispreferred "
+              "on its validation rows")
+SETTINGS_HELP = ("Any config field can also be set as --SECTION.FIELD VALUE, e.g. --align.alpha 10 "
+                 "--align.target_layers 9,11,13 --phase1.val_rows none (lists comma-separated, none for "
+                 "an optional field); these override --config and are saved in the run's config.yaml.")
+_SETTING = re.compile(r"--[A-Za-z_]\w*(\.[A-Za-z_]\w*)+(=.*)?", re.DOTALL)  # --section.field[=value]
 
 
 def _run_args(p: argparse.ArgumentParser, *, new_run: bool) -> None:
     p.add_argument("--out", type=Path, required=True, help="run directory")
-    p.add_argument("--base", help="base model: the alias smollm2-135m-instruct, a Hub id or a directory")
+    p.add_argument("--base", help="base model: the alias smollm2-135m-instruct, a Hub id or a directory"
+                   + (f" (default for a new run: {DEFAULT_BASE})" if new_run else ""))
     p.add_argument("--data", help="preference data: a .json/.jsonl file or a Hub data set name")
     p.add_argument("--rows", help="row range START:STOP of the data, e.g. 0:240 (default: all)")
     p.add_argument("--split", help="data set split for Hub data sets (default: train)")
@@ -41,24 +59,30 @@ def _run_args(p: argparse.ArgumentParser, *, new_run: bool) -> None:
         p.add_argument("--resume", action="store_true",
                        help="continue the run in --out: finished phases are skipped, phase 3 resumes "
                             "from its last checkpoint")
+    p.epilog = SETTINGS_HELP
+    p.set_defaults(overrides=[])  # marks a subcommand that takes --SECTION.FIELD settings
 
 
 def _open(args: argparse.Namespace, resume: bool = False):
     from .pipeline import open_run
+    from .rundir import RunDir
 
-    return open_run(args.out, base=args.base, data=args.data, rows=args.rows, split=args.split,
+    base = args.base
+    if base is None and args.command == "run" and not RunDir(args.out).run_file.is_file():
+        base = DEFAULT_BASE  # a new run; an existing one keeps its saved base
+    return open_run(args.out, base=base, data=args.data, rows=args.rows, split=args.split,
                     method=args.method, config=args.config, seed=args.seed, resume=resume,
-                    command=shlex.join(["rahf-train", *args.argv]))
+                    command=shlex.join(["rahf-train", *args.argv]), overrides=args.overrides,
+                    force=getattr(args, "force", False))
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from .align import PHASE as BUNDLE
     from .pipeline import run_all
 
     ctx = _open(args, args.resume)
     run_all(ctx, args.resume)
     if args.push_to_hub and ctx.acc.is_main_process:
-        _push_run(ctx.out / BUNDLE, args.push_to_hub)
+        _push_run(ctx.run.bundle, args.push_to_hub)
     ctx.acc.end_training()  # tear the process group down: gloo aborts at exit otherwise
 
 
@@ -92,31 +116,43 @@ def cmd_phase(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from rahf_serve.models import load_base
+    from rahf_serve.sources import split_adapter_arg
 
     from .config import TrainConfig, load_config
     from .data import load_preferences
-    from .evaluate import evaluate, record_metrics, report, write_eval
+    from .evaluate import PromptSet, evaluate, record_metrics, report, write_eval
     from .plots import plot_accuracy
 
-    if args.record and not Path(args.adapter).is_dir():
-        raise ValueError(f"--record rewrites a local bundle folder; {args.adapter} is not one")
+    adapters = dict(split_adapter_arg(a) for a in args.adapter)
+    if len(adapters) != len(args.adapter):
+        raise ValueError("two --adapter flags share a name; name them NAME=SOURCE")
+    if args.record:
+        not_local = [s for s in adapters.values() if not Path(s).is_dir()]
+        if not_local:
+            raise ValueError(f"--record rewrites local bundle folders; {not_local[0]} is not one")
     config = load_config(args.config) if args.config else TrainConfig()
     data = load_preferences(args.data, args.rows, args.split)
     print(data.summary(), flush=True)
-    result = evaluate(load_base(args.base), args.adapter, data, config)
+    transfer = load_preferences(args.transfer_data, args.transfer_rows) if args.transfer_data else None
+    prompts = [PromptSet("harmful", data, args.behaviour)] if args.behaviour else []
+    if args.benign_data:
+        prompts.append(PromptSet("benign", load_preferences(args.benign_data, args.benign_rows), args.benign))
+    result = evaluate(load_base(args.base), adapters, data, config, transfer=transfer, prompts=prompts)
     text = report(result)
     if args.out:
         write_eval(args.out, result)
         plot_accuracy(result, args.out / "accuracy.png")
     if args.record:
-        record_metrics(Path(args.adapter), result)
-        print(f"scores recorded in {Path(args.adapter) / 'rahf.json'}", flush=True)
+        for name, source in adapters.items():
+            record_metrics(Path(source), result, name)
+            print(f"scores recorded in {Path(source) / 'rahf.json'}", flush=True)
     print(text, flush=True)
 
 
 def add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="all three phases (and eval when the config names held-out rows)")
     _run_args(p, new_run=True)
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.add_argument("--push-to-hub", metavar="ORG/NAME[@BRANCH]",
                    help="after training (and eval), upload the bundle to this Hub repo in one commit")
     p.set_defaults(func=cmd_run)
@@ -129,20 +165,34 @@ def add_phases(sub: argparse._SubParsersAction) -> None:
     for phase, text in helps.items():
         p = sub.add_parser(phase, help=text)
         _run_args(p, new_run=False)
+        if phase == "collect":
+            p.add_argument("--force", action="store_true", help=FORCE_HELP)
         p.set_defaults(func=cmd_phase, phase=phase)
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="preference accuracy and margin of base vs aligned, markdown report")
-    p.add_argument("--adapter", required=True, help="bundle: a local folder or a Hub repo org/name[@rev]")
+    p = sub.add_parser("eval", help="base vs adapters: preference accuracy with paired tests, behaviour, report",
+                       description="Scores the base once and every --adapter on the same rows: preference "
+                                   "accuracy and margin with 95%% intervals, paired bootstrap and exact McNemar "
+                                   "tests against the base; with --behaviour/--benign-data, greedy answers and "
+                                   "the share that declines by a fixed phrase rule.")
+    p.add_argument("--adapter", action="append", required=True, metavar="[NAME=]SOURCE",
+                   help="bundle: a local folder or a Hub repo org/name[@rev]; repeat to compare several")
     p.add_argument("--data", required=True, help="preference data: a .json/.jsonl file or a Hub data set name")
     p.add_argument("--rows", help="row range START:STOP, e.g. 240:300 (default: all)")
     p.add_argument("--split", help="data set split for Hub data sets (default: train)")
-    p.add_argument("--base", default="smollm2-135m-instruct", help="base model the adapter was trained on")
-    p.add_argument("--config", help="config whose data/eval settings to use (sequence lengths, generations)")
-    p.add_argument("--out", type=Path, help="folder for eval.json and report.md")
+    p.add_argument("--transfer-data", help="a second preference set scored the same way (e.g. another domain)")
+    p.add_argument("--transfer-rows", help="row range of --transfer-data")
+    p.add_argument("--behaviour", type=int, default=0, metavar="N",
+                   help="greedy answers to the first N prompts of --data; report how many decline")
+    p.add_argument("--benign-data", help="preference data whose prompts are benign (over-refusal check)")
+    p.add_argument("--benign-rows", help="row range of --benign-data")
+    p.add_argument("--benign", type=int, default=50, metavar="N", help="benign prompts answered (default 50)")
+    p.add_argument("--base", default="smollm2-135m-instruct", help="base model the adapters were trained on")
+    p.add_argument("--config", help="config whose eval settings to use (token cuts, generation length)")
+    p.add_argument("--out", type=Path, help="folder for eval.json, report.md and accuracy.png")
     p.add_argument("--record", action="store_true",
-                   help="also write the scores into the bundle's rahf.json metrics (local bundle folder only)")
+                   help="also write each adapter's scores into its bundle's rahf.json (local folders only)")
     p.set_defaults(func=cmd_eval)
 
 
@@ -196,10 +246,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The parsed command line, without running it; run subcommands get `overrides`, the
+    --SECTION.FIELD settings checked against the config's field types (argparse errors otherwise)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        args.overrides = _settings(parser, args, extra)
     args.argv = argv  # recorded in the bundle manifest as the command that made it
+    return args
+
+
+def _settings(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """The leftover tokens as `--key=value` settings; anything else is argparse's usual error."""
+    if "overrides" not in vars(args):  # not a run subcommand
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    top = {f"--{key}" for key in setting_keys() if "." not in key}  # warmup_ratio, weight_decay, ...
+    stray, i = [], 0
+    while i < len(extra):
+        token = extra[i]
+        if not (_SETTING.fullmatch(token) or token.partition("=")[0] in top):
+            stray.append(token)
+            i += 1
+            continue
+        valued = "=" not in token and i + 1 < len(extra) and not extra[i + 1].startswith("--")
+        i += 2 if valued else 1
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    try:
+        apply_overrides(TrainConfig(), extra)  # bad values and unknown keys fail before anything loads
+    except ValueError as err:
+        parser.error(str(err))
+    return [f"--{key}={value}" for key, value in split_overrides(extra)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         args.func(args)
     except (RahfError, DataError, ValueError) as err:

@@ -1,12 +1,12 @@
-"""Phase 2: activity patterns. Stimulus pairs through the phase-1 model(s), hidden-state differences.
+"""Phase 2: activity patterns. Stimuli through the phase-1 model(s), hidden-state differences.
 
-SCIT: v_l = H_l(p+ q r) - H_l(p- q r) through the SCIT model; Dual: v_l = H_l^good(q r) - H_l^bad(q r);
-LoRRA (no phase 1): v_l = H_l(p+ q r) - H_l(p- q r) through the plain base.
-r is the chosen response, the same tokens on both sides; only its first `max_res_len` tokens count.
-l indexes `output_hidden_states` (1..num_layers, the output of block l-1; for l = num_layers the
-residual stream before the final norm, unlike transformers' last entry). Per-token differences at
-the collected layers (the target layers and collect.layers) feed phase 3; per-layer means over
-every response token (all layers) and their norms ship in the bundle as steering vectors.
+The method decides the stimuli and the two sides (training.methods): SCIT and LoRRA read one
+model (the SCIT model, or the plain base) under p+ and p-, Dual reads "good" and "bad" on the same
+input. l indexes `output_hidden_states` (1..num_layers, the output of block l-1; for
+l = num_layers the residual stream before the final norm, unlike transformers' last entry).
+Per-token differences at the collected layers (the target layers and collect.layers) feed phase
+3; per-layer means over every response token (all layers) and their norms ship in the bundle as
+steering vectors. Before any of that, phase 1 must have separated on its validation rows.
 """
 
 from __future__ import annotations
@@ -15,20 +15,19 @@ import json
 from pathlib import Path
 
 import torch
-from peft import PeftModel
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+
+from rahf_serve.vectors import load_vectors as read_vectors
+from rahf_serve.vectors import save_vectors
 
 from .config import collected_layers
 from .context import Context
-from .encode import Encoded, encode
-from .forward import block_outputs
-from .phase1 import adapter_dir, adapter_names
+from .encode import Encoded
+from .methods import get_method
+from .phase1 import check_separated
+from .rundir import RunDir
 
 PHASE = "collect"
-DIFFS = "diffs.safetensors"
-VECTORS = "vectors.safetensors"
-SUMMARY = "summary.json"
 
 
 def response_states(states: dict[int, torch.Tensor], row: int, example: Encoded) -> torch.Tensor:
@@ -37,86 +36,70 @@ def response_states(states: dict[int, torch.Tensor], row: int, example: Encoded)
     return torch.stack([states[layer][row, span] for layer in sorted(states)]).float().cpu()
 
 
-def stimuli(ctx: Context, tokenizer) -> list[tuple[Encoded, Encoded]]:
-    """The two sides of every stimulus pair: same response tokens, differing only in instruction."""
-    cfg = ctx.config
-    d, max_res = cfg.data, min(cfg.data.max_response_tokens, cfg.max_res_len())
-    p1 = cfg.phase1
-    out = []
-    for p in ctx.data.pairs:
-        def side(instruction: str | None, p=p) -> Encoded:
-            return encode(tokenizer, p.chat(), p.chosen, max_prompt=d.max_prompt_tokens, max_response=max_res,
-                          instruction=instruction)
-        out.append((side(None), side(None)) if cfg.method == "dual"
-                   else (side(p1.good_instruction), side(p1.bad_instruction)))
-    return out
-
-
 def run_collect(ctx: Context) -> dict:
     """Compute on the main process (forward passes only), then every process continues."""
+    p1 = ctx.config.phase1
+    if getattr(ctx, "force", False):
+        try:
+            check_separated(ctx.run, p1.min_separation)
+        except ValueError as err:
+            ctx.log({"phase": PHASE, "warning": f"--force: {err}"})
+    else:
+        check_separated(ctx.run, p1.min_separation)
     summary: dict = {}
     if ctx.acc.is_main_process:
         summary = _collect(ctx)
     ctx.acc.wait_for_everyone()
-    return summary or json.loads((ctx.out / PHASE / SUMMARY).read_text())
+    return summary or json.loads(ctx.run.summary.read_text())
 
 
 @torch.no_grad()
 def _collect(ctx: Context) -> dict:
-    cfg = ctx.config
+    cfg, method = ctx.config, get_method(ctx.config.method)
     base = ctx.load_base()
     num_layers = base.model.config.num_hidden_layers
     layers = collected_layers(cfg, num_layers)
     every = list(range(1, num_layers + 1))
-    names = adapter_names(cfg.method)
-    model = base.model
-    if names:  # LoRRA has no phase-1 adapter: the plain base
-        model = PeftModel.from_pretrained(base.model, str(adapter_dir(ctx, names[0])), adapter_name=names[0])
-        for name in names[1:]:
-            model.load_adapter(str(adapter_dir(ctx, name)), adapter_name=name)
+    model = method.phase1_model(base.model, ctx.run)
     model.eval()
-    pairs = stimuli(ctx, base.tokenizer)
+    stimuli = method.stimuli(ctx, base.tokenizer)
     pad = base.tokenizer.pad_token_id
     per_token: dict[str, torch.Tensor] = {}
     total = torch.zeros(num_layers, base.model.config.hidden_size, dtype=torch.float64)
     tokens = 0
     step = max(1, cfg.collect.batch_size // 2)
-    for start in tqdm(range(0, len(pairs), step), desc="collect", disable=not ctx.acc.is_main_process):
-        chunk = pairs[start:start + step]
-        pos, neg = [a for a, _ in chunk], [b for _, b in chunk]
-        if cfg.method != "dual":
-            h_pos, h_neg = block_outputs(model, pos, pad, every), block_outputs(model, neg, pad, every)
-        else:
-            model.set_adapter("good")
-            h_pos = block_outputs(model, pos, pad, every)
-            model.set_adapter("bad")
-            h_neg = block_outputs(model, neg, pad, every)
-        for row, (a, b) in enumerate(chunk):
-            diff = response_states(h_pos, row, a) - response_states(h_neg, row, b)  # [N, T, H]
+    for start in tqdm(range(0, len(stimuli), step), desc="collect", disable=not ctx.acc.is_main_process):
+        chunk = stimuli[start:start + step]
+        h_pos, h_neg = method.states(model, [s.pos for s in chunk], [s.neg for s in chunk], pad, every)
+        for row, s in enumerate(chunk):
+            diff = response_states(h_pos, row, s.pos) - response_states(h_neg, row, s.neg)  # [N, T, H]
             per_token[f"ex.{start + row}"] = diff[[layer - 1 for layer in layers]].contiguous()
             total += diff.sum(dim=1, dtype=torch.float64)
             tokens += diff.shape[1]
     means = (total / max(tokens, 1)).float()
     norms = {i: float(means[i - 1].norm()) for i in range(1, num_layers + 1)}
-    summary = {"layers": layers, "num_layers": num_layers, "max_res_len": cfg.max_res_len(), "tokens": tokens,
-               "examples": len(pairs), "norms": norms}
+    max_res = min(cfg.data.max_response_tokens, cfg.collect.max_res_len or method.max_res_len)
+    summary = {"layers": layers, "num_layers": num_layers, "max_res_len": max_res, "tokens": tokens,
+               "examples": len(stimuli), "stimuli": [[s.pair, s.side] for s in stimuli], "norms": norms}
 
     def write(tmp: Path) -> None:
-        save_file(per_token, tmp / DIFFS, metadata={"layers": ",".join(map(str, layers))})
-        save_file({f"layers.{i}.mean_diff": means[i - 1].contiguous() for i in range(1, num_layers + 1)},
-                  tmp / VECTORS)
-        (tmp / SUMMARY).write_text(json.dumps(summary, indent=2))
+        from safetensors.torch import save_file
+
+        save_file(per_token, tmp / ctx.run.diffs.name, metadata={"layers": ",".join(map(str, layers))})
+        save_vectors(tmp / ctx.run.vectors.name, {i: means[i - 1] for i in range(1, num_layers + 1)})
+        (tmp / ctx.run.summary.name).write_text(json.dumps(summary, indent=2))
 
     ctx.commit(PHASE, write, barrier=False)
     ctx.log({"phase": PHASE, "tokens": tokens, "norms": norms})
     return summary
 
 
-def load_vectors(run_dir: Path) -> dict[int, torch.Tensor]:
-    tensors = load_file(run_dir / PHASE / VECTORS)
-    return {int(k.split(".")[1]): v for k, v in tensors.items()}
+def load_vectors(run: RunDir) -> dict[int, torch.Tensor]:
+    return read_vectors(run.vectors)
 
 
-def load_diffs(run_dir: Path) -> dict[int, torch.Tensor]:
-    """pair index -> [len(target layers), tokens, hidden]"""
-    return {int(k.split(".")[1]): v for k, v in load_file(run_dir / PHASE / DIFFS).items()}
+def load_diffs(run: RunDir) -> dict[int, torch.Tensor]:
+    """stimulus index -> [len(collected layers), tokens, hidden]"""
+    from safetensors.torch import load_file
+
+    return {int(k.split(".")[1]): v for k, v in load_file(run.diffs).items()}

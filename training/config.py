@@ -1,17 +1,24 @@
 """Training configuration: grouped dataclasses with the paper's values as defaults.
 
 A YAML file with the same nesting loads into the same dataclasses (`load_config`); unknown keys
-are errors that name the offending key, so a typo never silently falls back to a default.
+and values of the wrong type are errors that name the dotted key, so a typo never silently falls
+back to a default. `apply_overrides` sets any field from command-line tokens such as
+`--align.alpha 10 --align.target_layers 9,11,13 --phase1.val_rows none`.
 Paper values (arXiv 2312.15997, Llama-2-7B, 32 layers) are scaled to the base's depth where
 they name layers (`target_layers`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
+import functools
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin
 
 import yaml
 
@@ -41,16 +48,23 @@ class DataSettings:
 
 @dataclass
 class Phase1Config:
-    steps: int = 450
-    """Optimizer steps (reference code: SCIT 450; Dual uses `dual_steps`)."""
-    dual_steps: int = 2500
-    """Optimizer steps per adapter for DualLLMs (reference code: 2500)."""
-    lr: float = 3e-4
-    """Peak learning rate for SCIT (reference code: 3e-4)."""
-    dual_lr: float = 9e-6
-    """Peak learning rate for DualLLMs (reference code: 9e-6)."""
-    batch_size: int = 8
-    """Preference pairs per optimizer step, over all processes (SCIT turns each into 4 sequences)."""
+    epochs: float = 2.0
+    """Passes over the training pairs for SCIT when `steps` is None (reference code: 2 epochs)."""
+    dual_epochs: float = 3.0
+    """Passes over the training pairs per adapter for DualLLMs when `dual_steps` is None
+    (reference code: 3 epochs)."""
+    steps: int | None = None
+    """Optimizer steps of SCIT; None = `epochs` x pairs / batch_size."""
+    dual_steps: int | None = None
+    """Optimizer steps per DualLLMs adapter; None = `dual_epochs` x pairs / batch_size."""
+    lr: float = 2e-4
+    """Peak learning rate for SCIT. The reference code fine-tunes every weight at 2e-5; a LoRA
+    phase 1 needs about ten times that (the usual LoRA practice)."""
+    dual_lr: float = 2e-4
+    """Peak learning rate for DualLLMs (reference code: 2e-5 with full fine-tuning, as for SCIT)."""
+    batch_size: int = 64
+    """Preference pairs per optimizer step, over all processes (reference code: SCIT 64, Dual 128);
+    SCIT turns each into 4 sequences."""
     micro_batch_size: int = 2
     """Pairs per forward pass on one process; gradients accumulate over the rest of the batch."""
     label_smoothing: float = 0.2
@@ -67,6 +81,19 @@ class Phase1Config:
     """SCIT's dispreferred instruction p-, placed as the system prompt."""
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     """LoRA of the phase-1 model(s); on every block."""
+    val_rows: str | None = None
+    """Rows of the run's data (outside --rows) scored every `val_every` steps: SCIT's contrast and
+    chosen-over-rejected accuracy under p+, Dual's good-vs-bad margin. None = no validation."""
+    val_every: int = 25
+    """Steps between two validation passes (also run before the first step and after the last)."""
+    min_separation: float = 0.01
+    """Phase 2 refuses a phase 1 whose validation separation (SCIT contrast, Dual good-vs-bad
+    margin, nats per token) rose by less than this over training, unless forced."""
+
+    def steps_for(self, method: str, n_pairs: int) -> int:
+        """Optimizer steps per phase-1 model: the explicit count, else epochs over `n_pairs`."""
+        steps, epochs = (self.dual_steps, self.dual_epochs) if method == "dual" else (self.steps, self.epochs)
+        return steps if steps is not None else max(1, round(epochs * n_pairs / self.batch_size))
 
 
 @dataclass
@@ -75,6 +102,10 @@ class CollectConfig:
     """Response tokens whose differences are kept; None = 64 for Dual, 512 for SCIT (paper)."""
     batch_size: int = 8
     """Sequences per forward pass."""
+    pairs: int | None = None
+    """Pairs (the first N of the run's rows) whose stimuli phase 2 collects and phase 3 trains on;
+    None = all. Phase 3 sees align.steps x align.batch_size examples, so on a CPU collecting
+    far more than that only costs time."""
     layers: list[int] | None = None
     """Extra `hidden_states` indices whose per-token differences phase 2 stores besides
     align.target_layers, so phase 3 can be re-run (or swept) on other layers without collecting
@@ -105,12 +136,17 @@ class AlignConfig:
 class EvalConfig:
     rows: str | None = None
     """Held-out row range evaluated at the end of `run` (e.g. "240:300"); None = no evaluation."""
+    max_prompt_tokens: int = 256
+    """Prompt tokens kept when scoring a pair (cut from the left, so the last user turn survives)."""
+    max_response_tokens: int = 256
+    """Answer tokens scored per side: the preference label is about the whole answer, and 256
+    tokens hold the whole answer for 99% of HH-RLHF pairs (median 27-36 tokens)."""
     generations: int = 3
     """Prompts whose greedy generations go side by side into the report."""
     max_new_tokens: int = 64
-    """Tokens generated per prompt in the report."""
+    """Tokens generated per prompt (report, behaviour and health)."""
     batch_size: int = 8
-    """Sequences per scoring forward pass."""
+    """Prompts per generation batch."""
 
 
 @dataclass
@@ -135,11 +171,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-
-    def max_res_len(self) -> int:
-        if self.collect.max_res_len is not None:
-            return self.collect.max_res_len
-        return 64 if self.method == "dual" else 512
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -171,21 +202,195 @@ def _layers(layers: list[int], key: str, num_layers: int) -> list[int]:
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    """`values` as a `cls`; every key must be a field and every leaf must have the field's type."""
     if not isinstance(values, dict):
-        raise ValueError(f"config {where or 'root'}: expected a mapping, got {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+        raise ValueError(f"config {where.rstrip('.') or 'root'}: expected a mapping, got {type(values).__name__}")
+    hints = _hints(cls)
+    unknown = sorted(set(values) - set(hints))
     if unknown:
-        raise ValueError(f"unknown config key {where}{unknown[0]}; known: {', '.join(sorted(fields))}")
+        key = f"{where}{unknown[0]}"
+        raise ValueError(f"unknown config key {key}{_suggest(key)}; known in {where.rstrip('.') or 'root'}: "
+                         f"{', '.join(sorted(hints))}")
     kwargs = {}
     for name, value in values.items():
-        ftype = fields[name].type
-        sub = _NESTED.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
-        kwargs[name] = _build(sub, value, f"{where}{name}.") if sub else value
+        ftype, key = hints[name], f"{where}{name}"
+        if dataclasses.is_dataclass(ftype):
+            kwargs[name] = _build(ftype, value, f"{key}.")
+            continue
+        try:
+            kwargs[name] = _typed(value, ftype)
+        except TypeError:
+            hint = ""
+            if isinstance(value, str) and _accepts(ftype, float) and _is_number(value):
+                hint = f"; YAML reads {value} as a string: write it with a dot, e.g. 3.0e-4"
+            raise ValueError(f"config key {key}: expected {_type_name(ftype)}, got {value!r} "
+                             f"({type(value).__name__}){hint}") from None
     return cls(**kwargs)
 
 
-_NESTED = {c.__name__: c for c in (LoraSettings, DataSettings, Phase1Config, CollectConfig, AlignConfig, EvalConfig)}
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """Field name -> resolved type (the annotations are strings under `from __future__ import annotations`)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _typed(value: Any, ftype: Any) -> Any:
+    """`value` if it fits `ftype` (an int widened to float for a float field), else TypeError."""
+    if _is_union(ftype):
+        if value is None and type(None) in get_args(ftype):
+            return None
+        for option in get_args(ftype):
+            if option is not type(None):
+                with contextlib.suppress(TypeError):
+                    return _typed(value, option)
+        raise TypeError(value)
+    if get_origin(ftype) is list:
+        if not isinstance(value, list):
+            raise TypeError(value)
+        (item,) = get_args(ftype)
+        return [_typed(v, item) for v in value]
+    if ftype is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) and ftype is not bool:
+        raise TypeError(value)
+    if isinstance(ftype, type) and isinstance(value, ftype):
+        return value
+    raise TypeError(value)
+
+
+def _parsed(text: str, ftype: Any) -> Any:
+    """A command-line value as `ftype`: none/null for None, comma-separated lists; else TypeError."""
+    if _is_union(ftype):
+        if text.lower() in ("none", "null") and type(None) in get_args(ftype):
+            return None
+        for option in get_args(ftype):
+            if option is not type(None):
+                with contextlib.suppress(TypeError):
+                    return _parsed(text, option)
+        raise TypeError(text)
+    if get_origin(ftype) is list:
+        (item,) = get_args(ftype)
+        inner = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+        return [_parsed(part.strip(), item) for part in inner.split(",")] if inner.strip() else []
+    if ftype is bool:
+        if text.lower() in _BOOLS:
+            return _BOOLS[text.lower()]
+        raise TypeError(text)
+    if ftype in (int, float):
+        try:
+            return ftype(text)
+        except ValueError:
+            raise TypeError(text) from None
+    if ftype is str:
+        return text
+    raise TypeError(text)
+
+
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _is_union(ftype: Any) -> bool:
+    return get_origin(ftype) in (typing.Union, types.UnionType)
+
+
+def _accepts(ftype: Any, kind: type) -> bool:
+    return ftype is kind or (_is_union(ftype) and kind in get_args(ftype))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _type_name(ftype: Any) -> str:
+    if ftype is type(None):
+        return "None"
+    if isinstance(ftype, type) and not get_args(ftype):
+        return ftype.__name__
+    if _is_union(ftype):
+        return " | ".join(_type_name(option) for option in get_args(ftype))
+    return str(ftype)
+
+
+def setting_keys(cls: type | None = None, where: str = "") -> list[str]:
+    """Every leaf field of `cls` (default TrainConfig) as a dotted key, e.g. align.lora.r."""
+    keys = []
+    for name, ftype in _hints(cls or TrainConfig).items():
+        if dataclasses.is_dataclass(ftype):
+            keys += setting_keys(ftype, f"{where}{name}.")
+        else:
+            keys.append(f"{where}{name}")
+    return keys
+
+
+def _suggest(key: str, prefix: str = "") -> str:
+    close = difflib.get_close_matches(key, setting_keys(), n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def split_overrides(tokens: list[str]) -> list[tuple[str, str | None]]:
+    """`--a.b VALUE` / `--a.b=VALUE` tokens as (key, value) pairs; value None when it is missing.
+
+    A value that itself starts with `--` must use the `=` form.
+    """
+    pairs: list[tuple[str, str | None]] = []
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--") or len(token) == 2:
+            raise ValueError(f"expected a setting --SECTION.FIELD, got {token!r}")
+        key, eq, value = token[2:].partition("=")
+        if eq:
+            pairs.append((key, value))
+            i += 1
+        elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+            pairs.append((key, tokens[i + 1]))
+            i += 2
+        else:
+            pairs.append((key, None))
+            i += 1
+    return pairs
+
+
+def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """A copy of `config` with command-line settings applied: `--align.alpha 10`, `--eval.rows=240:300`.
+
+    Values parse by the field's type: int, float, str, bool (true/false/1/0/yes/no), `none`/`null`
+    for an optional field, comma-separated lists (`--align.target_layers 9,11,13`). A bad value or an
+    unknown key raises ValueError naming the flag.
+    """
+    values = config.to_dict()
+    for key, text in split_overrides(overrides):
+        flag = f"--{key}"
+        if key not in setting_keys():
+            raise ValueError(f"unknown setting {flag}{_suggest(key, '--')}")
+        *path, name = key.split(".")
+        section, cls = values, TrainConfig
+        for part in path:
+            section, cls = section[part], _hints(cls)[part]
+        ftype = _hints(cls)[name]
+        if text is None:
+            raise ValueError(f"{flag}: expected a value ({_type_name(ftype)})")
+        try:
+            section[name] = _parsed(text, ftype)
+        except TypeError:
+            raise ValueError(f"{flag}: expected {_override_type(ftype)}, got {text!r}") from None
+    return config_from_dict(values)
+
+
+def _override_type(ftype: Any) -> str:
+    notes = []
+    if get_origin(ftype) is list or (_is_union(ftype) and any(get_origin(a) is list for a in get_args(ftype))):
+        notes.append("comma-separated")
+    if _accepts(ftype, bool):
+        notes.append("true/false/1/0/yes/no")
+    if _accepts(ftype, type(None)):
+        notes.append("none for None")
+    return _type_name(ftype) + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +16,7 @@ from rahf_serve.models import BaseModel, load_base
 
 from .config import LoraSettings, TrainConfig
 from .data import PreferenceData
+from .rundir import RunDir
 
 
 @dataclass
@@ -29,6 +27,11 @@ class Context:
     data: PreferenceData
     out: Path
     command: str | None = None
+    force: bool = False
+
+    @property
+    def run(self) -> RunDir:
+        return RunDir(self.out)
 
     def load_base(self) -> BaseModel:
         """A fresh base per phase: PEFT wraps in place, and dropping it frees the previous phase."""
@@ -36,31 +39,17 @@ class Context:
 
     def log(self, record: dict[str, Any]) -> None:
         if self.acc.is_main_process:
-            with open(self.out / "metrics.jsonl", "a") as fh:
+            with open(self.run.metrics, "a") as fh:
                 fh.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 
-    def done(self, phase: str) -> bool:
-        return (self.out / phase).is_dir()
-
     def commit(self, phase: str, write: Callable[[Path], None], barrier: bool = True) -> Path:
-        """Write a phase's output into a temp dir on the main process, then rename it into place.
-
-        `barrier=False` for code that only the main process runs (a barrier there would hang).
-        """
-        final = self.out / phase
+        """`RunDir.commit` on the main process. `barrier=False` for code that only the main process
+        runs (a barrier there would hang)."""
         if self.acc.is_main_process:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{phase}.tmp-", dir=self.out))
-            try:
-                write(tmp)
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+            self.run.commit(phase, write)
         if barrier:
             self.acc.wait_for_everyone()
-        return final
+        return self.run.output(phase)
 
 
 def lora_config(settings: LoraSettings, layers: list[int] | None = None) -> LoraConfig:

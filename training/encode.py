@@ -84,13 +84,16 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[Message], max_
     return ids[-max_tokens:]  # the template and instruction alone are longer than max_tokens
 
 
+def response_ids(tokenizer: PreTrainedTokenizerBase, response: str, max_response: int) -> list[int]:
+    reply = tokenizer(response, add_special_tokens=False)["input_ids"]
+    # The end-of-turn token is part of what the model must learn to say, unless we cut the reply.
+    return reply[:max_response] if len(reply) >= max_response else reply + [tokenizer.eos_token_id]
+
+
 def encode(tokenizer: PreTrainedTokenizerBase, messages: list[Message], response: str, *,
            max_prompt: int, max_response: int, instruction: str | None = None) -> Encoded:
     prompt = prompt_ids(tokenizer, messages, max_prompt, instruction)
-    reply = tokenizer(response, add_special_tokens=False)["input_ids"]
-    # The end-of-turn token is part of what the model must learn to say, unless we cut the reply.
-    reply = reply[:max_response] if len(reply) >= max_response else reply + [tokenizer.eos_token_id]
-    return Encoded(tuple(prompt + reply), len(prompt))
+    return Encoded(tuple(prompt + response_ids(tokenizer, response, max_response)), len(prompt))
 
 
 def collate(examples: list[Encoded], pad_id: int) -> Batch:

@@ -1,15 +1,22 @@
-"""Evaluation: preference accuracy and margin of base vs aligned, and a markdown report.
+"""Evaluation: base vs any number of adapters, on the same rows, in one process.
 
-Accuracy is the share of pairs whose chosen response has a higher per-token log-likelihood than
-the rejected one (both rendered with the base's chat template, no instruction); the margin is the
-mean of that difference. The aligned model is the bundle attached to the base through
-rahf_serve.bundle (validated like any served adapter); the base is the same weights with the
-adapter disabled.
+Preference: per pair, the margin is the chosen answer's mean log-likelihood per token minus the
+rejected one's (both under the base's chat template, no instruction, up to eval.max_response_tokens
+answer tokens); accuracy is the share of positive margins. Every adapter is compared with the base
+on the same pairs (training.stats: Wilson interval, exact McNemar test on the pairs that flip,
+paired bootstrap of the differences).
+Behaviour: greedy answers to prompts (harmful ones from the HH test set, benign ones for
+over-refusal), the share that declines by the fixed phrase rule of training.behaviour, and the
+generation health figures of training.health.
+Each adapter is a bundle attached to the base through rahf_serve.bundle (validated like a served
+adapter); the base is the same weights with adapters disabled, so it is scored once.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,68 +28,125 @@ from rahf_serve.bundle import attach, read_bundle, rewrite_manifest
 from rahf_serve.models import BaseModel
 from rahf_serve.sources import resolve_source
 
+from . import behaviour, stats
 from .config import TrainConfig
 from .data import Pair, PreferenceData
-from .encode import encode, prompt_ids
-from .forward import response_logprob
-from .health import greedy
+from .encode import prompt_ids, response_ids
+from .forward import shared_prompt_logprob
+from .health import measure
 
-ADAPTER = "aligned"
+BASE = "base"
 
 
 @dataclass
-class Scores:
-    accuracy: float
-    margin: float
+class PromptSet:
+    """Prompts for behaviour: `harmful` ones should be declined, `benign` ones answered."""
 
-    def as_dict(self) -> dict[str, float]:
-        return {"accuracy": round(self.accuracy, 4), "margin": round(self.margin, 4)}
+    kind: str
+    data: PreferenceData
+    n: int
+
+    @property
+    def pairs(self) -> list[Pair]:
+        return self.data.pairs[:self.n]
 
 
 @torch.no_grad()
-def margins(model: torch.nn.Module, tokenizer, pairs: list[Pair], config: TrainConfig, batch_size: int,
-            desc: str = "score") -> torch.Tensor:
-    """Per pair: mean log p(chosen token) - mean log p(rejected token)."""
-    d, pad = config.data, tokenizer.pad_token_id
-    out = []
-    for start in tqdm(range(0, len(pairs), max(1, batch_size // 2)), desc=desc, leave=False):
-        chunk = pairs[start:start + max(1, batch_size // 2)]
-        examples = [encode(tokenizer, p.chat(), r, max_prompt=d.max_prompt_tokens, max_response=d.max_response_tokens)
-                    for p in chunk for r in (p.chosen, p.rejected)]
-        ll, n = response_logprob(model, examples, pad)
-        per_token = (ll / n.clamp(min=1)).view(-1, 2).float().cpu()
-        out.append(per_token[:, 0] - per_token[:, 1])
-    return torch.cat(out)
+def margins(model: torch.nn.Module, tokenizer, pairs: list[Pair], config: TrainConfig,
+            desc: str | None = "score") -> torch.Tensor:
+    """Per pair: mean log p(chosen token) - mean log p(rejected token), the prompt run once per pair."""
+    e = config.eval
+    out = torch.empty(len(pairs))
+    for i, p in enumerate(tqdm(pairs, desc=desc, leave=False, disable=desc is None)):
+        prompt = prompt_ids(tokenizer, p.chat(), e.max_prompt_tokens)
+        sides = [response_ids(tokenizer, r, e.max_response_tokens) for r in (p.chosen, p.rejected)]
+        chosen, rejected = shared_prompt_logprob(model, prompt, sides).tolist()
+        out[i] = chosen - rejected
+    return out
 
 
-def scores(m: torch.Tensor) -> Scores:
-    return Scores(float((m > 0).float().mean()), float(m.mean()))
+def scores(m: torch.Tensor) -> dict[str, Any]:
+    return stats.describe(m)
 
 
-def generate(model: torch.nn.Module, tokenizer, pair: Pair, config: TrainConfig) -> str:
-    prompt = prompt_ids(tokenizer, pair.chat(), config.data.max_prompt_tokens)
-    answer = greedy(model, tokenizer, [prompt], config.eval.max_new_tokens)[0]
-    return tokenizer.decode(answer, skip_special_tokens=True).strip()
+class Models:
+    """The base with every adapter attached once; `use(name)` makes one of them (or the base) active."""
+
+    def __init__(self, base: BaseModel, adapters: dict[str, str]) -> None:
+        self.tokenizer = base.tokenizer
+        self.names = [BASE, *adapters]
+        model: Any = base.model
+        for name, source in adapters.items():
+            model = attach(model, read_bundle(resolve_source(source)), name, base.fingerprint, base.name)
+        model.eval()
+        self.model = model
+
+    def use(self, name: str) -> AbstractContextManager:
+        if name == BASE:
+            if hasattr(self.model, "disable_adapter"):
+                return self.model.disable_adapter()
+            return torch.no_grad()
+        self.model.set_adapter(name)
+        return torch.no_grad()
 
 
-def evaluate(base: BaseModel, adapter: str, data: PreferenceData, config: TrainConfig) -> dict[str, Any]:
-    """Scores for base and aligned, plus greedy generations of the first few prompts."""
-    bundle = read_bundle(resolve_source(adapter))
-    model = attach(base.model, bundle, ADAPTER, base.fingerprint, base.name)
-    model.set_adapter(ADAPTER)
-    model.eval()
-    bs = config.eval.batch_size
-    with model.disable_adapter():
-        before = scores(margins(model, base.tokenizer, data.pairs, config, bs, "score base"))
-    after = scores(margins(model, base.tokenizer, data.pairs, config, bs, "score aligned"))
+def preference(models: Models, data: PreferenceData, config: TrainConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {"data": data.describe(), "pairs": len(data.pairs), "scores": {}, "margins": {}}
+    base_m = None
+    for name in models.names:
+        with models.use(name):
+            m = margins(models.model, models.tokenizer, data.pairs, config, f"score {name}")
+        out["margins"][name] = [round(float(v), 5) for v in m]  # per pair: anyone can recompute the tests
+        if base_m is None:
+            base_m = m
+            out["scores"][name] = stats.describe(m)
+        else:
+            out["scores"][name] = stats.compare(base_m, m)
+    return out
+
+
+def behave(models: Models, prompts: PromptSet, config: TrainConfig) -> dict[str, Any]:
+    ids = [prompt_ids(models.tokenizer, p.chat(), config.eval.max_prompt_tokens) for p in prompts.pairs]
+    out: dict[str, Any] = {"kind": prompts.kind, "data": prompts.data.describe(), "prompts": len(ids), "models": {}}
+    base_flags = None
+    for name in models.names:
+        t0 = time.perf_counter()
+        with models.use(name):
+            health = measure(models.model, models.tokenizer, ids, config.eval.max_new_tokens, config.eval.batch_size)
+        flags = [behaviour.declines(a) is not None for a in health["answers"]]
+        record = {**{k: v for k, v in health.items() if k != "answers"}, "decline": behaviour.decline_rate(health["answers"]),
+                  "answers": health["answers"], "seconds": round(time.perf_counter() - t0, 1)}
+        if base_flags is None:
+            base_flags = flags
+        else:
+            record["decline_vs_base"] = stats.mcnemar_exact(base_flags, flags)
+        out["models"][name] = record
+    return out
+
+
+def evaluate(base: BaseModel, adapters: dict[str, str] | str, data: PreferenceData, config: TrainConfig, *,
+             transfer: PreferenceData | None = None, prompts: list[PromptSet] = ()) -> dict[str, Any]:
+    """Preference scores on `data` (and `transfer`), behaviour on `prompts`, for base and adapters."""
+    if isinstance(adapters, str):
+        adapters = {"aligned": adapters}
+    t0 = time.perf_counter()
+    models = Models(base, adapters)
+    result: dict[str, Any] = {"adapters": dict(adapters), "preference": preference(models, data, config)}
+    if transfer is not None:
+        result["transfer"] = preference(models, transfer, config)
+    result["behaviour"] = {p.kind: behave(models, p, config) for p in prompts}
     samples = []
+    tok = models.tokenizer
     for pair in data.pairs[:config.eval.generations]:
-        with model.disable_adapter():
-            plain = generate(model, base.tokenizer, pair, config)
-        samples.append({"prompt": pair.messages[-1][1], "base": plain,
-                        "aligned": generate(model, base.tokenizer, pair, config)})
-    return {"adapter": str(adapter), "data": data.describe(), "pairs": len(data.pairs),
-            "base": before.as_dict(), "aligned": after.as_dict(), "generations": samples}
+        ids = [prompt_ids(tok, pair.chat(), config.eval.max_prompt_tokens)]
+        sample = {"prompt": pair.messages[-1][1]}
+        for name in models.names:
+            with models.use(name):
+                sample[name] = measure(models.model, tok, ids, config.eval.max_new_tokens)["answers"][0]
+        samples.append(sample)
+    result["generations"] = samples
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return result
 
 
 def _cell(text: str, limit: int = 400) -> str:
@@ -90,15 +154,44 @@ def _cell(text: str, limit: int = 400) -> str:
     return text.replace("|", "\\|").replace("\n", "<br>")
 
 
+def _ci(pair: list[float] | tuple[float, float]) -> str:
+    return f"[{pair[0]:.3f}, {pair[1]:.3f}]"
+
+
+def _preference_table(block: dict[str, Any]) -> list[str]:
+    d = block["data"]
+    lines = [f"{block['pairs']} pairs from `{d['name']}` rows {d['rows'] or 'all'}.", "",
+             "| model | accuracy [95% CI] | vs base (paired bootstrap 95% CI) | McNemar p (flips base/new) "
+             "| mean margin [95% CI] |", "| --- | --- | --- | --- | --- |"]
+    for name, s in block["scores"].items():
+        vs = s.get("vs_base")
+        diff = f"{vs['accuracy_diff']:+.3f} {_ci(vs['accuracy_diff_ci'])}" if vs else "-"
+        mc = f"{vs['mcnemar']['p_value']:.2g} ({vs['mcnemar']['b']}/{vs['mcnemar']['c']})" if vs else "-"
+        lines.append(f"| {name} | {s['accuracy']:.3f} {_ci(s['accuracy_ci'])} | {diff} | {mc} "
+                     f"| {s['margin']:+.4f} {_ci(s['margin_ci'])} |")
+    return lines
+
+
 def report(result: dict[str, Any]) -> str:
-    b, a = result["base"], result["aligned"]
-    lines = [f"# RAHF evaluation: `{result['adapter']}`", "",
-             f"{result['pairs']} pairs from `{result['data']['name']}` rows {result['data']['rows'] or 'all'}.", "",
-             "| model | preference accuracy | mean margin (nats/token) |", "| --- | --- | --- |",
-             f"| base | {b['accuracy']:.3f} | {b['margin']:+.4f} |",
-             f"| aligned | {a['accuracy']:.3f} | {a['margin']:+.4f} |", "",
-             "## Greedy generations", "", "| prompt | base | aligned |", "| --- | --- | --- |"]
-    lines += [f"| {_cell(s['prompt'], 200)} | {_cell(s['base'])} | {_cell(s['aligned'])} |"
+    lines = [f"# RAHF evaluation: {', '.join(f'`{k}` = {v}' for k, v in result['adapters'].items())}", "",
+             "## Preference", ""] + _preference_table(result["preference"])
+    if "transfer" in result:
+        lines += ["", "## Transfer", ""] + _preference_table(result["transfer"])
+    for kind, block in result.get("behaviour", {}).items():
+        lines += ["", f"## Behaviour: {kind} prompts", "",
+                  f"{block['prompts']} prompts from `{block['data']['name']}`; greedy, "
+                  "decline = the fixed phrase rule of training/behaviour.py.", "",
+                  "| model | declines [95% CI] | McNemar p (flips) | distinct-2 | mean length | base log-lik |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for name, m in block["models"].items():
+            vs = m.get("decline_vs_base")
+            mc = f"{vs['p_value']:.2g} ({vs['b']}/{vs['c']})" if vs else "-"
+            lines.append(f"| {name} | {m['decline']['rate']:.3f} {_ci(m['decline']['ci'])} | {mc} | "
+                         f"{m['distinct2']:.3f} | {m['mean_length']:.1f} | {m['base_loglik']:.2f} |")
+    names = list(result["adapters"])
+    lines += ["", "## Greedy generations", "", "| prompt | base | " + " | ".join(names) + " |",
+              "| --- | --- | " + " | ".join("---" for _ in names) + " |"]
+    lines += ["| " + " | ".join([_cell(s["prompt"], 200), _cell(s[BASE])] + [_cell(s[n]) for n in names]) + " |"
               for s in result["generations"]]
     return "\n".join(lines) + "\n"
 
@@ -109,12 +202,28 @@ def write_eval(out_dir: Path, result: dict[str, Any]) -> None:
     (out_dir / "report.md").write_text(report(result))
 
 
-def record_metrics(bundle_dir: Path, result: dict[str, Any]) -> None:
+def metrics_for(result: dict[str, Any], name: str) -> dict[str, Any]:
+    """The manifest's metrics for adapter `name`: held-out scores with intervals and tests."""
+    pref = result["preference"]
+    base, mine = pref["scores"][BASE], pref["scores"][name]
+    out = {"eval_data": pref["data"]["name"], "eval_rows": pref["data"]["rows"], "eval_pairs": pref["pairs"],
+           "preference_accuracy_base": base["accuracy"], "preference_accuracy_aligned": mine["accuracy"],
+           "preference_accuracy_aligned_ci": mine["accuracy_ci"],
+           "preference_accuracy_diff_ci": mine["vs_base"]["accuracy_diff_ci"],
+           "mcnemar_p": mine["vs_base"]["mcnemar"]["p_value"],
+           "mean_margin_base": base["margin"], "mean_margin_aligned": mine["margin"]}
+    if "transfer" in result:
+        t = result["transfer"]
+        out["transfer"] = {"data": t["data"]["name"], "rows": t["data"]["rows"], "pairs": t["pairs"],
+                           "accuracy_base": t["scores"][BASE]["accuracy"], "accuracy_aligned": t["scores"][name]["accuracy"]}
+    for kind, block in result.get("behaviour", {}).items():
+        out[f"decline_rate_{kind}"] = {"base": block["models"][BASE]["decline"]["rate"],
+                                       "aligned": block["models"][name]["decline"]["rate"], "prompts": block["prompts"]}
+    return out
+
+
+def record_metrics(bundle_dir: Path, result: dict[str, Any], name: str = "aligned") -> None:
     """Rewrite the bundle (atomically) with held-out scores in its manifest and model card."""
     manifest = dict(read_bundle(bundle_dir).manifest or {})
-    manifest["metrics"] = {"eval_rows": result["data"]["rows"], "eval_pairs": result["pairs"],
-                           "preference_accuracy_base": result["base"]["accuracy"],
-                           "preference_accuracy_aligned": result["aligned"]["accuracy"],
-                           "mean_margin_base": result["base"]["margin"],
-                           "mean_margin_aligned": result["aligned"]["margin"]}
+    manifest["metrics"] = metrics_for(result, name)
     rewrite_manifest(bundle_dir, manifest)

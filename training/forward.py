@@ -69,3 +69,58 @@ def response_logprob(model: torch.nn.Module, examples: list[Encoded], pad_id: in
     batch, ids, attn = _inputs(model, examples, pad_id)
     hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
     return sequence_logprob(hidden, head, ids, batch.response_mask.to(ids.device))
+
+
+def per_token_logprob(model: torch.nn.Module, examples: list[Encoded], pad_id: int, max_tokens: int = 2048,
+                      progress: str | None = None) -> torch.Tensor:
+    """Mean log p per response token of every example [N], in the order given.
+
+    Examples are scored longest first in batches of at most `max_tokens` padded tokens, so rows of
+    a batch have similar lengths: with answers from 5 to 500 tokens, batching in the given order
+    spends most of the compute on padding.
+    """
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    out = torch.empty(len(examples))
+    bar = tqdm(total=len(examples), desc=progress, leave=False, disable=progress is None)
+    start = 0
+    while start < len(order):
+        width = len(examples[order[start]].input_ids)
+        stop = min(len(order), start + max(1, max_tokens // max(1, width)))
+        chunk = order[start:stop]
+        ll, n = response_logprob(model, [examples[i] for i in chunk], pad_id)
+        out[chunk] = (ll / n.clamp(min=1)).float().cpu()
+        bar.update(len(chunk))
+        start = stop
+    bar.close()
+    return out
+
+
+def shared_prompt_logprob(model: torch.nn.Module, prompt: list[int], responses: list[list[int]]) -> torch.Tensor:
+    """Mean log p per token of each response [len(responses)], all continuing the same prompt.
+
+    The prompt runs once and its key/value cache serves every response, so a preference pair costs
+    one prompt pass instead of two (prompts are most of the tokens of multi-turn dialogues). The
+    responses are right-padded: causal attention keeps padding out of every scored position.
+    """
+    import torch.nn.functional as F
+
+    decoder, head = _parts(model)
+    device = next(model.parameters()).device
+    first = decoder(input_ids=torch.tensor([prompt], device=device), use_cache=True)
+    cache = first.cache
+    cache.batch_repeat_interleave(len(responses))
+    width = max(len(r) for r in responses)
+    ids = torch.zeros((len(responses), width), dtype=torch.long, device=device)
+    for i, r in enumerate(responses):
+        ids[i, :len(r)] = torch.tensor(r, device=device)
+    # The last prompt position predicts every response's first token; position j predicts j + 1.
+    hidden = decoder(input_ids=ids[:, :-1], cache=cache, use_cache=False).last_hidden_state \
+        if width > 1 else ids.new_zeros((len(responses), 0, first.last_hidden_state.size(-1)), dtype=torch.float)
+    out = torch.empty(len(responses))
+    for i, r in enumerate(responses):
+        states = torch.cat([first.last_hidden_state[0, -1:], hidden[i, :len(r) - 1]])
+        logp = F.log_softmax(head(states).float(), dim=-1)
+        out[i] = logp.gather(1, torch.tensor(r, device=device)[:, None]).mean().cpu()
+    return out

@@ -71,13 +71,16 @@ def _save_atomic(obj: object, path: Path) -> None:
 
 def fit(acc: Accelerator, model: torch.nn.Module, *, name: str, n_items: int, counts: Counts, sums: Sums,
         schedule: Schedule, ckpt_dir: Path | None = None, checkpoint_every: int = 0,
-        log: Callable[[dict], None] | None = None) -> list[float]:
+        log: Callable[[dict], None] | None = None, validate: Callable[[], dict] | None = None,
+        validate_every: int = 0) -> list[float]:
     """Train the parameters of `model` that require grad; returns the loss of every step.
 
     `counts(items)` gives this process's normaliser per loss term (known before any forward),
     `sums(items)` the matching sums with their graphs. With `ckpt_dir`, the state (trainable
     weights, optimizer, RNG, step, losses) is saved every `checkpoint_every` steps and picked up
     again when the directory holds a checkpoint, so a killed phase continues where it stopped.
+    `validate()` (main process only, no gradients, dropout off) runs before the first step, every
+    `validate_every` steps and after the last; its figures are logged with `"val_step"`.
     """
     world, rank = acc.num_processes, acc.process_index
     if schedule.batch_size % world:
@@ -96,6 +99,19 @@ def fit(acc: Accelerator, model: torch.nn.Module, *, name: str, n_items: int, co
         optimizer.load_state_dict(state["optim"])
         torch.set_rng_state(state["rng"])
         start, losses = int(state["step"]), state["losses"].tolist()
+
+    def run_validation(step: int) -> None:
+        if validate is None or not acc.is_main_process:
+            return
+        model.eval()
+        with torch.no_grad():
+            figures = validate()
+        model.train()
+        if log is not None:
+            log({"phase": name, "val_step": step, **figures})
+
+    if start == 0:
+        run_validation(0)
     model.train()
     bar = tqdm(range(start, schedule.steps), initial=start, total=schedule.steps, desc=name,
                disable=not acc.is_main_process, dynamic_ncols=True)
@@ -131,6 +147,8 @@ def fit(acc: Accelerator, model: torch.nn.Module, *, name: str, n_items: int, co
                  **({k: float(v) for k, v in zip(keys, terms, strict=True)} if len(keys) > 1 else {}),
                  "seconds": round(time.perf_counter() - t0, 3)})
         done = step + 1
+        if done == schedule.steps or (validate_every and done % validate_every == 0):
+            run_validation(done)
         if ckpt is not None and checkpoint_every and (done % checkpoint_every == 0 or done == schedule.steps):
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             _save_atomic({"step": done, "trainable": {n: p.detach().cpu() for n, p in named},

@@ -5,6 +5,11 @@ both responses under the mismatched instruction for a label-smoothed 2-way contr
 length-normalised log-likelihoods: 4 sequences per pair.
 DualLLMs: adapters "good" (SFT on chosen) and "bad" (SFT on REJECTED) on one base copy.
 LoRRA (the paper's ablation): no phase 1; the phase directory only records that it was skipped.
+
+With `phase1.val_rows`, a fixed validation slice is scored before, during and after training
+(`validation.json`, and "val_step" records in metrics.jsonl): its `separation` (SCIT: how much
+more likely each response is under its own instruction; Dual: how much more "good" prefers chosen
+over rejected than "bad" does; nats per token) is what phase 2 checks before collecting.
 """
 
 from __future__ import annotations
@@ -16,83 +21,158 @@ import torch
 from peft import get_peft_model
 
 from .context import Context, lora_config, only_trainable
+from .data import Pair, load_preferences
 from .encode import Encoded, encode
-from .forward import response_logprob
+from .forward import per_token_logprob, response_logprob
 from .loop import Schedule, fit
 from .losses import scit_contrastive
+from .rundir import RunDir
 
 PHASE = "phase1"
+VALIDATION = "validation.json"  # RunDir.validation
 
 
-def adapter_names(method: str) -> list[str]:
-    return {"scit": ["scit"], "dual": ["good", "bad"], "lorra": []}[method]
+class NotSeparated(ValueError):
+    """Phase 1 did not separate preferred from dispreferred on its validation rows."""
 
 
-def _enc(ctx: Context, tokenizer, pair, response: str, instruction: str | None = None) -> Encoded:
+def _enc(ctx: Context, tokenizer, pair: Pair, response: str, instruction: str | None = None) -> Encoded:
     d = ctx.config.data
     return encode(tokenizer, pair.chat(), response, max_prompt=d.max_prompt_tokens,
                   max_response=d.max_response_tokens, instruction=instruction)
 
 
-def run_phase1(ctx: Context) -> dict[str, list[float]]:
-    cfg, p1 = ctx.config, ctx.config.phase1
-    if cfg.method == "lorra":  # phase 3 collects through the plain base: nothing to train here
-        ctx.commit(PHASE, lambda tmp: (tmp / "losses.json").write_text(json.dumps({"skipped": "lorra"})))
-        return {}
+def _quads(ctx: Context, tok, pairs: list[Pair]) -> list[tuple[Encoded, ...]]:
+    """Per pair: chosen|p+, chosen|p-, rejected|p-, rejected|p+ (matching instruction first)."""
+    good, bad = ctx.config.phase1.good_instruction, ctx.config.phase1.bad_instruction
+    return [(_enc(ctx, tok, p, p.chosen, good), _enc(ctx, tok, p, p.chosen, bad),
+             _enc(ctx, tok, p, p.rejected, bad), _enc(ctx, tok, p, p.rejected, good)) for p in pairs]
+
+
+def _val_pairs(ctx: Context) -> list[Pair]:
+    rows = ctx.config.phase1.val_rows
+    return load_preferences(ctx.data.source, rows).pairs if rows else []
+
+
+def skip(ctx: Context) -> dict[str, list[float]]:
+    """LoRRA: phase 2 reads the plain base, so there is nothing to train; record that."""
+    ctx.commit(PHASE, lambda tmp: (tmp / "losses.json").write_text(json.dumps({"skipped": ctx.config.method})))
+    return {}
+
+
+def _setup(ctx: Context, first: str):
     base = ctx.load_base()
-    tok, pad = base.tokenizer, base.tokenizer.pad_token_id
-    pairs = ctx.data.pairs
-    torch.manual_seed(cfg.seed)
-    names = adapter_names(cfg.method)
-    model = get_peft_model(base.model, lora_config(p1.lora), adapter_name=names[0])
-    losses: dict[str, list[float]] = {}
-    if cfg.method == "scit":
-        good, bad = p1.good_instruction, p1.bad_instruction
-        # Per pair: chosen|p+, chosen|p-, rejected|p-, rejected|p+ (matching instruction first).
-        quads = [(_enc(ctx, tok, p, p.chosen, good), _enc(ctx, tok, p, p.chosen, bad),
-                  _enc(ctx, tok, p, p.rejected, bad), _enc(ctx, tok, p, p.rejected, good)) for p in pairs]
+    torch.manual_seed(ctx.config.seed)
+    model = get_peft_model(base.model, lora_config(ctx.config.phase1.lora), adapter_name=first)
+    return model, base.tokenizer
 
-        def counts(items: list[int]) -> dict[str, float]:
-            return {"lm": sum(quads[i][0].response_len + quads[i][2].response_len for i in items),
-                    "contrast": 2.0 * len(items)}
 
-        def sums(items: list[int]) -> dict[str, torch.Tensor]:
-            ll, n = response_logprob(model, [e for i in items for e in quads[i]], pad)
-            ll, norm = ll.view(-1, 4), (ll / n.clamp(min=1)).view(-1, 4)
-            contrast = (scit_contrastive(norm[:, 0], norm[:, 1], p1.label_smoothing, p1.contrastive_scale)
-                        + scit_contrastive(norm[:, 2], norm[:, 3], p1.label_smoothing, p1.contrastive_scale))
-            return {"lm": -(ll[:, 0] + ll[:, 2]).sum(), "contrast": p1.contrastive_weight * contrast.sum()}
-
-        only_trainable(model, "scit")
-        schedule = _schedule(ctx, p1.steps, p1.lr)
-        losses["scit"] = fit(ctx.acc, model, name="phase1/scit", n_items=len(pairs), counts=counts, sums=sums,
-                             schedule=schedule, log=ctx.log)
-    else:
-        torch.manual_seed(cfg.seed + 1)
-        model.add_adapter("bad", lora_config(p1.lora))
-        for name in names:
-            # "bad" learns the REJECTED responses (the reference script trains it on chosen by a typo).
-            side = [_enc(ctx, tok, p, p.chosen if name == "good" else p.rejected) for p in pairs]
-            model.set_adapter(name)
-            only_trainable(model, name)
-
-            def counts(items: list[int], side=side) -> dict[str, float]:
-                return {"lm": float(sum(side[i].response_len for i in items))}
-
-            def sums(items: list[int], side=side) -> dict[str, torch.Tensor]:
-                ll, _ = response_logprob(model, [side[i] for i in items], pad)
-                return {"lm": -ll.sum()}
-
-            losses[name] = fit(ctx.acc, model, name=f"phase1/{name}", n_items=len(pairs), counts=counts,
-                               sums=sums, schedule=_schedule(ctx, p1.dual_steps, p1.dual_lr), log=ctx.log)
-
+def _save(ctx: Context, model, names: list[str], losses: dict, history: list[dict]) -> None:
     def write(tmp: Path) -> None:
         for name in names:
             model.save_pretrained(tmp, selected_adapters=[name])
         (tmp / "losses.json").write_text(json.dumps(losses))
+        if history:
+            (tmp / VALIDATION).write_text(json.dumps({"rows": ctx.config.phase1.val_rows, "history": history},
+                                                     indent=2))
 
     ctx.commit(PHASE, write)
+
+
+def train_scit(ctx: Context) -> dict[str, list[float]]:
+    p1 = ctx.config.phase1
+    model, tok = _setup(ctx, "scit")
+    pad, pairs, val = tok.pad_token_id, ctx.data.pairs, _val_pairs(ctx)
+    quads = _quads(ctx, tok, pairs)
+    val_quads = [e for q in _quads(ctx, tok, val) for e in q]
+    history: list[dict] = []
+
+    def counts(items: list[int]) -> dict[str, float]:
+        return {"lm": sum(quads[i][0].response_len + quads[i][2].response_len for i in items),
+                "contrast": 2.0 * len(items)}
+
+    def sums(items: list[int]) -> dict[str, torch.Tensor]:
+        ll, n = response_logprob(model, [e for i in items for e in quads[i]], pad)
+        ll, norm = ll.view(-1, 4), (ll / n.clamp(min=1)).view(-1, 4)
+        contrast = (scit_contrastive(norm[:, 0], norm[:, 1], p1.label_smoothing, p1.contrastive_scale)
+                    + scit_contrastive(norm[:, 2], norm[:, 3], p1.label_smoothing, p1.contrastive_scale))
+        return {"lm": -(ll[:, 0] + ll[:, 2]).sum(), "contrast": p1.contrastive_weight * contrast.sum()}
+
+    def validate() -> dict:
+        n = per_token_logprob(model, val_quads, pad).view(-1, 4)
+        record = {"separation": float(((n[:, 0] - n[:, 1]) + (n[:, 2] - n[:, 3])).mean() / 2),
+                  "accuracy": float((n[:, 0] > n[:, 3]).float().mean())}
+        history.append(record)
+        return record
+
+    only_trainable(model, "scit")
+    losses = {"scit": fit(ctx.acc, model, name="phase1/scit", n_items=len(pairs), counts=counts, sums=sums,
+                          schedule=_schedule(ctx, p1.steps_for("scit", len(pairs)), p1.lr), log=ctx.log,
+                          validate=validate if val else None, validate_every=p1.val_every)}
+    _save(ctx, model, ["scit"], losses, history)
     return losses
+
+
+def train_dual(ctx: Context) -> dict[str, list[float]]:
+    p1, names = ctx.config.phase1, ["good", "bad"]
+    model, tok = _setup(ctx, "good")
+    torch.manual_seed(ctx.config.seed + 1)
+    model.add_adapter("bad", lora_config(p1.lora))
+    pad, pairs, val = tok.pad_token_id, ctx.data.pairs, _val_pairs(ctx)
+    val_sides = [_enc(ctx, tok, p, r) for p in val for r in (p.chosen, p.rejected)]
+    losses: dict[str, list[float]] = {}
+    history: list[dict] = []
+    for name in names:
+        # "bad" learns the REJECTED responses (the reference script trains it on chosen by a typo).
+        side = [_enc(ctx, tok, p, p.chosen if name == "good" else p.rejected) for p in pairs]
+        model.set_adapter(name)
+        only_trainable(model, name)
+
+        def counts(items: list[int], side=side) -> dict[str, float]:
+            return {"lm": float(sum(side[i].response_len for i in items))}
+
+        def sums(items: list[int], side=side) -> dict[str, torch.Tensor]:
+            ll, _ = response_logprob(model, [side[i] for i in items], pad)
+            return {"lm": -ll.sum()}
+
+        def validate(training=name) -> dict:
+            # An adapter not trained yet has B = 0: it is the base, so the margin starts at 0.
+            gaps = {}
+            for adapter in names:
+                model.set_adapter(adapter)
+                n = per_token_logprob(model, val_sides, pad).view(-1, 2)
+                gaps[adapter] = n[:, 0] - n[:, 1]
+            model.set_adapter(training)
+            only_trainable(model, training)
+            record = {"training": training, "separation": float((gaps["good"] - gaps["bad"]).mean()),
+                      "accuracy": float((gaps["good"] > 0).float().mean())}
+            history.append(record)
+            return record
+
+        losses[name] = fit(ctx.acc, model, name=f"phase1/{name}", n_items=len(pairs), counts=counts,
+                           sums=sums, schedule=_schedule(ctx, p1.steps_for("dual", len(pairs)), p1.dual_lr),
+                           log=ctx.log, validate=validate if val else None, validate_every=p1.val_every)
+    _save(ctx, model, names, losses, history)
+    return losses
+
+
+def check_separated(run: RunDir, min_separation: float) -> dict | None:
+    """Raise NotSeparated unless the phase-1 validation separation rose by `min_separation`.
+
+    Returns the first and last validation records (None when the run had no validation rows).
+    """
+    path = run.validation
+    if not path.is_file():
+        return None
+    history = json.loads(path.read_text())["history"]
+    first, last = history[0], history[-1]
+    gain = last["separation"] - first["separation"]
+    if gain < min_separation:
+        raise NotSeparated(
+            f"phase 1 did not separate preferred from dispreferred on its validation rows: separation "
+            f"{first['separation']:+.4f} -> {last['separation']:+.4f} nats/token (needs a rise of "
+            f"{min_separation}); train phase 1 longer or at a higher rate, or pass --force to collect anyway")
+    return {"first": first, "last": last}
 
 
 def _schedule(ctx: Context, steps: int, lr: float) -> Schedule:
@@ -100,8 +180,3 @@ def _schedule(ctx: Context, steps: int, lr: float) -> Schedule:
     return Schedule(steps=steps, batch_size=p1.batch_size, micro_batch_size=p1.micro_batch_size, lr=lr,
                     warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
                     max_grad_norm=cfg.max_grad_norm, seed=cfg.seed)
-
-
-def adapter_dir(ctx: Context, name: str) -> Path:
-    # PEFT saves a non-"default" adapter under a subfolder named after it.
-    return ctx.out / PHASE / name

@@ -1,15 +1,7 @@
-"""A run directory and the phases in order, each skipped when its output is already there.
+"""The phases of a run in order, each skipped when its output is already there.
 
-    OUT/run.json            base, data, rows, method: what later subcommands and --resume reuse
-    OUT/config.yaml         the full config of the run
-    OUT/metrics.jsonl       one JSON record per step and per phase
-    OUT/phase1/             phase-1 adapter(s) (PEFT folders) + losses.json
-    OUT/collect/            per-token diffs, per-layer mean vectors, summary.json
-    OUT/checkpoints/align/  phase-3 checkpoints (rank{i}.pt)
-    OUT/bundle/             the adapter bundle (rahf_serve.bundle format)
-    OUT/eval/               eval.json + report.md on held-out rows
-    OUT/plots/              loss.png, norms.png, accuracy.png
-Every phase output appears by an atomic rename, so a killed run leaves finished phases whole.
+The run directory's layout and atomic commits are `training.rundir.RunDir`'s; what differs
+between SCIT, DualLLMs and LoRRA is `training.methods`'s. This module only sequences them.
 """
 
 from __future__ import annotations
@@ -21,29 +13,30 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from . import align, collect, evaluate, phase1, plots
-from .config import TrainConfig, load_config, save_config
+from . import align, collect, evaluate, plots
+from .config import TrainConfig, apply_overrides, load_config, save_config
 from .context import Context
 from .data import load_preferences
-
-PHASES = ("phase1", "collect", "align")
-RUN_FILE = "run.json"
+from .methods import get_method
+from .rundir import PHASES, RunDir
 
 
 def open_run(out: Path, *, base: str | None, data: str | None, rows: str | None, split: str | None,
              method: str | None, config: str | None, seed: int | None, resume: bool,
-             command: str | None = None) -> Context:
-    """Create or reopen a run directory. Settings given now must agree with a resumed run's."""
+             command: str | None = None, overrides: list[str] | None = None, force: bool = False) -> Context:
+    """Create or reopen a run directory. Settings given now must agree with a resumed run's;
+    `overrides` (`--align.alpha 10` tokens) apply on top of the config and are saved with it."""
     acc = Accelerator()
     out.mkdir(parents=True, exist_ok=True)
-    saved = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).is_file() else None
+    run = RunDir(out)
+    saved = json.loads(run.run_file.read_text()) if run.run_file.is_file() else None
     given = {"base": base, "data": data, "rows": rows, "split": split, "method": method}
     if saved is not None:
         clash = {k: (saved[k], v) for k, v in given.items() if v is not None and saved.get(k) != v}
         if clash and resume:
             raise ValueError(f"--resume with settings that differ from the run in {out}: {clash}")
         settings = {**saved, **{k: v for k, v in given.items() if v is not None}}
-        cfg = load_config(out / "config.yaml") if config is None else load_config(config)
+        cfg = load_config(run.config_file) if config is None else load_config(config)
     else:
         if resume:
             raise ValueError(f"--resume: {out} holds no run to resume")
@@ -51,29 +44,30 @@ def open_run(out: Path, *, base: str | None, data: str | None, rows: str | None,
             raise ValueError("a new run needs --base and --data")
         settings = dict(given)
         cfg = load_config(config) if config else TrainConfig()
+    cfg = apply_overrides(cfg, overrides or [])
     if settings.get("method"):
         cfg.method = settings["method"]
     settings["method"] = cfg.method
     if seed is not None:
         cfg.seed = seed
     if acc.is_main_process:
-        (out / RUN_FILE).write_text(json.dumps(settings, indent=2))
-        save_config(cfg, out / "config.yaml")
+        run.run_file.write_text(json.dumps(settings, indent=2))
+        save_config(cfg, run.config_file)
     acc.wait_for_everyone()
     data_ = load_preferences(settings["data"], settings.get("rows"), settings.get("split"))
     if acc.is_main_process:
         print(data_.summary(), flush=True)
-    return Context(acc, cfg, settings["base"], data_, out, command)
+    return Context(acc, cfg, settings["base"], data_, out, command, force=force)
 
 
-RUNNERS = {"phase1": phase1.run_phase1, "collect": collect.run_collect, "align": align.run_align}
-OUTPUTS = {"phase1": phase1.PHASE, "collect": collect.PHASE, "align": align.PHASE}
+RUNNERS = {"phase1": lambda ctx: get_method(ctx.config.method).train_phase1(ctx),
+           "collect": collect.run_collect, "align": align.run_align}
 
 
 def run_phase(ctx: Context, phase: str, resume: bool = False) -> None:
     """Run one phase; without `resume`, checkpoints of an earlier attempt are discarded first."""
     if not resume and ctx.acc.is_main_process:
-        shutil.rmtree(ctx.out / "checkpoints" / phase, ignore_errors=True)
+        shutil.rmtree(ctx.run.checkpoints(phase), ignore_errors=True)
     ctx.acc.wait_for_everyone()
     t0 = time.perf_counter()
     RUNNERS[phase](ctx)
@@ -82,7 +76,7 @@ def run_phase(ctx: Context, phase: str, resume: bool = False) -> None:
 
 
 def phase_done(ctx: Context, phase: str) -> bool:
-    return ctx.done(OUTPUTS[phase])
+    return ctx.run.done(phase)
 
 
 def require(ctx: Context, phase: str) -> None:
@@ -99,7 +93,7 @@ def run_all(ctx: Context, resume: bool) -> None:
                 print(f"{phase}: already done, skipped", flush=True)
             continue
         run_phase(ctx, phase, resume)
-    if ctx.config.eval.rows is not None and not (resume and ctx.done("eval")):
+    if ctx.config.eval.rows is not None and not (resume and ctx.run.done("eval")):
         run_eval(ctx)
 
 
@@ -108,10 +102,11 @@ def run_eval(ctx: Context) -> dict | None:
     result = None
     if ctx.acc.is_main_process:
         held_out = load_preferences(ctx.data.source, ctx.config.eval.rows)
-        result = evaluate.evaluate(ctx.load_base(), str(ctx.out / align.PHASE), held_out, ctx.config)
+        result = evaluate.evaluate(ctx.load_base(), str(ctx.run.bundle), held_out, ctx.config)
         ctx.commit("eval", lambda tmp: evaluate.write_eval(tmp, result), barrier=False)
-        evaluate.record_metrics(ctx.out / align.PHASE, result)
-        ctx.log({"phase": "eval", "base": result["base"], "aligned": result["aligned"]})
+        evaluate.record_metrics(ctx.run.bundle, result)
+        scores = result["preference"]["scores"]
+        ctx.log({"phase": "eval", "base": scores["base"], "aligned": scores["aligned"]})
         make_plots(ctx, result)
         print(evaluate.report(result), flush=True)
     ctx.acc.wait_for_everyone()
@@ -121,12 +116,12 @@ def run_eval(ctx: Context) -> dict | None:
 def make_plots(ctx: Context, result: dict | None = None) -> None:
     if not ctx.acc.is_main_process:
         return
-    out = ctx.out / "plots"
+    out = ctx.run.plots
     out.mkdir(exist_ok=True)
     plots.plot_losses(ctx.out, out / "loss.png")
-    summary = ctx.out / collect.PHASE / collect.SUMMARY
-    if summary.is_file():
-        s = json.loads(summary.read_text())
+    plots.plot_validation(ctx.out, out / "validation.png")
+    if ctx.run.summary.is_file():
+        s = json.loads(ctx.run.summary.read_text())
         plots.plot_norms(s["norms"], s["layers"], out / "norms.png")
     if result is not None:
         plots.plot_accuracy(result, out / "accuracy.png")

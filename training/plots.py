@@ -36,6 +36,29 @@ def plot_losses(run_dir: Path, out: Path) -> Path | None:
     return out
 
 
+def plot_validation(run_dir: Path, out: Path) -> Path | None:
+    """Phase-1 validation separation and accuracy against the step, one line per trained model."""
+    curves: dict[str, list[tuple[int, float, float]]] = {}
+    for rec in read_metrics(run_dir):
+        if "val_step" in rec:
+            curves.setdefault(rec["phase"], []).append((rec["val_step"], rec["separation"], rec["accuracy"]))
+    if not curves:
+        return None
+    fig, (sep, acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for phase, points in curves.items():
+        points.sort()
+        steps = [p[0] for p in points]
+        sep.plot(steps, [p[1] for p in points], marker="o", label=phase)
+        acc.plot(steps, [p[2] for p in points], marker="o", label=phase)
+    sep.set(title="phase-1 separation (validation)", xlabel="step", ylabel="nats / token")
+    acc.set(title="chosen ranked over rejected (validation)", xlabel="step", ylabel="accuracy", ylim=(0, 1))
+    sep.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def plot_norms(norms: dict, targets: list[int], out: Path) -> Path:
     by_layer = {int(k): v for k, v in norms.items()}  # JSON turns the int keys into strings
     layers = sorted(by_layer)
@@ -50,12 +73,18 @@ def plot_norms(norms: dict, targets: list[int], out: Path) -> Path:
 
 
 def plot_accuracy(result: dict, out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(4, 3.5))
-    values = [result["base"]["accuracy"], result["aligned"]["accuracy"]]
-    ax.bar(["base", "aligned"], values, color=["tab:gray", "tab:green"])
-    ax.set(ylim=(0, 1), ylabel="preference accuracy", title=f"{result['pairs']} held-out pairs")
+    """Preference accuracy per model with its 95% interval (the base first)."""
+    block = result["preference"]
+    names = list(block["scores"])
+    values = [block["scores"][n]["accuracy"] for n in names]
+    errs = [[v - block["scores"][n]["accuracy_ci"][0] for n, v in zip(names, values, strict=True)],
+            [block["scores"][n]["accuracy_ci"][1] - v for n, v in zip(names, values, strict=True)]]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(names), 3.5))
+    ax.bar(names, values, yerr=errs, capsize=4, color=["tab:gray"] + ["tab:green"] * (len(names) - 1))
+    ax.axhline(values[0], color="tab:gray", lw=0.8, ls="--")
+    ax.set(ylim=(0, 1), ylabel="preference accuracy", title=f"{block['pairs']} held-out pairs (95% CI)")
     for i, v in enumerate(values):
-        ax.text(i, v + 0.02, f"{v:.2f}", ha="center")
+        ax.text(i, min(0.95, v + 0.06), f"{v:.3f}", ha="center")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -10,7 +10,8 @@ import time
 import httpx
 import pytest
 
-from app.server import build_parser, split_adapter_arg
+from app.server import build_parser
+from rahf_serve.sources import split_adapter_arg
 from tests.serving.conftest import free_port
 
 

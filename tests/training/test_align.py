@@ -47,12 +47,11 @@ def test_bundle_is_a_plain_peft_lora(scit_run, tiny_model_dir):
     manifest = bundle.manifest
     assert manifest["method"] == "scit" and manifest["alpha"] == 5.0
     assert manifest["data"]["pairs"] == 8 and manifest["data"]["rows"] == "0:8"
-    assert "plain base" in manifest["composition"]
+    assert "SCIT model + phase 3" in manifest["composition"]
     assert sorted(bundle.vectors) == [1, 2, 3, 4]   # every hidden_states index 1..num_layers
     assert manifest["metrics"]["eval_pairs"] == 4   # held-out scores recorded by the run
-    # LoRA only where it can move a target: blocks 0..max(target)-1, q_proj and v_proj.
-    blocks = {int(m.split(".layers.")[1].split(".")[0]) for m in bundle.lora_shapes}
-    assert blocks == set(range(max(manifest["layers"])))
+    # Phase 3 only where it can move a target: blocks 0..max(target)-1 (phase 1 is on every block).
+    assert manifest["lora"]["parts"]["phase3"]["layers_to_transform"] == list(range(max(manifest["layers"])))
     assert {m.rsplit(".", 1)[1] for m in bundle.lora_shapes} == {"q_proj", "v_proj"}
     # Plain PEFT loads it onto a plain base, and it changes the model.
     base = load_base(str(tiny_model_dir), device="cpu")
@@ -77,7 +76,7 @@ def test_phase3_aligns_any_subset_of_the_collected_layers(scit_run, tmp_path, ca
     assert main(["align", "--out", str(run), "--config", str(cfg)]) == 0
     bundle = read_bundle(run / "bundle")
     assert bundle.manifest["layers"] == [3]
-    assert {int(m.split(".layers.")[1].split(".")[0]) for m in bundle.lora_shapes} == {0, 1, 2}
+    assert bundle.manifest["lora"]["parts"]["phase3"]["layers_to_transform"] == [0, 1, 2]
     # a target layer phase 2 did not keep is refused up front, naming the fix
     capsys.readouterr()
     other = tiny_config(tmp_path / "d.yaml", {"collect": {"layers": [1, 3, 4]}, "align": {"target_layers": [2]}})

@@ -15,10 +15,10 @@ from training.encode import prompt_ids
 from .conftest import DATA
 
 
-def direct_states(model, tokenizer, pair, instruction, cfg, keep):
-    """[layers 1..N, keep, hidden] for the first `keep` response tokens of the chosen reply."""
+def direct_states(model, tokenizer, pair, side, instruction, cfg, keep):
+    """[layers 1..N, keep, hidden] for the first `keep` response tokens of the `side` reply."""
     prompt = prompt_ids(tokenizer, pair.chat(), cfg.data.max_prompt_tokens, instruction)
-    reply = tokenizer(pair.chosen, add_special_tokens=False)["input_ids"]
+    reply = tokenizer(getattr(pair, side), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = torch.tensor([prompt + reply])
     with torch.no_grad():
         hs = list(model(input_ids=ids, output_hidden_states=True).hidden_states)
@@ -48,11 +48,16 @@ def test_scit_differences_match_direct_computation(scit_run, tiny_model_dir):
     pairs = load_preferences(str(DATA), "0:8").pairs
     layers = summary["layers"]
     total, tokens = 0, 0
-    for i, pair in enumerate(pairs):
+    # SCIT: one stimulus per pair, its answer drawn at random (seeded); both answers occur here
+    assert [i for i, _ in summary["stimuli"]] == list(range(len(pairs)))
+    assert {side for _, side in summary["stimuli"]} == {"chosen", "rejected"}
+    for i, side in summary["stimuli"]:
+        pair = pairs[i]
         keep = diffs[f"ex.{i}"].shape[1]
-        assert keep == min(cfg.max_res_len(), len(base.tokenizer(pair.chosen, add_special_tokens=False)["input_ids"]))
-        direct = (direct_states(model, base.tokenizer, pair, cfg.phase1.good_instruction, cfg, keep)
-                  - direct_states(model, base.tokenizer, pair, cfg.phase1.bad_instruction, cfg, keep))
+        reply = len(base.tokenizer(getattr(pair, side), add_special_tokens=False)["input_ids"])
+        assert keep == min(cfg.collect.max_res_len, reply + 1)  # + the end-of-turn token when not cut
+        direct = (direct_states(model, base.tokenizer, pair, side, cfg.phase1.good_instruction, cfg, keep)
+                  - direct_states(model, base.tokenizer, pair, side, cfg.phase1.bad_instruction, cfg, keep))
         assert direct.abs().max() > 0  # the instruction does change the response's states
         torch.testing.assert_close(diffs[f"ex.{i}"], direct[[layer - 1 for layer in layers]], atol=2e-4, rtol=1e-4)
         total = total + direct.sum(1)

@@ -22,12 +22,14 @@ def test_lorra_skips_phase1_and_collects_through_the_base(tiny_model_dir, tmp_pa
     manifest = json.loads((out / "bundle" / "rahf.json").read_text())
     assert manifest["method"] == "lorra" and "no phase 1" in manifest["composition"]
     assert manifest["steps"]["phase1"] == 0
-    # the collected differences are the plain base's, under p+ vs p-, on the chosen response
+    # the collected differences are the plain base's, under p+ vs p-, on the drawn response
     cfg = load_config(out / "config.yaml")
     base = load_base(str(tiny_model_dir), device="cpu")
     tok, pair = base.tokenizer, load_preferences(str(DATA), "0:4").pairs[1]
-    layers = json.loads((out / "collect" / "summary.json").read_text())["layers"]
-    sides = [encode(tok, pair.chat(), pair.chosen, max_prompt=cfg.data.max_prompt_tokens,
+    summary = json.loads((out / "collect" / "summary.json").read_text())
+    layers, (index, side) = summary["layers"], summary["stimuli"][1]
+    assert index == 1
+    sides = [encode(tok, pair.chat(), getattr(pair, side), max_prompt=cfg.data.max_prompt_tokens,
                     max_response=cfg.collect.max_res_len, instruction=i)
              for i in (cfg.phase1.good_instruction, cfg.phase1.bad_instruction)]
     with torch.no_grad():

@@ -29,7 +29,9 @@ def test_scit_run_directory(scit_run):
     report = (scit_run / "eval" / "report.md").read_text()
     assert "| base |" in report and "| aligned |" in report and "Greedy generations" in report
     result = json.loads((scit_run / "eval" / "eval.json").read_text())
-    assert result["pairs"] == 4 and 0.0 <= result["aligned"]["accuracy"] <= 1.0
+    pref = result["preference"]
+    assert pref["pairs"] == 4 and 0.0 <= pref["scores"]["aligned"]["accuracy"] <= 1.0
+    assert pref["scores"]["aligned"]["vs_base"]["mcnemar"]["p_value"] <= 1.0
 
 
 def test_dual_trains_good_on_chosen_and_bad_on_rejected(tiny_model_dir, tmp_path):
@@ -37,7 +39,11 @@ def test_dual_trains_good_on_chosen_and_bad_on_rejected(tiny_model_dir, tmp_path
     out = tmp_path / "run"
     train(tiny_model_dir, out, method="dual", config=cfg)
     manifest = json.loads((out / "bundle" / "rahf.json").read_text())
-    assert manifest["method"] == "dual" and "good adapter is not folded in" in manifest["composition"]
+    assert manifest["method"] == "dual" and "good model + phase 3" in manifest["composition"]
+    assert manifest["lora"]["parts"]["phase1"]["adapter"] == "good"
+    # both answers of every pair are stimuli
+    summary = json.loads((out / "collect" / "summary.json").read_text())
+    assert summary["stimuli"] == [[i, s] for i in range(8) for s in ("chosen", "rejected")]
     base = load_base(str(tiny_model_dir), device="cpu")
     model = PeftModel.from_pretrained(base.model, str(out / "phase1" / "good"), adapter_name="good")
     model.load_adapter(str(out / "phase1" / "bad"), adapter_name="bad")
@@ -85,8 +91,8 @@ def test_phase_order_and_resume_mismatch_are_errors(tiny_model_dir, tmp_path, ca
 def test_eval_subcommand_writes_report(scit_run, tiny_model_dir, tmp_path, capsys):
     assert main(["eval", "--adapter", str(scit_run / "bundle"), "--base", str(tiny_model_dir), "--data", str(DATA),
                  "--rows", "240:243", "--config", "tiny", "--out", str(tmp_path / "ev")]) == 0
-    assert "| aligned |" in capsys.readouterr().out
-    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["pairs"] == 3
+    assert "| bundle |" in capsys.readouterr().out   # an adapter is named after its folder
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["preference"]["pairs"] == 3
 
 
 @pytest.mark.slow

@@ -48,6 +48,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lora", choices=["phase1", "align"], default="align",
+                    help="whose LoRA settings of --config to use: `phase1` matches the size of a shipped RAHF "
+                         "bundle's larger part (q/k/v/o on every block), `align` its phase-3 part")
     a = ap.parse_args()
     from trl import DPOConfig, DPOTrainer  # optional: pip install -e '.[baselines]'
 
@@ -62,7 +65,7 @@ def main() -> None:
         rows.append({"prompt": prompt,
                      "chosen": cut(tok, p.chosen, cfg.data.max_response_tokens) + eos,
                      "rejected": cut(tok, p.rejected, cfg.data.max_response_tokens) + eos})
-    lora = cfg.align.lora
+    lora = cfg.phase1.lora if a.lora == "phase1" else cfg.align.lora
     peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                              target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
     args = DPOConfig(output_dir=str(a.out / "trainer"), max_steps=a.steps, learning_rate=a.lr, beta=a.beta,

@@ -32,7 +32,8 @@ def main() -> None:
     bundle = read_bundle(args.run / "bundle")
     if not (bundle.manifest or {}).get("metrics"):
         raise SystemExit(f"{args.run}/bundle has no recorded metrics: run `rahf-train eval --record` first")
-    data = f"{DATA_DIR}/{Path(run['data']).name}"
+    # The command must work from a clone: data under the shared folder is named as the README says.
+    data = run["data"] if run["data"].startswith(DATA_DIR) else f"{DATA_DIR}/{Path(run['data']).name}"
     name = args.dest.name
     manifest = {**bundle.manifest, "name": name,
                 "data": {**bundle.manifest["data"], "name": data},

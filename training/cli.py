@@ -25,6 +25,7 @@ SUBCOMMANDS.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shlex
 import sys
@@ -120,9 +121,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from .config import TrainConfig, load_config
     from .data import load_preferences
-    from .evaluate import PromptSet, evaluate, record_metrics, report, write_eval
+    from .evaluate import PromptSet, evaluate, merge, record_metrics, report, write_eval
     from .plots import plot_accuracy
 
+    if not args.adapter and not args.extend:
+        raise ValueError("give at least one --adapter (or --extend earlier evaluations to merge them)")
     adapters = dict(split_adapter_arg(a) for a in args.adapter)
     if len(adapters) != len(args.adapter):
         raise ValueError("two --adapter flags share a name; name them NAME=SOURCE")
@@ -137,7 +140,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     prompts = [PromptSet("harmful", data, args.behaviour)] if args.behaviour else []
     if args.benign_data:
         prompts.append(PromptSet("benign", load_preferences(args.benign_data, args.benign_rows), args.benign))
-    result = evaluate(load_base(args.base), adapters, data, config, transfer=transfer, prompts=prompts)
+    earlier = merge([json.loads(p.read_text()) for p in args.extend]) if args.extend else None
+    result = evaluate(load_base(args.base), adapters, data, config, transfer=transfer, prompts=prompts,
+                      earlier=earlier)
     text = report(result)
     if args.out:
         write_eval(args.out, result)
@@ -176,7 +181,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                                    "accuracy and margin with 95%% intervals, paired bootstrap and exact McNemar "
                                    "tests against the base; with --behaviour/--benign-data, greedy answers and "
                                    "the share that declines by a fixed phrase rule.")
-    p.add_argument("--adapter", action="append", required=True, metavar="[NAME=]SOURCE",
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]SOURCE",
                    help="bundle: a local folder or a Hub repo org/name[@rev]; repeat to compare several")
     p.add_argument("--data", required=True, help="preference data: a .json/.jsonl file or a Hub data set name")
     p.add_argument("--rows", help="row range START:STOP, e.g. 240:300 (default: all)")
@@ -191,6 +196,10 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", default="smollm2-135m-instruct", help="base model the adapters were trained on")
     p.add_argument("--config", help="config whose eval settings to use (token cuts, generation length)")
     p.add_argument("--out", type=Path, help="folder for eval.json, report.md and accuracy.png")
+    p.add_argument("--extend", type=Path, action="append", default=[], metavar="EVAL_JSON",
+                   help="an earlier eval.json on the same rows and settings: the models it scored (the base "
+                        "included) are reused, not run again, and the new report holds them all; repeat to "
+                        "merge several (with no --adapter: only merge)")
     p.add_argument("--record", action="store_true",
                    help="also write each adapter's scores into its bundle's rahf.json (local folders only)")
     p.set_defaults(func=cmd_eval)

@@ -14,6 +14,7 @@ adapter); the base is the same weights with adapters disabled, so it is scored o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from contextlib import AbstractContextManager
@@ -90,62 +91,118 @@ class Models:
         return torch.no_grad()
 
 
-def preference(models: Models, data: PreferenceData, config: TrainConfig) -> dict[str, Any]:
+def _reusable(block: dict[str, Any] | None, data: PreferenceData) -> dict[str, Any]:
+    """An earlier block on the very same pairs (same rows and content), or an empty one."""
+    if block is None:
+        return {}
+    if block["data"]["sha256"] != data.sha256:
+        raise ValueError(f"the earlier evaluation scored other pairs than {data.source} rows {data.rows or 'all'}")
+    return block
+
+
+def preference(models: Models, data: PreferenceData, config: TrainConfig,
+               earlier: dict[str, Any] | None = None) -> dict[str, Any]:
+    old = _reusable(earlier, data)
     out: dict[str, Any] = {"data": data.describe(), "pairs": len(data.pairs), "scores": {}, "margins": {}}
-    base_m = None
-    for name in models.names:
-        with models.use(name):
-            m = margins(models.model, models.tokenizer, data.pairs, config, f"score {name}")
-        out["margins"][name] = [round(float(v), 5) for v in m]  # per pair: anyone can recompute the tests
-        if base_m is None:
-            base_m = m
-            out["scores"][name] = stats.describe(m)
+    for name in [*old.get("margins", {}), *models.names]:
+        if name in out["margins"]:
+            continue
+        if name in old.get("margins", {}):
+            m = torch.tensor(old["margins"][name])
         else:
-            out["scores"][name] = stats.compare(base_m, m)
+            with models.use(name):
+                m = margins(models.model, models.tokenizer, data.pairs, config, f"score {name}")
+        out["margins"][name] = [round(float(v), 5) for v in m]  # per pair: anyone can recompute the tests
+        base = torch.tensor(out["margins"][BASE])
+        out["scores"][name] = stats.describe(m) if name == BASE else stats.compare(base, m)
     return out
 
 
-def behave(models: Models, prompts: PromptSet, config: TrainConfig) -> dict[str, Any]:
+def behave(models: Models, prompts: PromptSet, config: TrainConfig,
+           earlier: dict[str, Any] | None = None) -> dict[str, Any]:
+    old = _reusable(earlier, prompts.data).get("models", {})
+    if old and len(next(iter(old.values()))["answers"]) != prompts.n:
+        raise ValueError("the earlier evaluation answered a different number of prompts")
     ids = [prompt_ids(models.tokenizer, p.chat(), config.eval.max_prompt_tokens) for p in prompts.pairs]
     out: dict[str, Any] = {"kind": prompts.kind, "data": prompts.data.describe(), "prompts": len(ids), "models": {}}
-    base_flags = None
-    for name in models.names:
+    for name in [*old, *models.names]:
+        if name in out["models"]:
+            continue
+        if name in old:
+            out["models"][name] = old[name]
+            continue
         t0 = time.perf_counter()
         with models.use(name):
             health = measure(models.model, models.tokenizer, ids, config.eval.max_new_tokens, config.eval.batch_size)
-        flags = [behaviour.declines(a) is not None for a in health["answers"]]
         record = {**{k: v for k, v in health.items() if k != "answers"}, "decline": behaviour.decline_rate(health["answers"]),
                   "answers": health["answers"], "seconds": round(time.perf_counter() - t0, 1)}
-        if base_flags is None:
-            base_flags = flags
-        else:
+        if name != BASE:
+            flags = [behaviour.declines(a) is not None for a in health["answers"]]
+            base_flags = [behaviour.declines(a) is not None for a in out["models"][BASE]["answers"]]
             record["decline_vs_base"] = stats.mcnemar_exact(base_flags, flags)
         out["models"][name] = record
     return out
 
 
+def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several evaluations of the same rows with the same settings as one (their base must agree)."""
+    out = json.loads(json.dumps(results[0]))
+    for other in results[1:]:
+        if other.get("settings") != out.get("settings"):
+            raise ValueError("evaluations with different eval settings cannot be merged")
+        out["adapters"].update(other["adapters"])
+        for key in ("preference", "transfer"):
+            if key not in out or key not in other:
+                continue
+            if other[key]["data"]["sha256"] != out[key]["data"]["sha256"]:
+                raise ValueError(f"evaluations of different {key} pairs cannot be merged")
+            if max(abs(a - b) for a, b in zip(other[key]["margins"][BASE], out[key]["margins"][BASE], strict=True)) > 1e-4:
+                raise ValueError("the evaluations' base scores differ: not the same base or cuts")
+            out[key]["margins"].update(other[key]["margins"])
+            out[key]["scores"].update(other[key]["scores"])
+        for kind, block in other.get("behaviour", {}).items():
+            out.setdefault("behaviour", {}).setdefault(kind, block)["models"].update(block["models"])
+        for mine, theirs in zip(out["generations"], other["generations"], strict=False):
+            mine.update(theirs)
+        out["seconds"] = round(out.get("seconds", 0) + other.get("seconds", 0), 1)
+    return out
+
+
 def evaluate(base: BaseModel, adapters: dict[str, str] | str, data: PreferenceData, config: TrainConfig, *,
-             transfer: PreferenceData | None = None, prompts: list[PromptSet] = ()) -> dict[str, Any]:
-    """Preference scores on `data` (and `transfer`), behaviour on `prompts`, for base and adapters."""
+             transfer: PreferenceData | None = None, prompts: list[PromptSet] = (),
+             earlier: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Preference scores on `data` (and `transfer`), behaviour on `prompts`, for base and adapters.
+
+    With `earlier` (an earlier result on the same rows with the same eval settings), every model it
+    already scored is taken from it instead of being run again, and the result holds them all: the
+    base is scored once however many calls add adapters.
+    """
     if isinstance(adapters, str):
         adapters = {"aligned": adapters}
+    settings = dataclasses.asdict(config.eval)
+    if earlier is not None and earlier.get("settings") != settings:
+        raise ValueError(f"the earlier evaluation used other eval settings: {earlier.get('settings')} vs {settings}")
+    earlier = earlier or {}
+    clash = sorted(set(adapters) & set(earlier.get("adapters", {})) | ({BASE} & set(adapters)))
+    if clash:
+        raise ValueError(f"adapter name(s) {clash} already in the earlier evaluation (or reserved); rename them")
     t0 = time.perf_counter()
     models = Models(base, adapters)
-    result: dict[str, Any] = {"adapters": dict(adapters), "preference": preference(models, data, config)}
+    result: dict[str, Any] = {"adapters": {**earlier.get("adapters", {}), **adapters}, "settings": settings,
+                              "preference": preference(models, data, config, earlier.get("preference"))}
     if transfer is not None:
-        result["transfer"] = preference(models, transfer, config)
-    result["behaviour"] = {p.kind: behave(models, p, config) for p in prompts}
-    samples = []
+        result["transfer"] = preference(models, transfer, config, earlier.get("transfer"))
+    result["behaviour"] = {p.kind: behave(models, p, config, earlier.get("behaviour", {}).get(p.kind)) for p in prompts}
+    samples = earlier.get("generations") or [{"prompt": p.messages[-1][1]} for p in data.pairs[:config.eval.generations]]
     tok = models.tokenizer
-    for pair in data.pairs[:config.eval.generations]:
+    for pair, sample in zip(data.pairs, samples, strict=False):
         ids = [prompt_ids(tok, pair.chat(), config.eval.max_prompt_tokens)]
-        sample = {"prompt": pair.messages[-1][1]}
         for name in models.names:
-            with models.use(name):
-                sample[name] = measure(models.model, tok, ids, config.eval.max_new_tokens)["answers"][0]
-        samples.append(sample)
+            if name not in sample:
+                with models.use(name):
+                    sample[name] = measure(models.model, tok, ids, config.eval.max_new_tokens)["answers"][0]
     result["generations"] = samples
-    result["seconds"] = round(time.perf_counter() - t0, 1)
+    result["seconds"] = round(earlier.get("seconds", 0) + time.perf_counter() - t0, 1)
     return result
 
 
@@ -188,10 +245,10 @@ def report(result: dict[str, Any]) -> str:
             mc = f"{vs['p_value']:.2g} ({vs['b']}/{vs['c']})" if vs else "-"
             lines.append(f"| {name} | {m['decline']['rate']:.3f} {_ci(m['decline']['ci'])} | {mc} | "
                          f"{m['distinct2']:.3f} | {m['mean_length']:.1f} | {m['base_loglik']:.2f} |")
-    names = list(result["adapters"])
+    names = [n for n in result["preference"]["scores"] if n != BASE]
     lines += ["", "## Greedy generations", "", "| prompt | base | " + " | ".join(names) + " |",
               "| --- | --- | " + " | ".join("---" for _ in names) + " |"]
-    lines += ["| " + " | ".join([_cell(s["prompt"], 200), _cell(s[BASE])] + [_cell(s[n]) for n in names]) + " |"
+    lines += ["| " + " | ".join([_cell(s["prompt"], 200), _cell(s[BASE])] + [_cell(s.get(n, "")) for n in names]) + " |"
               for s in result["generations"]]
     return "\n".join(lines) + "\n"
 

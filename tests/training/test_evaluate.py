@@ -14,7 +14,7 @@ from .conftest import DATA
 
 
 def test_shared_prompt_scores_equal_separate_passes(tiny_base):
-    tok, pad = tiny_base.tokenizer, tiny_base.tokenizer.pad_token_id
+    tok = tiny_base.tokenizer
     pairs = load_preferences(str(DATA), "0:6").pairs
     for p in pairs:
         prompt = prompt_ids(tok, p.chat(), 64)
@@ -62,3 +62,29 @@ def test_evaluate_compares_every_adapter_with_the_base(scit_run, tiny_base, tmp_
     text = report(result)
     assert "## Behaviour: benign prompts" in text and "McNemar" in text
     json.dumps(result)   # the whole result is JSON
+
+
+def test_extend_reuses_the_earlier_models_and_equals_one_call(scit_run, tiny_model_dir, tmp_path, capsys):
+    from training.cli import main
+
+    common = ["--base", str(tiny_model_dir), "--data", str(DATA), "--rows", "240:244", "--config", "tiny",
+              "--behaviour", "2"]
+    bundle = str(scit_run / "bundle")
+    assert main(["eval", "--adapter", f"a={bundle}", *common, "--out", str(tmp_path / "one")]) == 0
+    assert main(["eval", "--adapter", f"b={bundle}", *common, "--out", str(tmp_path / "two"),
+                 "--extend", str(tmp_path / "one" / "eval.json")]) == 0
+    assert main(["eval", "--adapter", f"a={bundle}", "--adapter", f"b={bundle}", *common,
+                 "--out", str(tmp_path / "both")]) == 0
+    two, both = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("two", "both"))
+    assert two["preference"]["scores"] == both["preference"]["scores"]
+    assert list(two["behaviour"]["harmful"]["models"]) == ["base", "a", "b"]
+    # merging evaluations runs nothing and keeps every model
+    assert main(["eval", *common, "--extend", str(tmp_path / "one" / "eval.json"),
+                 "--extend", str(tmp_path / "two" / "eval.json"), "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "eval.json").read_text())
+    assert merged["preference"]["scores"] == both["preference"]["scores"]
+    # other rows cannot be merged into it
+    capsys.readouterr()
+    assert main(["eval", "--adapter", f"c={bundle}", *common[:4], "--rows", "250:254", *common[6:],
+                 "--extend", str(tmp_path / "two" / "eval.json")]) == 2
+    assert "other pairs" in capsys.readouterr().err

@@ -179,6 +179,11 @@ def render_card(manifest: Mapping[str, Any] | None, adapter_config: Mapping[str,
     lines += ["## Training", ""]
     if manifest.get("composition"):
         lines += [f"- model: {manifest['composition']}"]
+    val = manifest.get("phase1_validation")
+    if val:
+        verdict = "separated" if val["separated"] else "did NOT separate (collected with --force)"
+        lines += [f"- phase 1 on validation rows {val['rows']}: separation {val['first']['separation']:+.4f} -> "
+                  f"{val['last']['separation']:+.4f} nats/token, {verdict}"]
     lines += [f"- target layers: {manifest.get('layers')}", f"- alpha: {manifest.get('alpha')}",
               f"- LoRA: {json.dumps(manifest.get('lora', {}))}", f"- steps: {json.dumps(manifest.get('steps', {}))}"]
     if manifest.get("command"):
@@ -217,8 +222,11 @@ def _metric_lines(m: Mapping[str, Any]) -> list[str]:
                       f"{t['accuracy_base']:.3f}, this adapter {t['accuracy_aligned']:.3f}."]
     for key, d in m.items():
         if key.startswith("decline_rate_"):
+            health = d.get("distinct2")
             lines += ["", f"Greedy answers to {d['prompts']} {key.removeprefix('decline_rate_')} prompts that decline "
-                          f"(fixed phrase rule): base {d['base']:.2f}, this adapter {d['aligned']:.2f}."]
+                          f"(fixed phrase rule): base {d['base']:.2f}, this adapter {d['aligned']:.2f}"
+                          + (f"; distinct-2 of those answers (repetition: lower is worse) base {health['base']:.3f}, "
+                             f"this adapter {health['aligned']:.3f}." if health else ".")]
     return lines
 
 

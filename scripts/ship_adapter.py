@@ -16,6 +16,8 @@ from pathlib import Path
 
 from rahf_serve.bundle import read_bundle, rewrite_manifest
 from training.config import load_config
+from training.phase1 import validation_summary
+from training.rundir import RunDir
 
 DATA_DIR = "../shared/data"
 
@@ -35,10 +37,15 @@ def main() -> None:
     # The command must work from a clone: data under the shared folder is named as the README says.
     data = run["data"] if run["data"].startswith(DATA_DIR) else f"{DATA_DIR}/{Path(run['data']).name}"
     name = args.dest.name
-    manifest = {**bundle.manifest, "name": name,
+    config = load_config(args.config)
+    validation = bundle.manifest.get("phase1_validation") or validation_summary(RunDir(args.run),
+                                                                                config.phase1.min_separation)
+    # A phase 1 that did not separate was collected from with --force: the command must say so.
+    force = " --force" if validation and not validation["separated"] else ""
+    manifest = {**bundle.manifest, "name": name, "phase1_validation": validation,
                 "data": {**bundle.manifest["data"], "name": data},
                 "command": (f"rahf-train run --base {run['base']} --data {data} --rows {run['rows']} "
-                            f"--method {run['method']} --config {args.config} --out runs/{name}")}
+                            f"--method {run['method']} --config {args.config} --out runs/{name}{force}")}
     rewrite_manifest(args.run / "bundle", manifest, args.dest)
     print(args.dest)
 

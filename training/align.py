@@ -31,6 +31,7 @@ from .forward import block_outputs
 from .loop import Schedule, fit
 from .losses import alignment_distance
 from .methods import Method, get_method
+from .phase1 import validation_summary
 
 PHASE = "bundle"  # RunDir.bundle
 PHASE1_PART, PHASE3_PART, SHIPPED = "phase1", "phase3", "rahf"
@@ -154,6 +155,7 @@ def write_run_bundle(ctx: Context, base: BaseModel, adapter_config: dict, state:
         metrics=metrics, base_note=base.source_note, command=ctx.command, composition=method.composition,
         vector_norms=summary["norms"], max_res_len=summary["max_res_len"], stimuli=len(summary["stimuli"]),
         final_align_loss=losses[-1] if losses else None, seed=cfg.seed,
+        phase1_validation=validation_summary(ctx.run, cfg.phase1.min_separation),
     )
     return write_bundle(ctx.run.bundle, adapter_config=adapter_config, lora_state=state,
                         vectors=load_vectors(ctx.run), manifest=manifest)

@@ -37,9 +37,10 @@ def response_states(states: dict[int, torch.Tensor], row: int, example: Encoded)
 
 
 def run_collect(ctx: Context) -> dict:
-    """Compute on the main process (forward passes only), then every process continues."""
+    """Check phase 1 (unless forced, which is logged), compute on the main process (forward passes
+    only), then every process continues."""
     p1 = ctx.config.phase1
-    if getattr(ctx, "force", False):
+    if ctx.force:
         try:
             check_separated(ctx.run, p1.min_separation)
         except ValueError as err:

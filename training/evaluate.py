@@ -274,8 +274,10 @@ def metrics_for(result: dict[str, Any], name: str) -> dict[str, Any]:
         out["transfer"] = {"data": t["data"]["name"], "rows": t["data"]["rows"], "pairs": t["pairs"],
                            "accuracy_base": t["scores"][BASE]["accuracy"], "accuracy_aligned": t["scores"][name]["accuracy"]}
     for kind, block in result.get("behaviour", {}).items():
-        out[f"decline_rate_{kind}"] = {"base": block["models"][BASE]["decline"]["rate"],
-                                       "aligned": block["models"][name]["decline"]["rate"], "prompts": block["prompts"]}
+        base, mine = block["models"][BASE], block["models"][name]
+        out[f"decline_rate_{kind}"] = {"base": base["decline"]["rate"], "aligned": mine["decline"]["rate"],
+                                       "prompts": block["prompts"],
+                                       "distinct2": {"base": base["distinct2"], "aligned": mine["distinct2"]}}
     return out
 
 

@@ -156,23 +156,27 @@ def train_dual(ctx: Context) -> dict[str, list[float]]:
     return losses
 
 
-def check_separated(run: RunDir, min_separation: float) -> dict | None:
-    """Raise NotSeparated unless the phase-1 validation separation rose by `min_separation`.
-
-    Returns the first and last validation records (None when the run had no validation rows).
-    """
-    path = run.validation
-    if not path.is_file():
+def validation_summary(run: RunDir, min_separation: float) -> dict | None:
+    """Phase 1 on its validation rows: first and last record, and whether it separated
+    (separation rose by at least `min_separation`). None when the run had no validation rows."""
+    if not run.validation.is_file():
         return None
-    history = json.loads(path.read_text())["history"]
-    first, last = history[0], history[-1]
-    gain = last["separation"] - first["separation"]
-    if gain < min_separation:
+    saved = json.loads(run.validation.read_text())
+    first, last = saved["history"][0], saved["history"][-1]
+    return {"rows": saved["rows"], "first": first, "last": last, "min_separation": min_separation,
+            "separated": last["separation"] - first["separation"] >= min_separation}
+
+
+def check_separated(run: RunDir, min_separation: float) -> dict | None:
+    """`validation_summary`, raising NotSeparated when phase 1 did not separate."""
+    summary = validation_summary(run, min_separation)
+    if summary is not None and not summary["separated"]:
+        first, last = summary["first"], summary["last"]
         raise NotSeparated(
             f"phase 1 did not separate preferred from dispreferred on its validation rows: separation "
             f"{first['separation']:+.4f} -> {last['separation']:+.4f} nats/token (needs a rise of "
             f"{min_separation}); train phase 1 longer or at a higher rate, or pass --force to collect anyway")
-    return {"first": first, "last": last}
+    return summary
 
 
 def _schedule(ctx: Context, steps: int, lr: float) -> Schedule:

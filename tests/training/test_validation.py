@@ -1,15 +1,17 @@
 """Phase 1 is judged on validation rows, and phase 2 refuses a phase 1 that did not separate."""
 
 import json
+import subprocess
+import sys
 
 from training.cli import main
 from training.methods import get_method
 
-from .conftest import tiny_config, train
+from .conftest import DATA, ROOT, tiny_config, train
 
 
 def test_dual_phase1_logs_validation_and_the_gate_refuses_unless_forced(tiny_model_dir, tmp_path, capsys):
-    cfg = tiny_config(tmp_path / "c.yaml", {"phase1": {"dual_steps": 4, "dual_lr": 0.003, "val_rows": "250:254",
+    cfg = tiny_config(tmp_path / "c.yaml", {"method": "dual", "phase1": {"dual_steps": 4, "dual_lr": 0.003, "val_rows": "250:254",
                                                        "val_every": 2, "min_separation": 10.0}})
     out = tmp_path / "run"
     train(tiny_model_dir, out, method="dual", config=cfg, command="phase1")
@@ -28,13 +30,24 @@ def test_dual_phase1_logs_validation_and_the_gate_refuses_unless_forced(tiny_mod
     assert main(["collect", "--out", str(out), "--force"]) == 0
     assert (out / "collect" / "summary.json").is_file()
 
+    # the bundle and its card say that phase 1 did not separate, and the shipped command has --force
+    assert main(["align", "--out", str(out)]) == 0
+    manifest = json.loads((out / "bundle" / "rahf.json").read_text())
+    assert manifest["phase1_validation"]["separated"] is False
+    assert "did NOT separate" in (out / "bundle" / "README.md").read_text()
+    assert main(["eval", "--adapter", str(out / "bundle"), "--base", str(tiny_model_dir), "--data", str(DATA),
+                 "--rows", "240:242", "--config", str(cfg), "--record"]) == 0
+    dest = tmp_path / "shipped" / "tiny-rahf-dual"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "ship_adapter.py"), str(out), str(dest),
+                    "--config", str(cfg)], check=True, cwd=ROOT)
+    shipped = json.loads((dest / "rahf.json").read_text())
+    assert shipped["command"].endswith("--force") and shipped["command"] in (dest / "README.md").read_text()
+
 
 def test_stimuli_follow_the_method(tiny_base, tmp_path):
     from training.config import load_config
     from training.context import Context
     from training.data import load_preferences
-
-    from .conftest import DATA
 
     cfg = load_config("tiny")
     ctx = Context(acc=None, config=cfg, base_spec="", data=load_preferences(str(DATA), "0:20"), out=tmp_path)

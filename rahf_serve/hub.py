@@ -34,15 +34,10 @@ from .errors import (
     HubRevisionNotFound,
     NotABundleRepo,
 )
+from .sources import parse_spec
 
 BUNDLE_FILES = (CONFIG_FILE, WEIGHTS_FILE, VECTORS_FILE, MANIFEST_FILE, CARD_FILE)
 _LOGIN_HINT = "set HF_TOKEN or run `hf auth login`"
-
-
-def parse_spec(spec: str) -> tuple[str, str | None]:
-    """`org/name[@revision]` -> (repo id, revision or None for the default branch)."""
-    repo_id, _, revision = spec.partition("@")
-    return repo_id, revision or None
 
 
 def download_bundle(spec: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:

@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from .errors import BaseModelError
+from .sources import parse_spec
 
 EMBEDDED_ALIAS = "smollm2-135m-instruct"
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -157,11 +158,6 @@ class BaseModel:
         return fingerprint(self.model.config)
 
 
-def _split_revision(spec: str) -> tuple[str, str | None]:
-    repo, _, rev = spec.partition("@")
-    return repo, rev or None
-
-
 def resolve_base_path(spec: str) -> tuple[Path, str, str | None, str | None]:
     """(directory, hub id, revision, provenance note) for an alias, a local dir or a Hub id."""
     if spec in _ALIASES:
@@ -173,7 +169,7 @@ def resolve_base_path(spec: str) -> tuple[Path, str, str | None, str | None]:
         if not (local / "config.json").is_file():
             raise BaseModelError(f"{local} is not a model directory (no config.json)")
         return local.resolve(), local.resolve().name, None, None
-    repo, rev = _split_revision(spec)
+    repo, rev = parse_spec(spec)
     if repo.count("/") != 1:
         raise BaseModelError(
             f"--base {spec!r}: not the alias {EMBEDDED_ALIAS!r}, not a directory, not a Hub id org/name[@rev]"

@@ -29,6 +29,13 @@ def is_hub_spec(source: str) -> bool:
     return bool(HUB_SPEC.match(source)) and not exists(Path(source).expanduser())
 
 
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """`org/name[@revision]` -> (repo id, revision or None for the default branch): the one parser
+    for Hub specs of bundles and base models."""
+    repo_id, _, revision = spec.partition("@")
+    return repo_id, revision or None
+
+
 def split_adapter_arg(arg: str) -> tuple[str, str]:
     """`NAME=SOURCE` or `SOURCE` (named after its folder or Hub repo): every `--adapter` flag."""
     from .registry import NAME
@@ -36,7 +43,7 @@ def split_adapter_arg(arg: str) -> tuple[str, str]:
     name, sep, source = arg.partition("=")
     if sep and NAME.match(name):
         return name, source
-    spec = arg.split("@", 1)[0] if is_hub_spec(arg) else arg
+    spec = parse_spec(arg)[0] if is_hub_spec(arg) else arg
     return Path(spec.rstrip("/")).name, arg
 
 

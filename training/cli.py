@@ -89,7 +89,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def _push_run(bundle: Path, spec: str) -> None:
     """Push a finished run's bundle; a failed push says how to retry without training again."""
-    from rahf_serve.hub import parse_spec, push_bundle
+    from rahf_serve.hub import push_bundle
+    from rahf_serve.sources import parse_spec
 
     repo_id, revision = parse_spec(spec)
     try:

@@ -23,13 +23,14 @@ from tests.helpers import random_lora_bundle
 CHILD = textwrap.dedent("""
     import os, signal, sys
     import rahf_serve.bundle as b
+    import rahf_serve.bundle.write as w
     from safetensors.torch import load_file
 
     out, point = sys.argv[1], sys.argv[2]
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)
     if point == "mid-files":  # the weights are on disk, the steering vectors not yet
-        save = b.save_file
-        b.save_file = lambda *a, **k: (save(*a, **k), die()) if a[1].name == b.WEIGHTS_FILE else save(*a, **k)
+        save = w.save_file
+        w.save_file = lambda *a, **k: (save(*a, **k), die()) if a[1].name == b.WEIGHTS_FILE else save(*a, **k)
     else:  # "mid-swap": the old folder moved aside, the new one not yet in place
         replace, calls = os.replace, []
         def replace_then_die(src, dst):
@@ -37,7 +38,7 @@ CHILD = textwrap.dedent("""
             if len(calls) == 2:
                 die()
             replace(src, dst)
-        b.os.replace = replace_then_die
+        os.replace = replace_then_die
     state = {k: v * 2 for k, v in load_file(os.path.join(out, b.WEIGHTS_FILE)).items()}
     config = __import__("json").load(open(os.path.join(out, b.CONFIG_FILE)))
     b.write_bundle(out, adapter_config=config, lora_state=state, vectors={1: __import__("torch").ones(64)},

@@ -181,4 +181,10 @@ def test_no_global_adapter_switch(runtime):
     active = list(engine.model.active_adapters)
     run_concurrently(engine, mixed_requests(engine)[:3])
     assert list(engine.model.active_adapters) == active
-    assert torch.is_inference_mode_enabled() is False
+
+
+def test_engine_thread_runs_in_inference_mode(runtime):
+    """Inference mode is per thread: ask the engine thread itself, between two of its steps."""
+    engine, _ = runtime
+    assert engine.call(torch.is_inference_mode_enabled) is True
+    assert torch.is_inference_mode_enabled() is False  # the caller's thread is left alone

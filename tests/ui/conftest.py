@@ -12,11 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import build_tiny_model_dir
+from tests.ui.page import CHROMIUM, CHROMIUM_ARGS
 from tests.ui.server import Arena, serve_arena
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="session")

@@ -18,11 +18,11 @@ import pytest
 
 from rahf_serve.models import load_base
 from tests.helpers import random_lora_bundle
+from tests.ui.page import ANSWER_TIMEOUT_MS, ask, last_answer, open_arena, wait_answered
 from tests.ui.server import serve_arena
 from training.data import load_preferences
 
 pytestmark = pytest.mark.timeout(180)
-ANSWER_TIMEOUT_MS = 30_000
 # Records every text the last bot message of each pane shows, to prove the text arrived in pieces.
 WATCH_STREAMS = """() => {
   window.__seen = {"left-pane": [], "right-pane": []};
@@ -35,31 +35,6 @@ WATCH_STREAMS = """() => {
     }).observe(document.getElementById(id), {subtree: true, childList: true, characterData: true});
   }
 }"""
-
-
-def open_arena(browser, arena, *, max_tokens: int = 24, path: str = "/ui/"):
-    page = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()
-    page.goto(arena.url + path)
-    page.wait_for_function("document.querySelector('#base-info')?.innerText.includes('adapter(s) loaded')")
-    for elem_id, value in (("temperature", 0), ("max-tokens", max_tokens)):
-        box = page.locator(f"#{elem_id} input[type=number]")
-        box.fill(str(value))
-        box.press("Enter")
-    return page
-
-
-def ask(page, prompt: str) -> None:
-    page.fill("#prompt textarea", prompt)
-    page.click("#send")
-
-
-def wait_answered(page) -> None:
-    # Vote buttons turn on only once both panes finished with text (or stay off after an error).
-    page.wait_for_selector("#vote-left:not([disabled])", timeout=ANSWER_TIMEOUT_MS)
-
-
-def last_answer(page, pane: str) -> str:
-    return page.locator(f"#{pane} [data-testid='bot']").last.inner_text().strip()
 
 
 @contextmanager

@@ -36,6 +36,8 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.live import wait_until_up  # noqa: E402
+
 PROMPT = [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}]
 MODES = ("base", "adapter", "blend", "steering")
 DROP_MAX_TOKENS = 256
@@ -167,20 +169,6 @@ def start_server(spec: str, adapter_dir: Path, port: int, args: argparse.Namespa
            str(args.max_batch), "--max-queue", str(max(64, 2 * args.clients)), "--max-new-tokens",
            str(DROP_MAX_TOKENS)]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
-
-
-def wait_until_up(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode} before answering")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError(f"the server did not answer /health within {timeout:.0f} s")
 
 
 async def run_load(url: str, proc: psutil.Process, args: argparse.Namespace) -> dict[str, Any]:

@@ -11,7 +11,6 @@ both answers and the time they took, for the caption in docs/ui.md.
 from __future__ import annotations
 
 import argparse
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,38 +18,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.ui import EXAMPLES  # noqa: E402
+from tests.live import free_port, wait_until_up  # noqa: E402
 from tests.ui.page import CHROMIUM, CHROMIUM_ARGS, ask, last_answer, open_arena, wait_answered  # noqa: E402
 
 
 @dataclass
 class Server:
     url: str
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"rahf-serve exited with {proc.returncode} before it was ready")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit(f"rahf-serve was not ready within {timeout:.0f} s")
 
 
 def main() -> None:
@@ -71,7 +49,7 @@ def main() -> None:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             server = Server(f"http://127.0.0.1:{port}")
-            wait_healthy(server.url, proc)
+            wait_until_up(server.url, proc, timeout=300)
             with sync_playwright() as pw:
                 browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
                 page = open_arena(browser, server, max_tokens=args.max_tokens)

@@ -1,0 +1,359 @@
+"""The slot KV cache against the reference: each prompt decoded alone with transformers' DynamicCache.
+
+A small scheduler below drives the cache the way an engine does (rows join, feed prompt chunks or one
+token, leave when done) and every row's greedy tokens and logits must match that row decoded alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    AutoModelForCausalLM,
+    DynamicCache,
+    Gemma2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from rahf_serve.kvcache import (
+    ContextFull,
+    KVShape,
+    SlotCache,
+    SlotsFull,
+    UnsupportedModelError,
+    check_supported,
+    kv_cache_bytes,
+    pack_inputs,
+)
+from rahf_serve.models import load_base
+from tests.serving.conftest import load_lively
+
+ATOL = 1e-4
+PAD = 0
+
+
+@dataclass
+class Script:
+    """One request: its prompt, how many tokens it generates, when it joins, its prefill chunk size."""
+
+    prompt: list[int]
+    new_tokens: int
+    join: int = 0
+    chunk: int | None = None
+    adapter: str | None = None
+    tokens: list[int] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
+    fed: int = 0
+
+    def next_chunk(self) -> list[int]:
+        if self.fed < len(self.prompt):
+            end = len(self.prompt) if self.chunk is None else min(len(self.prompt), self.fed + self.chunk)
+            chunk, self.fed = self.prompt[self.fed:end], end
+            return chunk
+        return [self.tokens[-1]]
+
+
+@dataclass
+class Run:
+    scripts: list[Script]
+    data_ptrs: set[int]
+    moves: int
+    """leaves that moved the last row into a freed slot"""
+
+
+def forward(model: Any, cache: SlotCache, chunks: list[list[int]], start: int = 0,
+            adapters: list[str] | None = None) -> torch.Tensor:
+    """One step over slots start..start+len(chunks)-1; returns each row's last-token logits."""
+    step = cache.begin_step([len(c) for c in chunks], start=start)
+    extra = {"adapter_names": adapters} if adapters is not None else {}
+    out = model(input_ids=pack_inputs(chunks, PAD, cache.storage.device), attention_mask=step.attention_mask,
+                position_ids=step.position_ids, cache=cache, use_cache=True, logits_to_keep=step.logits_to_keep,
+                **extra)
+    cache.end_step()
+    return step.last_logits(out.logits)
+
+
+def run_batched(model: Any, scripts: list[Script], max_rows: int = 8, max_len: int = 128,
+                prefill_apart: bool = False) -> Run:
+    """Serve `scripts` through one SlotCache, greedy. `prefill_apart`: joining rows are prefilled in a
+    forward of their own over their new slots (as the engine's _admit does), else in the shared step."""
+    cache = SlotCache.for_model(model, max_rows, max_len)
+    ptrs = {cache.storage.data_ptr()}
+    live: list[Script] = []
+    step, moves = 0, 0
+    while step <= max(s.join for s in scripts) or live:
+        joining = [s for s in scripts if s.join == step]
+        start = cache.add(len(joining))[0] if joining else 0
+        live += joining
+        if prefill_apart and joining:
+            logits = forward(model, cache, [s.next_chunk() for s in joining], start, _adapters(model, joining))
+            _take(joining, logits)
+        if live:
+            logits = forward(model, cache, [s.next_chunk() for s in live], 0, _adapters(model, live))
+            _take(live, logits)
+            done = [i for i, s in enumerate(live) if len(s.tokens) >= s.new_tokens]
+            order = cache.remove(done)
+            moves += sum(1 for i, j in enumerate(order) if i != j)
+            live = [live[j] for j in order]
+            assert cache.rows == len(live)
+        ptrs |= {cache.storage.data_ptr()} | {p for layer in cache.layers for p in (
+            layer.keys.untyped_storage().data_ptr(), layer.values.untyped_storage().data_ptr())}
+        step += 1
+    return Run(scripts, ptrs, moves)
+
+
+def _adapters(model: Any, rows: list[Script]) -> list[str] | None:
+    return [s.adapter or "__base__" for s in rows] if hasattr(model, "peft_config") else None
+
+
+def _take(rows: list[Script], logits: torch.Tensor) -> None:
+    """Record a greedy token for each row whose prompt has been fed completely."""
+    for s, row_logits in zip(rows, logits, strict=True):
+        if s.fed == len(s.prompt) and len(s.tokens) < s.new_tokens:
+            s.logits.append(row_logits.clone())
+            s.tokens.append(int(row_logits.argmax()))
+
+
+def alone(model: Any, prompt: list[int], new_tokens: int, adapter: str | None = None) -> tuple[list[int], list]:
+    """The reference: one prompt, transformers' DynamicCache, greedy."""
+    cache = DynamicCache(config=model.config)
+    # A PeftModel without adapter_names would run its active adapter, not the base.
+    extra = {"adapter_names": [adapter or "__base__"]} if hasattr(model, "peft_config") else {}
+    out = model(input_ids=torch.tensor([prompt]), cache=cache, use_cache=True, **extra)
+    tokens, logits = [], []
+    for _ in range(new_tokens):
+        logits.append(out.logits[0, -1])
+        tokens.append(int(out.logits[0, -1].argmax()))
+        out = model(input_ids=torch.tensor([[tokens[-1]]]), cache=cache, use_cache=True, **extra)
+    return tokens, logits
+
+
+def assert_matches_alone(model: Any, run: Run, atol: float = ATOL) -> None:
+    for s in run.scripts:
+        tokens, logits = alone(model, s.prompt, s.new_tokens, s.adapter)
+        assert s.tokens == tokens, f"prompt of {len(s.prompt)} tokens joining at step {s.join}"
+        for got, want in zip(s.logits, logits, strict=True):
+            torch.testing.assert_close(got, want, atol=atol, rtol=0)
+
+
+def prompts(seed: int, lengths: list[int], vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def lively(lively_model_dir) -> Any:
+    return load_lively(lively_model_dir).model
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.inference_mode():
+        yield
+
+
+def _vocab(model: Any) -> int:
+    return int(model.config.vocab_size)
+
+
+# ---------------------------------------------------------------- equal to decoding alone
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_prompts_of_different_lengths_batched_match_each_alone(lively_model_dir, attention):
+    model = load_lively(lively_model_dir).model
+    model.set_attn_implementation(attention)
+    run = run_batched(model, [Script(p, 6) for p in prompts(0, [3, 11, 6, 1], _vocab(model))])
+    assert_matches_alone(model, run)
+    assert len(run.data_ptrs) == 1
+
+
+@pytest.mark.parametrize("prefill_apart", [False, True])
+def test_staggered_joins_and_leaves_match_alone(lively, prefill_apart):
+    # Row 1 (of 3) finishes first, so the last row moves into its slot while others keep decoding.
+    p = prompts(1, [5, 9, 4, 7, 2], _vocab(lively))
+    scripts = [Script(p[0], 8), Script(p[1], 4), Script(p[2], 7, join=1), Script(p[3], 4, join=3),
+               Script(p[4], 3, join=9)]
+    run = run_batched(lively, scripts, max_rows=4, prefill_apart=prefill_apart)
+    assert_matches_alone(lively, run)
+    assert run.moves >= 1
+    assert len(run.data_ptrs) == 1
+
+
+def test_chunked_prefill_while_other_rows_decode_matches_alone(lively):
+    p = prompts(2, [6, 3, 40, 13], _vocab(lively))
+    scripts = [Script(p[0], 12), Script(p[1], 9), Script(p[2], 4, join=2, chunk=7),
+               Script(p[3], 3, join=4, chunk=5)]
+    run = run_batched(lively, scripts)
+    assert_matches_alone(lively, run)
+    assert len(run.data_ptrs) == 1
+
+
+def test_mixed_adapter_rows_through_peft(lively_model_dir):
+    torch.manual_seed(0)
+    model = load_lively(lively_model_dir).model
+    cfg = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # random, non-zero B
+    model = get_peft_model(model, cfg, adapter_name="kind")
+    model.add_adapter("terse", cfg)
+    model.eval()
+    p = prompts(3, [4, 8, 5], _vocab(model))
+    run = run_batched(model, [Script(p[0], 5, adapter="kind"), Script(p[1], 5, adapter="terse"),
+                              Script(p[2], 5, join=2)])
+    assert_matches_alone(model, run)
+
+
+def _tiny(config_cls: type, **overrides: Any) -> Any:
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        initializer_range=0.3, **overrides)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("config_cls, overrides", [
+    (LlamaConfig, {}),
+    (MistralConfig, {"sliding_window": None}),
+    (MistralConfig, {"sliding_window": 128}),  # a window as long as max_len never hides a key
+    (Qwen2Config, {}),
+    (Qwen3Config, {"head_dim": 16}),
+])
+def test_supported_families_match_alone(config_cls, overrides):
+    model = _tiny(config_cls, **overrides)
+    p = prompts(4, [5, 12, 3, 20], 128)
+    scripts = [Script(p[0], 6), Script(p[1], 2), Script(p[2], 5, join=1), Script(p[3], 3, join=2, chunk=6)]
+    assert_matches_alone(model, run_batched(model, scripts, max_len=128))
+
+
+@pytest.mark.slow
+def test_real_default_model_matches_alone():
+    model = load_base("smollm2-135m-instruct", device="cpu", dtype="float32").model
+    p = prompts(5, [9, 30, 4, 17], 4000)
+    scripts = [Script(p[0], 5), Script(p[1], 2), Script(p[2], 4, join=1), Script(p[3], 3, join=2, chunk=6)]
+    run = run_batched(model, scripts)
+    assert_matches_alone(model, run)
+    assert len(run.data_ptrs) == 1
+
+
+# ---------------------------------------------------------------- masks and padding
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_padding_queries_stay_finite_and_leave_real_rows_alone(lively_model_dir, attention):
+    lively = load_lively(lively_model_dir).model
+    lively.set_attn_implementation(attention)
+    cache = SlotCache.for_model(lively, 4, 64)
+    cache.add(3)
+    p = prompts(6, [5, 2, 4], _vocab(lively))
+    forward(lively, cache, p)
+    kept = cache.storage[:, :, :3].clone()
+    # Row 0 feeds 1 token, row 1 feeds 6 (row 0 gets 5 padding queries), row 2 feeds nothing.
+    step = cache.begin_step([1, 6, 0])
+    out = lively(input_ids=pack_inputs([[7], [1, 2, 3, 4, 5, 6], [PAD]], PAD, "cpu"),
+                 attention_mask=step.attention_mask, position_ids=step.position_ids, cache=cache, use_cache=True)
+    cache.end_step()
+    assert torch.isfinite(out.logits).all()
+    assert cache.lengths == [6, 8, 4]
+    # Real keys are never overwritten: what each row held before the step is still there.
+    for row, n in enumerate([5, 2, 4]):
+        assert torch.equal(cache.storage[:, :, row, :, :n], kept[:, :, row, :, :n])
+    assert torch.equal(cache.storage[:, :, 2, :, :64], kept[:, :, 2, :, :64])  # row 2 took no part
+    # Row 0's token got the same logits as in a step without anybody's padding.
+    solo = SlotCache.for_model(lively, 1, 64)
+    solo.add(1)
+    forward(lively, solo, [p[0]])
+    torch.testing.assert_close(out.logits[0, 0], forward(lively, solo, [[7]])[0], atol=1e-5, rtol=0)
+
+
+def test_mask_and_positions_follow_each_rows_length(lively):
+    cache = SlotCache.for_model(lively, 4, 32)
+    cache.add(2)
+    forward(lively, cache, [[5, 6, 7], [8]])
+    step = cache.begin_step([1, 3])
+    mask = step.attention_mask[:, 0]
+    assert step.width == 4 and mask.shape == (2, 3, 4)
+    assert mask[0].tolist() == [[True, True, True, True], [True, False, False, False], [True, False, False, False]]
+    assert mask[1].tolist() == [[True, True, False, False], [True, True, True, False], [True, True, True, True]]
+    assert step.position_ids.tolist() == [[3, 3, 3], [1, 2, 3]]
+    assert step.logits_to_keep.tolist() == [[0], [2]]
+    assert step.columns.tolist() == [[3, 32, 32], [1, 2, 3]]
+
+
+# ---------------------------------------------------------------- rows, storage and capacity
+
+
+def test_remove_moves_the_last_rows_into_the_gaps(lively):
+    cache = SlotCache.for_model(lively, 5, 16)
+    cache.add(5)
+    forward(lively, cache, prompts(7, [1, 2, 3, 4, 5], _vocab(lively)))
+    before = cache.storage.clone()
+    order = cache.remove([1, 3])
+    assert order == [0, 4, 2]
+    assert cache.lengths == [1, 5, 3]
+    for new, old in enumerate(order):
+        n = cache.lengths[new]
+        assert torch.equal(cache.storage[:, :, new, :, :n], before[:, :, old, :, :n])
+    assert cache.remove([2]) == [0, 1] and cache.add(1) == [2] and cache.lengths == [1, 5, 0]
+    with pytest.raises(IndexError):
+        cache.remove([7])
+
+
+def test_capacity_errors_name_the_limits(lively):
+    cache = SlotCache.for_model(lively, 2, 8)
+    cache.add(2)
+    with pytest.raises(SlotsFull, match="2 row slots"):
+        cache.add(1)
+    forward(lively, cache, [[1] * 8, [2] * 3])  # exactly max_len fits
+    with pytest.raises(ContextFull, match="row 0 would hold 9 tokens; the KV cache holds 8"):
+        cache.begin_step([1, 1])
+    assert cache.lengths == [8, 3]  # the refused step changed nothing
+    assert ContextFull.status == 400 and SlotsFull.status == 503
+    with pytest.raises(ValueError):
+        cache.begin_step([0, 0])
+    with pytest.raises(IndexError):
+        cache.begin_step([1], start=2)
+    with pytest.raises(RuntimeError, match="begin_step"):
+        _ = SlotCache.for_model(lively, 1, 4).step
+
+
+def test_memory_estimate_is_what_the_cache_allocates(lively):
+    cache = SlotCache.for_model(lively, 3, 50)
+    assert kv_cache_bytes(lively.config, 3, 50, torch.float32) == cache.storage.nbytes
+    # SmolLM2-135M: 30 layers x 3 kv heads x 64 dims, bf16: 8 rows of 2048 tokens take ~189 MB.
+    smol = KVShape(layers=30, kv_heads=3, head_dim=64)
+    assert smol.bytes(8, 2048, torch.bfloat16) == 2 * 30 * 8 * 3 * 2049 * 64 * 2
+
+
+# ---------------------------------------------------------------- models it must refuse
+
+
+@pytest.mark.parametrize("config, reason", [
+    (MistralConfig(sliding_window=64), "sliding-window attention \\(window 64\\) over rows of up to 128"),
+    (Qwen2Config(use_sliding_window=True, sliding_window=32, max_window_layers=1, num_hidden_layers=2),
+     "layer types \\['sliding_attention'\\]"),
+    (Gemma2Config(), "only llama"),
+    (LlamaConfig(layer_types=["full_attention", "chunked_attention"], num_hidden_layers=2), "chunked_attention"),
+])
+def test_unsupported_models_are_refused_by_type_and_reason(config, reason):
+    with pytest.raises(UnsupportedModelError, match=f"{config.model_type!r}.*{reason}"):
+        check_supported(config, max_len=128)
+
+
+def test_a_model_loaded_with_a_mask_ignoring_kernel_is_refused():
+    config = LlamaConfig()
+    config._attn_implementation = "flash_attention_2"
+    with pytest.raises(UnsupportedModelError, match="'llama'.*flash_attention_2.*sdpa or eager"):
+        check_supported(config, max_len=128)
+
+
+def test_refusal_happens_before_allocation():
+    model = _tiny(MistralConfig, sliding_window=16)
+    with pytest.raises(UnsupportedModelError, match="'mistral'"):
+        SlotCache.for_model(model, 2, 64)
+    assert SlotCache.for_model(model, 2, 16).max_len == 16

@@ -106,13 +106,20 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
-def right_target(base: str, s: Settings) -> tuple[dict[str, Any], str]:
+def right_target(base: str, s: Settings, presets: Sequence[str] = ()) -> tuple[dict[str, Any], str]:
     """(request fields, description) for the right pane; the description names it in votes.
 
+    A preset (one of `presets`) is its own model: picked alone, it is sent as `model` as it is.
     Raises ValueError when the settings do not describe an aligned model to compare with.
     """
     if not s.adapters:
         raise ValueError("pick an adapter for the right pane (none is loaded? add one with POST /v1/adapters)")
+    picked = [a for a in s.adapters if a in presets]
+    if picked:
+        if len(s.adapters) > 1 or s.steer_coeff != 0 or not s.use_lora:
+            raise ValueError(f"preset {picked[0]!r} carries its own blend and steering: pick it alone, with "
+                             "adapter weights on and steering 0")
+        return {"model": picked[0]}, picked[0]
     if s.steer_coeff == 0 and not s.use_lora:
         raise ValueError("with adapter weights off, set a non-zero steering coefficient")
     fields: dict[str, Any] = {"model": base}

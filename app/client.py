@@ -35,10 +35,12 @@ class ApiError(Exception):
 
 @dataclass(frozen=True)
 class Catalog:
-    """What GET /v1/models lists: the served base and the adapters on top of it."""
+    """What GET /v1/models lists: the served base, the adapters on top of it and the named presets."""
 
     base: str
     adapters: tuple[str, ...]
+    presets: tuple[str, ...] = ()
+    """Blends and/or steering registered under a name (POST /v1/presets): used as `model`, never blended."""
 
 
 def _error_from_body(status: int, body: bytes) -> ApiError:
@@ -67,11 +69,12 @@ class ArenaClient:
         if resp.status_code != 200:
             raise _error_from_body(resp.status_code, resp.content)
         models = resp.json()["data"]
-        adapters = tuple(m["id"] for m in models if m.get("parent"))
+        adapters = tuple(m["id"] for m in models if m.get("parent") and "preset" not in m)
+        presets = tuple(m["id"] for m in models if "preset" in m)
         bases = [m["id"] for m in models if not m.get("parent")]
         if not bases:
             raise ApiError("GET /v1/models lists no base model")
-        return Catalog(base=bases[0], adapters=adapters)
+        return Catalog(base=bases[0], adapters=adapters, presets=presets)
 
     async def stream_chat(self, body: dict[str, Any]) -> AsyncIterator[str]:
         """Yield the text deltas of one streamed chat completion; raise ApiError on any error.

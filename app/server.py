@@ -3,6 +3,8 @@
     rahf-serve                                  # embedded SmolLM2 + every bundle in ./adapters, UI at /ui
     rahf-serve --adapter kind=./out/kind-scit   # plus one more bundle, served as model "kind"
     rahf-serve --adapter me/rahf-kind@v1 --api-key s3cret --port 9000
+    rahf-serve --preset 'gentle={"adapters": [{"name": "smollm2-135m-rahf-scit", "weight": 0.7}],
+                                 "steering": {"adapter": "smollm2-135m-rahf-scit", "coeff": 4}}'
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=EMBEDDED_ALIAS, help="base model: the embedded alias, a Hub id or a directory")
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]SOURCE",
                    help="serve a bundle (local folder or Hub org/name[@rev]) as NAME; repeatable")
+    p.add_argument("--preset", action="append", default=[], metavar="NAME=JSON",
+                   help='serve a blend and/or steering as model NAME, e.g. '
+                        'NAME=\'{"adapters": [{"name": "A", "weight": 0.7}], "steering": {"adapter": "A", "coeff": 4}}\'; '
+                        "repeatable (POST /v1/presets adds more at run time)")
     p.add_argument("--adapter-dir", default="adapters",
                    help="bundles here are all loaded at start; POST /v1/adapters reads local paths only from here")
     p.add_argument("--host", default="127.0.0.1")
@@ -51,6 +57,24 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"rahf-serve: error: {err}") from None
 
 
+def add_preset_arg(registry: AdapterRegistry, arg: str) -> None:
+    """`--preset NAME=JSON`: the JSON is a POST /v1/presets body without its name, parsed by the same schema."""
+    from pydantic import ValidationError
+
+    from rahf_serve.api.protocol import Selection
+
+    name, sep, spec = arg.partition("=")
+    if not sep:
+        raise RahfError(f"--preset {arg!r}: expected NAME=JSON")
+    try:
+        selection = Selection.model_validate_json(spec)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "the JSON"
+        raise RahfError(f"--preset {name}: {first['msg']} (at {where})") from None
+    registry.add_preset(name, selection.blend(), selection.steering_spec(), selection.describe())
+
+
 def serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
@@ -67,6 +91,8 @@ def serve(args: argparse.Namespace) -> None:
     for arg in args.adapter:
         registry.load(*split_adapter_arg(arg))
     registry.load_dir()  # after --adapter: a folder already loaded under its name is skipped, not doubled
+    for arg in args.preset:
+        add_preset_arg(registry, arg)
     api = create_app(engine, registry, api_key=args.api_key)
     if not args.no_ui:
         from app.ui import mount_ui

@@ -214,11 +214,13 @@ class ArenaUI:
             catalog = await self.client.catalog()
         except ApiError as err:
             return gr.update(), gr.update(), f"⚠ {err}"
-        kept = [a for a in picked or [] if a in catalog.adapters]
+        choices = [*catalog.adapters, *catalog.presets]
+        kept = [a for a in picked or [] if a in choices]
         if not picked and catalog.adapters:
             kept = [catalog.adapters[0]]
-        info = f"Left: base **{catalog.base}**. {len(catalog.adapters)} adapter(s) loaded."
-        return gr.update(choices=list(catalog.adapters), value=kept), _blend_update(kept, rows), info
+        info = f"Left: base **{catalog.base}**. {len(catalog.adapters)} adapter(s) loaded"
+        info += f", {len(catalog.presets)} preset(s)." if catalog.presets else "."
+        return gr.update(choices=choices, value=kept), _blend_update(kept, rows), info
 
     async def answer(self, prompt: str, conv: Conversation, adapters: list[str] | None, blend: Any,
                      steer: float, use_lora: bool, temperature: float, top_p: float, max_tokens: float,
@@ -254,11 +256,11 @@ class ArenaUI:
         bodies: dict[Side, dict[str, Any]] = {
             "left": {"model": catalog.base, "messages": conv.messages("left", prompt), **sampling}}
         try:
-            fields, exchange.right.model = right_target(catalog.base, settings)
+            fields, exchange.right.model = right_target(catalog.base, settings, catalog.presets)
         except ValueError as err:
             exchange.right.error = str(err)
         else:
-            missing = [a for a in settings.adapters if a not in catalog.adapters]
+            missing = [a for a in settings.adapters if a not in catalog.adapters + catalog.presets]
             if missing:
                 names = ", ".join(map(repr, missing))
                 exchange.right.error = f"adapter {names} is not loaded any more (removed through the API?); pick another one."

@@ -12,6 +12,8 @@ from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from typing import Any
 
+import torch
+
 BLEND_PREFIX = "__blend_"
 """User adapter names cannot start with "_", so blend names never collide with them."""
 
@@ -39,6 +41,12 @@ def build_blend(model: Any, key: BlendKey, name: str) -> None:
         # A zero-weight second copy keeps it "cat"; its rows contribute exactly 0.
         names, weights = names * 2, weights + [0.0]
     model.add_weighted_adapter(names, weights, name, combination_type="cat")
+    # PEFT creates the blend's dropout layers in training mode and copies the first adapter's rate: in an
+    # eval-mode model that would drop activations at random in every blended forward pass.
+    for module in model.modules():
+        dropout = getattr(module, "lora_dropout", None)
+        if isinstance(dropout, torch.nn.ModuleDict) and name in dropout:
+            dropout[name].train(model.training)
 
 
 class BlendCache:

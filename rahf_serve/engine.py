@@ -4,7 +4,9 @@ The engine thread owns the model. It loops: run queued control operations (adapt
 which mutate the PeftModel), prefill waiting requests and merge them into the running batch, decode
 one token for every running row, drop finished and cancelled rows. Each row names its adapter
 through PEFT's mixed-batch `adapter_names` (base rows "__base__"), never a global `set_adapter`, and
-carries its own steering coefficient, sampling parameters and generator.
+carries its own steering coefficient, sampling parameters and generator. Rows that ask for
+log-probabilities get them from their own logits in the same passes (prompt tokens from the prefill,
+see `logprobs.py`), so they reflect that row's adapter, blend and steering.
 
 Callers get tokens through a `sink` callback called on the engine thread; it must return quickly
 (the HTTP layer hands events to its event loop with `call_soon_threadsafe`).
@@ -26,7 +28,7 @@ from typing import Any, TypeVar
 import torch
 from transformers import DynamicCache
 
-from .blend import BlendCache
+from .blend import BlendCache, BlendKey
 from .bundle import Bundle, attach
 from .errors import (
     AdapterRemoved,
@@ -38,6 +40,7 @@ from .errors import (
     RequestTooLarge,
 )
 from .kvbatch import KVBatch, left_pad
+from .logprobs import MAX_TOP_LOGPROBS, TokenLogprob, final_hidden, next_token, output_head, prompt_tokens
 from .metrics import ServingMetrics
 from .models import BaseModel
 from .request import BASE_SLOT, GenerationRequest, RequestHandle, Sink, SteeringSpec, StreamEvent
@@ -74,12 +77,15 @@ class Engine:
         self.max_queue = max_queue
         self.max_new_tokens = max_new_tokens
         self.max_context = int(getattr(base.model.config, "max_position_embeddings", 2048))
+        self.vocab_size = int(base.model.get_input_embeddings().num_embeddings)
         self.metrics = metrics or ServingMetrics()
         self._vectors: dict[str, dict[int, torch.Tensor]] = {}
         """loaded adapter -> its steering vectors (empty for a plain LoRA)"""
         self._blends = BlendCache(max_blends)
         self._eos = _eos_ids(base)
         self._pending: queue.SimpleQueue[_Row] = queue.SimpleQueue()
+        self._queueing = threading.Lock()
+        """held while a group of rows is queued or the queue is drained, so a group is never split by a drain"""
         self._control: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._rows: list[_Row] = []
@@ -172,19 +178,28 @@ class Engine:
 
     def submit(self, request: GenerationRequest, sink: Sink) -> RequestHandle:
         """Queue a request; `sink` receives its events on the engine thread. Raises on invalid requests."""
+        return self.submit_many([request], [sink])[0]
+
+    def submit_many(self, requests: Sequence[GenerationRequest], sinks: Sequence[Sink]) -> list[RequestHandle]:
+        """Queue requests that arrived together (one prompt list): all or none, admitted in one prefill
+        as far as the batch has room."""
         if self._thread is None:
             raise EngineStopped("the engine is not running: start it (engine.start() or `with engine:`)")
-        self.validate(request)
-        if self._pending.qsize() >= self.max_queue:
-            raise QueueFull(f"{self.max_queue} requests are already waiting; retry later")
-        row = _Row(request, RequestHandle(), sink, time.perf_counter())
-        self._pending.put(row)
+        for request in requests:
+            self.validate(request)
+        now = time.perf_counter()
+        rows = [_Row(r, RequestHandle(), sink, now) for r, sink in zip(requests, sinks, strict=True)]
+        with self._queueing:
+            if self._pending.qsize() + len(rows) > self.max_queue:
+                raise QueueFull(f"{self.max_queue} requests are already waiting; retry later")
+            for row in rows:
+                self._pending.put(row)
         self.metrics.queue_depth.set(self._pending.qsize())
         self._wake.set()
-        return row.handle
+        return [row.handle for row in rows]
 
     def generate(self, request: GenerationRequest, timeout: float = 600.0) -> StreamEvent:
-        """Blocking convenience: the whole generation as one event (text, token ids, usage)."""
+        """Blocking convenience: the whole generation as one event (text, token ids, log-probs, usage)."""
         events: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
         self.submit(request, events.put)
         total = StreamEvent()
@@ -192,6 +207,9 @@ class Engine:
             event = events.get(timeout=timeout)
             total.text += event.text
             total.token_ids += event.token_ids
+            if event.logprobs is not None:
+                total.logprobs = (total.logprobs or []) + event.logprobs
+            total.prompt_logprobs = total.prompt_logprobs or event.prompt_logprobs
             total.finish_reason, total.error = event.finish_reason, event.error
             total.prompt_tokens, total.completion_tokens = event.prompt_tokens, event.completion_tokens
         return total
@@ -200,8 +218,13 @@ class Engine:
         p = request.params
         if not request.prompt_ids:
             raise InvalidRequest("the prompt is empty")
-        if p.max_tokens < 1:
-            raise InvalidRequest("max_tokens must be at least 1")
+        if p.max_tokens < 0:
+            raise InvalidRequest("max_tokens must be at least 0")
+        if min(request.prompt_ids) < 0 or max(request.prompt_ids) >= self.vocab_size:
+            raise InvalidRequest(f"prompt token ids must be in [0, {self.vocab_size}) for this model")
+        for k in (request.logprobs, request.prompt_logprobs):
+            if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+                raise InvalidRequest(f"the number of top log-probabilities must be in [0, {MAX_TOP_LOGPROBS}]")
         if p.max_tokens > self.max_new_tokens:
             raise RequestTooLarge(f"max_tokens {p.max_tokens} is above this server's limit of {self.max_new_tokens}")
         if len(request.prompt_ids) + p.max_tokens > self.max_context:
@@ -211,16 +234,20 @@ class Engine:
             raise InvalidRequest("seed must be in [0, 2**63)")
         if not (math.isfinite(p.temperature) and p.temperature >= 0) or not 0 < p.top_p <= 1:
             raise InvalidRequest("temperature must be >= 0 and top_p in (0, 1]")
-        if request.adapter is not None and request.blend:
+        self.validate_selection(request.adapter, request.blend, request.steering)
+
+    def validate_selection(self, adapter: str | None, blend: BlendKey | None, steering: SteeringSpec | None) -> None:
+        """Raise unless every adapter named is loaded, weights are finite and the steering layers exist."""
+        if adapter is not None and blend:
             raise InvalidRequest("give either an adapter as `model` or a blend in `adapters`, not both")
-        for name in [request.adapter] + [n for n, _ in request.blend or ()]:
+        for name in [adapter] + [n for n, _ in blend or ()]:
             if name is not None and name not in self._vectors:
                 raise ModelNotFound(f"adapter {name!r} is not loaded")
-        for _, weight in request.blend or ():
+        for _, weight in blend or ():
             if not math.isfinite(weight):
                 raise InvalidRequest("blend weights must be finite numbers")
-        if request.steering is not None:
-            self._steer_for(request.steering)
+        if steering is not None:
+            self._steer_for(steering)
 
     def _steer_for(self, spec: SteeringSpec) -> Steer:
         vectors = self.vectors(spec.adapter)
@@ -264,8 +291,9 @@ class Engine:
 
     def _admit(self) -> None:
         joining: list[_Row] = []
-        while len(self._rows) + len(joining) < self.max_batch and not self._pending.empty():
-            row = self._pending.get()
+        with self._queueing:
+            waiting = [self._pending.get() for _ in range(min(self.max_batch - len(self._rows), self._pending.qsize()))]
+        for row in waiting:
             if row.handle.cancelled:
                 self._cancel(row)
                 continue
@@ -285,12 +313,14 @@ class Engine:
         try:
             ids, mask, positions = left_pad([r.request.prompt_ids for r in joining], self._pad_id, self.base.device)
             cache = DynamicCache(config=self.model.config)
-            logits = self._forward(ids, mask, positions, cache, joining, row_deltas(
-                [r.steer for r in joining], self._hidden, self.base.device, self.base.dtype))
+            scored = any(r.request.prompt_logprobs is not None for r in joining)
+            with final_hidden(self.model) if scored else nullcontext([]) as hidden:
+                logits = self._forward(ids, mask, positions, cache, joining, row_deltas(
+                    [r.steer for r in joining], self._hidden, self.base.device, self.base.dtype))
             for r in joining:
                 r.position = len(r.request.prompt_ids)
                 self.metrics.prompt_tokens.inc(len(r.request.prompt_ids), adapter=r.request.label)
-            finished = self._emit(joining, logits)
+            finished = self._emit(joining, logits, self._prompt_logprobs(joining, hidden[0]) if scored else None)
         except Exception as err:
             # These rows are in neither the queue nor the running batch yet: unless failed here, their
             # clients would wait forever. The running batch has its own cache and goes on untouched.
@@ -323,6 +353,15 @@ class Engine:
             row.slot = req.adapter
         row.steer = self._steer_for(req.steering) if req.steering is not None else None
 
+    def _prompt_logprobs(self, rows: Sequence[_Row], hidden: torch.Tensor) -> list[list[TokenLogprob] | None]:
+        """Per row that asked: its prompt tokens scored from its own (left-padded) prefill states."""
+        head = output_head(self.model)
+        out: list[list[TokenLogprob] | None] = []
+        for i, row in enumerate(rows):
+            ids, k = row.request.prompt_ids, row.request.prompt_logprobs
+            out.append(None if k is None else prompt_tokens(hidden[i, hidden.shape[1] - len(ids):], head, ids, k))
+        return out
+
     def _decode(self) -> None:
         cancelled = [i for i, r in enumerate(self._rows) if r.handle.cancelled]
         for i in cancelled:
@@ -350,13 +389,24 @@ class Engine:
                              use_cache=True, logits_to_keep=1, **kwargs)
         return out.logits[:, -1, :]
 
-    def _emit(self, rows: Sequence[_Row], logits: torch.Tensor) -> set[int]:
-        """Sample a token for each row, send it on; returns the indices of rows that finished."""
+    def _emit(self, rows: Sequence[_Row], logits: torch.Tensor,
+              prompt_logprobs: Sequence[list[TokenLogprob] | None] | None = None) -> set[int]:
+        """Sample a token for each row, send it on; returns the indices of rows that finished.
+
+        `prompt_logprobs` (after a prefill) go out with each row's first event.
+        """
         tokens = sample_rows(logits, [r.request.params for r in rows], [r.generator for r in rows])  # type: ignore[misc]
         now = time.perf_counter()
         finished = set()
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
             assert row.text is not None
+            scored = prompt_logprobs[i] if prompt_logprobs is not None else None
+            if row.request.params.max_tokens == 0:  # only the prompt was to be scored
+                row.sink(StreamEvent(finish_reason="length", prompt_tokens=len(row.request.prompt_ids),
+                                     prompt_logprobs=scored))
+                finished.add(i)
+                self._account(row, "length")
+                continue
             if row.generated == 0:
                 self.metrics.ttft.observe(now - row.submitted)
             else:
@@ -373,7 +423,9 @@ class Engine:
                     reason = "stop"
                 elif row.generated >= row.request.params.max_tokens:
                     text, reason = text + row.text.flush(), "length"
-            row.sink(StreamEvent(text, [token], reason, None, len(row.request.prompt_ids), row.generated))
+            k = row.request.logprobs
+            row.sink(StreamEvent(text, [token], reason, None, len(row.request.prompt_ids), row.generated,
+                                 [next_token(logits[i], token, k)] if k is not None else None, scored))
             if reason is not None:
                 finished.add(i)
                 self._account(row, reason)

@@ -1,8 +1,12 @@
-"""The adapter registry: which adapters are served under which names, and where they came from.
+"""The adapter registry: which adapters and presets are served under which names, and where they came from.
 
 It enforces the loading policy (valid names, one load per name at a time, local paths from the API
 only inside the adapter directory) and reads bundles on the caller's thread; the engine only
 attaches the already-validated bundle between two steps.
+
+A preset is a named blend and/or steering setting over loaded adapters, served as a model of its own
+so that clients which send nothing but `model` (lm-eval, chat front ends) can use it. Adapters and
+presets share one namespace; an adapter that a preset uses cannot be unloaded before the preset.
 """
 
 from __future__ import annotations
@@ -15,16 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .blend import BlendKey
 from .bundle import CONFIG_FILE, Bundle, read_bundle
 from .engine import Engine
 from .errors import (
     AdapterConflict,
     BundleNotFound,
     InvalidAdapterName,
+    InvalidRequest,
     ModelNotFound,
     RahfError,
     SourceNotAllowed,
 )
+from .request import SteeringSpec
 from .sources import exists, is_hub_spec, resolve_source
 
 log = logging.getLogger(__name__)
@@ -55,11 +62,29 @@ class AdapterInfo:
                 "base": self.bundle.base_id, "loaded_at": int(self.loaded_at)}
 
 
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    blend: BlendKey | None
+    steering: SteeringSpec | None
+    spec: dict[str, Any]
+    """The preset as it was registered (for listings)."""
+    created_at: float
+
+    @property
+    def uses(self) -> set[str]:
+        return {n for n, _ in self.blend or ()} | ({self.steering.adapter} if self.steering else set())
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, **self.spec, "created_at": int(self.created_at)}
+
+
 class AdapterRegistry:
     def __init__(self, engine: Engine, adapter_dir: str | Path = "adapters") -> None:
         self.engine = engine
         self.adapter_dir = Path(adapter_dir)
         self._adapters: dict[str, AdapterInfo] = {}
+        self._presets: dict[str, Preset] = {}
         self._busy: set[str] = set()
         """names being loaded or unloaded right now: the per-name lock"""
         self._lock = threading.Lock()
@@ -76,8 +101,8 @@ class AdapterRegistry:
         """Load `source` as `name`. `confined` (the API) allows local paths only inside the adapter dir."""
         validate_name(name)
         with self._lock:
-            if name in self._adapters or name in self._busy:
-                raise AdapterConflict(f"an adapter named {name!r} is already loaded; DELETE it first")
+            if name in self._adapters or name in self._busy or name in self._presets:
+                raise AdapterConflict(f"an adapter or preset named {name!r} is already served; DELETE it first")
             self._busy.add(name)
         try:
             path = self._resolve(source) if confined else resolve_source(source)
@@ -98,6 +123,9 @@ class AdapterRegistry:
                 raise AdapterConflict(f"adapter {name!r} is being loaded or unloaded; retry")
             if name not in self._adapters:
                 raise ModelNotFound(f"adapter {name!r} is not loaded")
+            users = sorted(p.name for p in self._presets.values() if name in p.uses)
+            if users:
+                raise AdapterConflict(f"adapter {name!r} is used by preset(s) {users}; DELETE /v1/presets/<name> first")
             self._busy.add(name)
         try:
             self.engine.detach_adapter(name)
@@ -105,6 +133,35 @@ class AdapterRegistry:
         finally:
             with self._lock:
                 self._busy.discard(name)
+
+    def presets(self) -> list[Preset]:
+        return sorted(self._presets.values(), key=lambda p: p.name)
+
+    def preset(self, name: str) -> Preset | None:
+        return self._presets.get(name)
+
+    def add_preset(self, name: str, blend: BlendKey | None, steering: SteeringSpec | None,
+                   spec: dict[str, Any]) -> Preset:
+        """Serve `blend` and/or `steering` as model `name`; validated now, as a request using it would be."""
+        validate_name(name)
+        if not blend and steering is None:
+            raise InvalidRequest("a preset needs `adapters` (a blend), `steering`, or both")
+        preset = Preset(name, blend, steering, spec, time.time())
+        with self._lock:
+            if name in self._adapters or name in self._busy or name in self._presets or name == self.engine.base.name:
+                raise AdapterConflict(f"a model named {name!r} is already served; DELETE it first or pick another name")
+            busy = sorted(preset.uses & self._busy)
+            if busy:
+                raise AdapterConflict(f"adapter(s) {busy} are being loaded or unloaded; retry")
+            self.engine.validate_selection(None, blend, steering)
+            self._presets[name] = preset
+        return preset
+
+    def remove_preset(self, name: str) -> None:
+        with self._lock:
+            if name not in self._presets:
+                raise ModelNotFound(f"preset {name!r} is not registered")
+            del self._presets[name]
 
     def load_dir(self) -> list[AdapterInfo]:
         """Load every bundle folder in the adapter dir under its folder name; a bad one is logged, skipped."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from .blend import BlendKey
 from .errors import RahfError
+from .logprobs import TokenLogprob
 from .sampling import SamplingParams
 
 BASE_SLOT = "__base__"
@@ -33,6 +34,10 @@ class GenerationRequest:
     blend: BlendKey | None = None
     """((adapter, weight), ...): the exact weighted sum of their deltas. Excludes `adapter`."""
     steering: SteeringSpec | None = None
+    logprobs: int | None = None
+    """Return each generated token's log-probability with this many alternatives; None = none."""
+    prompt_logprobs: int | None = None
+    """The same for every prompt token (OpenAI's `echo`), from the prefill of this row; None = none."""
 
     @property
     def label(self) -> str:
@@ -52,6 +57,10 @@ class StreamEvent:
     error: RahfError | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    """One per token in `token_ids`, when the request asked for them."""
+    prompt_logprobs: list[TokenLogprob] | None = None
+    """On a request's first event only, when it asked for them: one per prompt token."""
 
 
 Sink = Callable[[StreamEvent], None]

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 256
-    """Most tokens to generate (the prompt does not count)."""
+    """Most tokens to generate (the prompt does not count); 0 only scores the prompt (echo)."""
     temperature: float = 1.0
     """0 means greedy (argmax)."""
     top_p: float = 1.0

@@ -38,7 +38,11 @@ def install_handlers(app: FastAPI) -> None:
     async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0] if err.errors() else {}
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        message = f"{first.get('msg', 'invalid request')}" + (f" (at {param})" if param else "")
+        if first.get("type") == "extra_forbidden":
+            message = f"unsupported field {param!r}: rahf-serve does not implement it; remove it from the request"
+        else:
+            message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+            message += f" (at {param})" if param else ""
         return error_response(400, message, "invalid_request", param)
 
     @app.exception_handler(HTTPException)

@@ -10,13 +10,13 @@ from fastapi.responses import PlainTextResponse
 
 from ..engine import Engine
 from ..registry import AdapterRegistry
-from .protocol import ChatCompletionRequest, CompletionRequest, LoadAdapterRequest
+from .protocol import ChatCompletionRequest, CompletionRequest, LoadAdapterRequest, PresetRequest
 from .serving import OpenAIServing
 
 
 def build_router(engine: Engine, registry: AdapterRegistry) -> APIRouter:
     router = APIRouter()
-    serving = OpenAIServing(engine)
+    serving = OpenAIServing(engine, registry)
     base = engine.base
 
     @router.post("/v1/chat/completions")
@@ -33,7 +33,9 @@ def build_router(engine: Engine, registry: AdapterRegistry) -> APIRouter:
                 "parent": None}
         adapters = [{"id": a.name, "object": "model", "created": int(a.loaded_at), "owned_by": "rahf-serve",
                      "root": a.source, "parent": base.name} for a in registry.list()]
-        return {"object": "list", "data": [root, *adapters]}
+        presets = [{"id": p.name, "object": "model", "created": int(p.created_at), "owned_by": "rahf-serve",
+                    "root": base.hub_id, "parent": base.name, "preset": p.spec} for p in registry.presets()]
+        return {"object": "list", "data": [root, *adapters, *presets]}
 
     @router.get("/v1/adapters")
     async def list_adapters() -> dict[str, Any]:
@@ -49,6 +51,21 @@ def build_router(engine: Engine, registry: AdapterRegistry) -> APIRouter:
     async def unload_adapter(name: str) -> dict[str, Any]:
         await asyncio.to_thread(registry.unload, name)
         return {"id": name, "object": "adapter", "deleted": True}
+
+    @router.get("/v1/presets")
+    async def list_presets() -> dict[str, Any]:
+        return {"object": "list", "data": [p.describe() for p in registry.presets()]}
+
+    @router.post("/v1/presets", status_code=201)
+    async def add_preset(body: PresetRequest) -> dict[str, Any]:
+        selection = body.selection()
+        preset = registry.add_preset(body.name, selection.blend(), selection.steering_spec(), selection.describe())
+        return preset.describe()
+
+    @router.delete("/v1/presets/{name}")
+    async def remove_preset(name: str) -> dict[str, Any]:
+        registry.remove_preset(name)
+        return {"id": name, "object": "preset", "deleted": True}
 
     @router.get("/health")
     async def health() -> dict[str, Any]:

@@ -56,7 +56,8 @@ def endpoints(guarded, tmp_path_factory) -> list[tuple[str, str]]:
 
 def test_the_walk_reaches_api_management_metrics_docs_and_ui(endpoints):
     paths = {p for _, p in endpoints}
-    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/adapters", "/v1/adapters/x", "/health",
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/adapters", "/v1/adapters/x", "/v1/presets",
+            "/v1/presets/x", "/health",
             "/metrics", "/openapi.json", "/docs", "/ui/", "/ui/config", "/ui/gradio_api/queue/join"} <= paths
     assert len(endpoints) > 60  # the Gradio app's own routes were walked, not just the mount point
 

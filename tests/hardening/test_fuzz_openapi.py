@@ -42,7 +42,8 @@ def operations(server):
 def test_the_schema_lists_every_api_route(server):
     labels = {op.label for op in operations(server)}
     assert {"POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models", "GET /v1/adapters",
-            "POST /v1/adapters", "DELETE /v1/adapters/{name}", "GET /health", "GET /metrics"} <= labels
+            "POST /v1/adapters", "DELETE /v1/adapters/{name}", "GET /v1/presets", "POST /v1/presets",
+            "DELETE /v1/presets/{name}", "GET /health", "GET /metrics"} <= labels
 
 
 def test_no_500_and_no_hang_on_generated_requests(server, runtime, offline):

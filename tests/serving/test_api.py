@@ -160,6 +160,7 @@ def test_api_key_guards_every_route_and_mounts(runtime):
     with LiveServer(app) as live:
         for method, path in [("GET", "/health"), ("GET", "/metrics"), ("GET", "/v1/models"),
                              ("GET", "/v1/adapters"), ("POST", "/v1/adapters"), ("DELETE", "/v1/adapters/kind"),
+                             ("GET", "/v1/presets"), ("POST", "/v1/presets"), ("DELETE", "/v1/presets/x"),
                              ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/ui/"),
                              ("GET", "/openapi.json")]:
             for headers in ({}, {"Authorization": "Bearer wrong"}):

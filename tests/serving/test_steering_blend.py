@@ -6,12 +6,11 @@ import copy
 
 import pytest
 import torch
-from peft import PeftModel
 
 from rahf_serve.blend import BlendCache, blend_key, build_blend
 from rahf_serve.bundle import attach, read_bundle
 from rahf_serve.steering import Steer, add_steering, row_deltas, steering
-from tests.helpers import random_lora_bundle
+from tests.helpers import merged_by_hand, random_lora_bundle
 
 
 @pytest.fixture
@@ -29,21 +28,6 @@ def batch(tokenizer, texts=("Hello there", "A longer second prompt here", "x")):
     return tokenizer(list(texts), return_tensors="pt", padding=True)
 
 
-def merged_by_hand(plain: torch.nn.Module, peft_model: PeftModel, weights: dict[str, float]) -> torch.nn.Module:
-    """Reference: W + sum_i w_i * scaling_i * B_i @ A_i written into a copy of the plain weights."""
-    ref = copy.deepcopy(plain)
-    modules = dict(ref.named_modules())
-    for name, module in peft_model.get_base_model().named_modules():
-        if not hasattr(module, "lora_A"):
-            continue
-        target = modules[name]
-        for adapter, w in weights.items():
-            if adapter in module.lora_A:
-                delta = module.lora_B[adapter].weight @ module.lora_A[adapter].weight
-                target.weight.data += w * module.scaling[adapter] * delta
-    return ref
-
-
 @pytest.mark.parametrize("weights", [{"kind": 0.7, "terse": -0.4}, {"kind": -1.5}, {"kind": 1.0, "terse": 1.0}])
 def test_blend_equals_hand_merged_deltas(two_adapters, tokenizer, weights):
     plain, model = two_adapters
@@ -58,6 +42,21 @@ def test_blend_equals_hand_merged_deltas(two_adapters, tokenizer, weights):
     # fp32, tiny model: the factorised and the merged computation agree to ~1e-6; 1e-4 leaves margin.
     torch.testing.assert_close(got[mask], want[mask], atol=1e-4, rtol=1e-4)
     assert (got[mask] - base[mask]).abs().max() > 1e-2  # the blend really changes the logits
+
+
+def test_a_blend_of_adapters_trained_with_dropout_is_deterministic(tiny_base, tokenizer, tmp_path):
+    # The shipped adapters have lora_dropout 0.05; PEFT builds a blend's dropout layers in training mode.
+    bundle = read_bundle(random_lora_bundle(tiny_base, tmp_path / "dropped", seed=4, dropout=0.5))
+    plain = copy.deepcopy(tiny_base.model).eval()
+    model = attach(tiny_base.model, bundle, "dropped", tiny_base.fingerprint).eval()
+    build_blend(model, blend_key([("dropped", 0.8)]), "mix")
+    inputs = batch(tokenizer)
+    with torch.no_grad():
+        first, second = (model(**inputs, adapter_names=["mix"] * 3).logits for _ in range(2))
+        want = merged_by_hand(plain, model, {"dropped": 0.8})(**inputs).logits
+    mask = inputs["attention_mask"].bool()
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first[mask], want[mask], atol=1e-4, rtol=1e-4)
 
 
 def test_blend_cache_reuses_and_invalidates(two_adapters):

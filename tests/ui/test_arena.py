@@ -41,6 +41,14 @@ def test_right_target_refuses_a_comparison_of_nothing(settings):
         right_target("base", settings)
 
 
+def test_a_preset_is_sent_as_the_model_and_never_combined():
+    assert right_target("base", Settings(adapters=("gentle",)), presets=("gentle",)) == ({"model": "gentle"}, "gentle")
+    for settings in (Settings(adapters=("gentle", "a")), Settings(adapters=("gentle",), steer_coeff=2.0),
+                     Settings(adapters=("gentle",), steer_coeff=2.0, use_lora=False)):
+        with pytest.raises(ValueError, match="preset 'gentle'"):
+            right_target("base", settings, presets=("gentle",))
+
+
 def test_each_pane_keeps_its_own_history_and_votes_use_the_base_side():
     conv = Conversation(system="sys", exchanges=[
         Exchange("q1", Answer("base", "b1"), Answer("a", "a1"), done=True),

@@ -35,7 +35,14 @@ def test_catalog_lists_the_base_and_the_adapters(arena):
 
     catalog = asyncio.run(run())
     assert catalog.base == arena.registry.engine.base.name
-    assert catalog.adapters == ("kind", "terse")
+    assert catalog.adapters == ("kind", "terse") and catalog.presets == ()
+    arena.registry.add_preset("gentle", (("kind", 0.5),), None, {"adapters": [{"name": "kind", "weight": 0.5}]})
+    try:
+        catalog = asyncio.run(run())
+        assert catalog.adapters == ("kind", "terse") and catalog.presets == ("gentle",)
+        assert collect(arena, chat("gentle"))  # the arena sends a preset as `model`: it streams like any model
+    finally:
+        arena.registry.remove_preset("gentle")
 
 
 def test_streams_for_adapter_blend_and_steering_differ_from_the_base(arena):

@@ -122,7 +122,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from .config import TrainConfig, load_config
     from .data import load_preferences
-    from .evaluate import PromptSet, evaluate, merge, record_metrics, report, write_eval
+    from .evaluate import PromptSet, evaluate, merge, record_metrics, rename, report, write_eval
     from .plots import plot_accuracy
 
     if not args.adapter and not args.extend:
@@ -142,6 +142,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.benign_data:
         prompts.append(PromptSet("benign", load_preferences(args.benign_data, args.benign_rows), args.benign))
     earlier = merge([json.loads(p.read_text()) for p in args.extend]) if args.extend else None
+    if args.rename:
+        if earlier is None:
+            raise ValueError("--rename renames models of the --extend evaluations; give --extend")
+        earlier = rename(earlier, dict(_name_pair(r) for r in args.rename))
     result = evaluate(load_base(args.base), adapters, data, config, transfer=transfer, prompts=prompts,
                       earlier=earlier)
     text = report(result)
@@ -201,9 +205,19 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                    help="an earlier eval.json on the same rows and settings: the models it scored (the base "
                         "included) are reused, not run again, and the new report holds them all; repeat to "
                         "merge several (with no --adapter: only merge)")
+    p.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
+                   help="rename a model of the --extend evaluations in the result (all renames at once, so "
+                        "two can swap), e.g. when a newly shipped adapter takes over an old one's name")
     p.add_argument("--record", action="store_true",
                    help="also write each adapter's scores into its bundle's rahf.json (local folders only)")
     p.set_defaults(func=cmd_eval)
+
+
+def _name_pair(text: str) -> tuple[str, str]:
+    old, sep, new = text.partition("=")
+    if not (sep and old and new):
+        raise ValueError(f"--rename takes OLD=NEW, got {text!r}")
+    return old, new
 
 
 def cmd_export(args: argparse.Namespace) -> None:

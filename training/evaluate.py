@@ -168,6 +168,31 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def rename(result: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """The evaluation with models renamed old -> new everywhere (all at once, so names can swap)."""
+    unknown = sorted(set(names) - set(result["adapters"]))
+    if unknown:
+        raise ValueError(f"--rename: {unknown} not among the evaluated adapters {sorted(result['adapters'])}")
+    if BASE in names.values():
+        raise ValueError(f"--rename: {BASE!r} is the base's name")
+
+    def re_key(d: dict[str, Any]) -> dict[str, Any]:
+        out = {names.get(k, k): v for k, v in d.items()}
+        if len(out) != len(d):
+            raise ValueError(f"--rename: two models would share a name among {sorted(out)}")
+        return out
+
+    out = json.loads(json.dumps(result))
+    out["adapters"] = re_key(out["adapters"])
+    for key in ("preference", "transfer"):
+        if key in out:
+            out[key]["margins"], out[key]["scores"] = re_key(out[key]["margins"]), re_key(out[key]["scores"])
+    for block in out.get("behaviour", {}).values():
+        block["models"] = re_key(block["models"])
+    out["generations"] = [re_key(g) for g in out.get("generations", [])]
+    return out
+
+
 def evaluate(base: BaseModel, adapters: dict[str, str] | str, data: PreferenceData, config: TrainConfig, *,
              transfer: PreferenceData | None = None, prompts: list[PromptSet] = (),
              earlier: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from training.config import load_config
@@ -88,3 +89,25 @@ def test_extend_reuses_the_earlier_models_and_equals_one_call(scit_run, tiny_mod
     assert main(["eval", "--adapter", f"c={bundle}", *common[:4], "--rows", "250:254", *common[6:],
                  "--extend", str(tmp_path / "two" / "eval.json")]) == 2
     assert "other pairs" in capsys.readouterr().err
+
+
+def test_rename_swaps_names_everywhere_and_refuses_clashes():
+    from training.evaluate import rename
+
+    scores = {"base": {"accuracy": 0.5}, "old": {"accuracy": 0.6}, "new": {"accuracy": 0.7}}
+    result = {"adapters": {"old": "runs/a", "new": "runs/b"},
+              "preference": {"margins": {"base": [0.0], "old": [1.0], "new": [2.0]}, "scores": scores},
+              "behaviour": {"harmful": {"models": {"base": {}, "old": {"r": 1}, "new": {"r": 2}}}},
+              "generations": [{"prompt": "p", "base": "x", "old": "y", "new": "z"}]}
+    out = rename(result, {"old": "previous", "new": "old"})
+    assert out["adapters"] == {"previous": "runs/a", "old": "runs/b"}
+    assert out["preference"]["margins"]["old"] == [2.0] and out["preference"]["scores"]["previous"]["accuracy"] == 0.6
+    assert out["behaviour"]["harmful"]["models"]["old"] == {"r": 2}
+    assert out["generations"][0] == {"prompt": "p", "base": "x", "previous": "y", "old": "z"}
+    assert result["adapters"] == {"old": "runs/a", "new": "runs/b"}  # the input is left as it was
+    with pytest.raises(ValueError, match="share a name"):
+        rename(result, {"old": "new"})
+    with pytest.raises(ValueError, match="not among"):
+        rename(result, {"missing": "x"})
+    with pytest.raises(ValueError, match="base"):
+        rename(result, {"old": "base"})

@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=8, help="most requests decoded together in one step")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get 503 queue_full")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="most tokens one request may span, prompt + max_tokens (default: the model's context, at "
+                        "most 4096); the KV cache for --max-batch rows of this length is allocated at start")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="token positions one engine step computes, padding included: prompts are prefilled in "
+                        "chunks of this / running rows, so a long prompt delays running streams by one chunk a step")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = torch's default); 1 is faster on a machine shared with other jobs")
     p.add_argument("--no-ui", action="store_true", help="serve the API only")
@@ -86,7 +92,8 @@ def serve(args: argparse.Namespace) -> None:
 
         torch.set_num_threads(args.threads)
     base = load_base(args.base, device=args.device, dtype=args.dtype)
-    engine = Engine(base, max_batch=args.max_batch, max_queue=args.max_queue, max_new_tokens=args.max_new_tokens)
+    engine = Engine(base, max_batch=args.max_batch, max_queue=args.max_queue, max_new_tokens=args.max_new_tokens,
+                    max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens)
     registry = AdapterRegistry(engine, args.adapter_dir)
     for arg in args.adapter:
         registry.load(*split_adapter_arg(arg))

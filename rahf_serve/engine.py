@@ -1,12 +1,17 @@
 """The generation engine: one base model, per-row adapters, continuous batching in a background thread.
 
-The engine thread owns the model. It loops: run queued control operations (adapter load/unload,
-which mutate the PeftModel), prefill waiting requests and merge them into the running batch, decode
-one token for every running row, drop finished and cancelled rows. Each row names its adapter
-through PEFT's mixed-batch `adapter_names` (base rows "__base__"), never a global `set_adapter`, and
-carries its own steering coefficient, sampling parameters and generator. Rows that ask for
-log-probabilities get them from their own logits in the same passes (prompt tokens from the prefill,
-see `logprobs.py`), so they reflect that row's adapter, blend and steering.
+The engine thread owns the model. It loops: run queued control operations (adapter load/unload, which
+mutate the PeftModel), give waiting requests free rows, then run one forward over every row in which
+rows still prefilling feed their next prompt chunk and the others their last token, sample a token for
+each row whose prompt is complete, drop finished and cancelled rows. Keys and values live in one
+`SlotCache` allocated at start (`max_batch` rows of `max_model_len` tokens, see `kvcache.py`);
+`validate` refuses any request that could outgrow its slot, so a running row never runs out of cache. A
+step computes at most `max_num_batched_tokens` positions (rows x longest chunk, padding included), so a
+long prompt delays running streams by one chunk per step, not by its whole prefill. Each row names its
+adapter through PEFT's mixed-batch `adapter_names` (base rows "__base__"), never a global
+`set_adapter`, and carries its own steering coefficient, sampling parameters and generator. Rows that
+ask for log-probabilities get them from their own logits in the same passes (prompt tokens from the
+prefill chunks, see `logprobs.py`), so they reflect that row's adapter, blend and steering.
 
 Callers get tokens through a `sink` callback called on the engine thread; it must return quickly
 (the HTTP layer hands events to its event loop with `call_soon_threadsafe`).
@@ -22,11 +27,10 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
-from transformers import DynamicCache
 
 from .blend import BlendCache, BlendKey
 from .bundle import Bundle, attach
@@ -39,7 +43,7 @@ from .errors import (
     RahfError,
     RequestTooLarge,
 )
-from .kvbatch import KVBatch, left_pad
+from .kvcache import SlotCache, SlotStep, pack_inputs
 from .logprobs import MAX_TOP_LOGPROBS, TokenLogprob, final_hidden, next_token, output_head, prompt_tokens
 from .metrics import ServingMetrics
 from .models import BaseModel
@@ -49,6 +53,12 @@ from .steering import Steer, add_steering, row_deltas
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+DEFAULT_MAX_MODEL_LEN = 4096
+"""Tokens per request (prompt + max_tokens) when not set and the model allows more: the KV cache holds
+max_batch x this many tokens from the start (SmolLM2-135M: 8 x 4096 = 1.4 GiB in float32)."""
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
+"""Positions one step computes: 8 rows decoding while one prefills feed it 64-token chunks."""
 
 
 @dataclass
@@ -62,21 +72,36 @@ class _Row:
     slot: str = BASE_SLOT
     steer: Steer | None = None
     last_token: int = 0
-    position: int = 0
+    fed: int = 0
+    """prompt tokens already in the row's cache slot"""
+    prompt_hidden: list[torch.Tensor] = field(default_factory=list)
+    """final hidden states of the prompt chunks fed so far, when the request asked for prompt log-probs"""
     generated: int = 0
     last_time: float = 0.0
 
 
 class Engine:
     def __init__(self, base: BaseModel, *, max_batch: int = 8, max_queue: int = 64, max_new_tokens: int = 1024,
+                 max_model_len: int | None = None, max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
                  max_blends: int = 8, metrics: ServingMetrics | None = None) -> None:
+        """`max_model_len`: the most tokens a request may span (prompt + max_tokens); None = the model's
+        context, at most DEFAULT_MAX_MODEL_LEN. `max_num_batched_tokens`: positions one step computes
+        (a step over m rows feeds prompts in chunks of max_num_batched_tokens // m). Raises
+        UnsupportedModelError for bases the KV cache cannot serve exactly (e.g. sliding-window attention)."""
         self.base = base
         self.model: Any = base.model
         self.tokenizer = base.tokenizer
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.max_new_tokens = max_new_tokens
-        self.max_context = int(getattr(base.model.config, "max_position_embeddings", 2048))
+        context = int(getattr(base.model.config, "max_position_embeddings", 2048))
+        self.max_model_len = min(context, DEFAULT_MAX_MODEL_LEN) if max_model_len is None else max_model_len
+        if not 0 < self.max_model_len <= context:
+            raise RahfError(f"max_model_len {self.max_model_len} must be between 1 and the model's context "
+                            f"of {context} tokens")
+        if max_num_batched_tokens < 1:
+            raise RahfError("max_num_batched_tokens must be at least 1")
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.vocab_size = int(base.model.get_input_embeddings().num_embeddings)
         self.metrics = metrics or ServingMetrics()
         self._vectors: dict[str, dict[int, torch.Tensor]] = {}
@@ -89,7 +114,10 @@ class Engine:
         self._control: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._rows: list[_Row] = []
-        self._kv: KVBatch | None = None
+        # Built from the base's config, dtype and device, which adapters attached later do not change.
+        self._kv = SlotCache.for_model(self.model, max_batch, self.max_model_len)
+        log.info("KV cache: %d rows x %d tokens, kv_cache_bytes=%d (%.2f GiB)", max_batch, self.max_model_len,
+                 self.kv_cache_bytes, self.kv_cache_bytes / 2**30)
         self._deltas: dict[int, torch.Tensor] | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -111,7 +139,13 @@ class Engine:
             self._thread = None
         for row in self._rows + _drain(self._pending):
             self._fail(row, EngineStopped("the server is shutting down"))
-        self._rows, self._kv = [], None
+        self._rows = []
+        self._kv.clear()
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Memory the KV cache took at start; it never grows."""
+        return self._kv.storage.numel() * self._kv.storage.element_size()
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -227,9 +261,9 @@ class Engine:
                 raise InvalidRequest(f"the number of top log-probabilities must be in [0, {MAX_TOP_LOGPROBS}]")
         if p.max_tokens > self.max_new_tokens:
             raise RequestTooLarge(f"max_tokens {p.max_tokens} is above this server's limit of {self.max_new_tokens}")
-        if len(request.prompt_ids) + p.max_tokens > self.max_context:
+        if len(request.prompt_ids) + p.max_tokens > self.max_model_len:
             raise RequestTooLarge(f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({p.max_tokens}) exceeds "
-                                  f"the model's context of {self.max_context} tokens")
+                                  f"this server's limit of {self.max_model_len} tokens per request (--max-model-len)")
         if p.seed is not None and not 0 <= p.seed < 2**63:
             raise InvalidRequest("seed must be in [0, 2**63)")
         if not (math.isfinite(p.temperature) and p.temperature >= 0) or not 0 < p.top_p <= 1:
@@ -271,7 +305,7 @@ class Engine:
                     self._run_control()
                     self._admit()
                     if self._rows:
-                        self._decode()
+                        self._step()
                     elif self._pending.empty() and self._control.empty():
                         self._wake.wait(timeout=1.0)
                         self._wake.clear()
@@ -279,7 +313,8 @@ class Engine:
                     log.exception("engine step failed")
                     for row in self._rows:
                         self._fail(row, RahfError(f"generation failed: {err}"))
-                    self._rows, self._kv, self._deltas = [], None, None
+                    self._rows, self._deltas = [], None
+                    self._kv.clear()
 
     def _run_control(self) -> None:
         while not self._control.empty():
@@ -310,35 +345,8 @@ class Engine:
         self.metrics.queue_depth.set(self._pending.qsize())
         if not joining:
             return
-        try:
-            ids, mask, positions = left_pad([r.request.prompt_ids for r in joining], self._pad_id, self.base.device)
-            cache = DynamicCache(config=self.model.config)
-            scored = any(r.request.prompt_logprobs is not None for r in joining)
-            with final_hidden(self.model) if scored else nullcontext([]) as hidden:
-                logits = self._forward(ids, mask, positions, cache, joining, row_deltas(
-                    [r.steer for r in joining], self._hidden, self.base.device, self.base.dtype))
-            for r in joining:
-                r.position = len(r.request.prompt_ids)
-                self.metrics.prompt_tokens.inc(len(r.request.prompt_ids), adapter=r.request.label)
-            finished = self._emit(joining, logits, self._prompt_logprobs(joining, hidden[0]) if scored else None)
-        except Exception as err:
-            # These rows are in neither the queue nor the running batch yet: unless failed here, their
-            # clients would wait forever. The running batch has its own cache and goes on untouched.
-            log.exception("prefill failed")
-            for r in joining:
-                self._fail(r, RahfError(f"could not start this generation: {err}"))
-            return
-        new = KVBatch(cache, mask)
-        keep = [i for i in range(len(joining)) if i not in finished]
-        if len(keep) < len(joining):
-            new.keep(keep)
-        if not keep:
-            return
-        if self._kv is None:
-            self._kv = new
-        else:
-            self._kv.extend(new)
-        self._rows += [joining[i] for i in keep]
+        self._kv.add(len(joining))  # empty slots after the running rows; the next steps prefill them
+        self._rows += joining
         self._deltas = None
         self.metrics.running.set(len(self._rows))
 
@@ -353,41 +361,84 @@ class Engine:
             row.slot = req.adapter
         row.steer = self._steer_for(req.steering) if req.steering is not None else None
 
-    def _prompt_logprobs(self, rows: Sequence[_Row], hidden: torch.Tensor) -> list[list[TokenLogprob] | None]:
-        """Per row that asked: its prompt tokens scored from its own (left-padded) prefill states."""
+    def _prompt_logprobs(self, rows: Sequence[_Row]) -> list[list[TokenLogprob] | None]:
+        """Per row that asked: its prompt tokens scored from the hidden states of its own prefill chunks."""
         head = output_head(self.model)
         out: list[list[TokenLogprob] | None] = []
-        for i, row in enumerate(rows):
+        for row in rows:
             ids, k = row.request.prompt_ids, row.request.prompt_logprobs
-            out.append(None if k is None else prompt_tokens(hidden[i, hidden.shape[1] - len(ids):], head, ids, k))
+            out.append(None if k is None else prompt_tokens(torch.cat(row.prompt_hidden), head, ids, k))
+            row.prompt_hidden = []
         return out
 
-    def _decode(self) -> None:
+    def _chunks(self) -> list[list[int]]:
+        """Each row's tokens for this step: its last token, or its next prompt chunk. Inputs are padded
+        to the longest chunk, so the budget bounds rows x chunk."""
+        size = max(1, self.max_num_batched_tokens // len(self._rows))
+        return [list(r.request.prompt_ids[r.fed:r.fed + size]) if _prefilling(r) else [r.last_token]
+                for r in self._rows]
+
+    def _step(self) -> None:
         cancelled = [i for i, r in enumerate(self._rows) if r.handle.cancelled]
         for i in cancelled:
             self._cancel(self._rows[i])
         self._drop(cancelled)
         if not self._rows:
             return
-        assert self._kv is not None
-        ids = torch.tensor([[r.last_token] for r in self._rows], device=self.base.device)
-        positions = torch.tensor([[r.position] for r in self._rows], device=self.base.device)
+        chunks = self._chunks()
+        prefill = [i for i, r in enumerate(self._rows) if _prefilling(r)]
         if self._deltas is None:  # rebuilt only when the batch's rows change
             self._deltas = row_deltas([r.steer for r in self._rows], self._hidden, self.base.device, self.base.dtype)
-        logits = self._forward(ids, self._kv.grow(), positions, self._kv.cache, self._rows, self._deltas)
-        for r in self._rows:
-            r.position += 1
-        self._drop(sorted(self._emit(self._rows, logits)))
+        scored = any(self._rows[i].request.prompt_logprobs is not None for i in prefill)
+        try:
+            step = self._kv.begin_step([len(c) for c in chunks])
+            ids = pack_inputs(chunks, self._pad_id, self.base.device)
+            with final_hidden(self.model) if scored else nullcontext([]) as hidden:
+                logits = self._forward(ids, step, self._rows, self._deltas)
+        except Exception as err:
+            if not prefill:
+                raise
+            # A failed step leaves no trace in the cache: fail the rows it was prefilling (a prompt the
+            # model cannot take) and let the running rows repeat it.
+            log.exception("prefill failed")
+            for i in prefill:
+                self._fail(self._rows[i], RahfError(f"could not start this generation: {err}"))
+            self._drop(prefill)
+            return
+        self._kv.end_step()
+        started = []
+        for i in prefill:
+            row, n = self._rows[i], len(chunks[i])
+            if row.request.prompt_logprobs is not None:
+                row.prompt_hidden.append(hidden[0][i, :n].clone())  # a copy: the step's states are freed
+            row.fed += n
+            self.metrics.prompt_tokens.inc(n, adapter=row.request.label)
+            if not _prefilling(row):
+                started.append(i)
+        decoding = [i for i in range(len(self._rows)) if i not in set(prefill)]
+        finished = {decoding[j] for j in self._emit([self._rows[i] for i in decoding], logits[decoding])}
+        if started:
+            rows = [self._rows[i] for i in started]
+            try:
+                finished |= {started[j] for j in self._emit(rows, logits[started], self._prompt_logprobs(rows))}
+            except Exception as err:  # e.g. a first token that cannot be sampled: fail that request only
+                log.exception("prefill failed")
+                for row in rows:
+                    self._fail(row, RahfError(f"could not start this generation: {err}"))
+                finished |= set(started)
+        self._drop(sorted(finished))
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
-                 rows: Sequence[_Row], deltas: dict[int, torch.Tensor]) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, step: SlotStep, rows: Sequence[_Row],
+                 deltas: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Each row's next-token logits [rows, vocab] from one forward over the step's slots."""
         kwargs: dict[str, Any] = {}
         if hasattr(self.model, "peft_config"):
             kwargs["adapter_names"] = [r.slot for r in rows]
+        # logits_to_keep only narrows the LM head; prompt log-probs read the decoder's full output.
         with _maybe_steer(self.model, deltas):
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                             use_cache=True, logits_to_keep=1, **kwargs)
-        return out.logits[:, -1, :]
+            out = self.model(input_ids=ids, attention_mask=step.attention_mask, position_ids=step.position_ids,
+                             cache=self._kv, use_cache=True, logits_to_keep=step.logits_to_keep, **kwargs)
+        return step.last_logits(out.logits)
 
     def _emit(self, rows: Sequence[_Row], logits: torch.Tensor,
               prompt_logprobs: Sequence[list[TokenLogprob] | None] | None = None) -> set[int]:
@@ -395,6 +446,8 @@ class Engine:
 
         `prompt_logprobs` (after a prefill) go out with each row's first event.
         """
+        if not rows:
+            return set()
         tokens = sample_rows(logits, [r.request.params for r in rows], [r.generator for r in rows])  # type: ignore[misc]
         now = time.perf_counter()
         finished = set()
@@ -434,14 +487,8 @@ class Engine:
     def _drop(self, indices: Sequence[int]) -> None:
         if not indices:
             return
-        gone = set(indices)
-        keep = [i for i in range(len(self._rows)) if i not in gone]
-        self._rows = [self._rows[i] for i in keep]
-        if self._kv is not None:
-            if keep:
-                self._kv.keep(keep)
-            else:
-                self._kv = None
+        order = self._kv.remove(indices)
+        self._rows = [self._rows[j] for j in order]
         self._deltas = None
         self.metrics.running.set(len(self._rows))
 
@@ -467,6 +514,10 @@ class Engine:
     @property
     def _pad_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
+
+
+def _prefilling(row: _Row) -> bool:
+    return row.fed < len(row.request.prompt_ids)
 
 
 def _maybe_steer(model: Any, deltas: dict[int, torch.Tensor]) -> Any:

@@ -1,7 +1,8 @@
-"""The running batch's KV cache: rows left-padded to a common length, with their attention mask.
+"""The engine's former running-batch KV cache, kept only as the baseline of benchmarks/kvcache_bench.py.
 
-Rows join (their prefilled cache is padded in on the left) and leave (their row is dropped) between
-decode steps; columns that became padding in every remaining row are trimmed away.
+The engine now uses `kvcache.SlotCache`. This one holds rows left-padded to a common length with their
+attention mask: every decode step concatenates a column, a joining row's prefilled cache is padded in
+on the left, and a leaving row copies the whole cache. Nothing in the package imports it.
 """
 
 from __future__ import annotations
@@ -11,19 +12,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
-             device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask, position_ids) for prompts padded on the left to one length."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), positions.to(device)
 
 
 class KVBatch:

@@ -29,7 +29,7 @@ def collect(engine, requests: list[GenerationRequest]) -> list[StreamEvent]:
 def test_each_row_of_a_mixed_batch_is_scored_under_its_own_selection(runtime, lively_model_dir, adapter_dir):
     engine, _ = runtime
     tok = engine.tokenizer
-    # Different lengths, so all but the longest row are left-padded in the shared prefill.
+    # Different lengths, so all but the longest row are padded in the shared prefill.
     prompts = [tok(t)["input_ids"] for t in ("The weather today", "A much longer prompt about the weather in spring",
                                               "Hi there", "Tell me about steering vectors and blends")]
     params = SamplingParams(max_tokens=1, temperature=0)

@@ -1,0 +1,260 @@
+"""The engine on its slot KV cache: rows that join mid-stream, leave from the middle of the batch, or
+bring long prompts see exactly what they would alone; the cache is allocated once and bounds requests."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import MistralConfig, MistralForCausalLM
+
+from rahf_serve.engine import Engine
+from rahf_serve.errors import RahfError, RequestTooLarge
+from rahf_serve.kvcache import UnsupportedModelError, kv_cache_bytes
+from rahf_serve.models import load_base
+from rahf_serve.registry import AdapterRegistry
+from rahf_serve.request import GenerationRequest, SteeringSpec
+from rahf_serve.sampling import SamplingParams
+from tests.conftest import TINY
+from tests.helpers import random_lora_bundle
+from tests.serving.conftest import load_lively
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0)
+
+
+def prompt(length: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, 40_000, (length,), generator=g).tolist()
+
+
+def alone(engine: Engine, reqs: list[GenerationRequest]) -> list[list[int]]:
+    return [engine.generate(r).token_ids for r in reqs]
+
+
+def staggered(engine: Engine, reqs: list[GenerationRequest],
+              joins: list[tuple[int, int] | None]) -> list[list[int]]:
+    """Serve `reqs` with rows joining mid-stream: reqs[i] is submitted at once when joins[i] is None,
+    else when request joins[i][0] has produced joins[i][1] tokens (requests triggered by the same
+    token join in one prefill, in list order). Returns each request's tokens."""
+    tokens: list[list[int]] = [[] for _ in reqs]
+    done = [threading.Event() for _ in reqs]
+    errors: list[object] = []
+
+    def sink_for(i: int):
+        def sink(event) -> None:
+            tokens[i] += event.token_ids
+            if event.token_ids:
+                for j, join in enumerate(joins):
+                    if join == (i, len(tokens[i])):
+                        engine.submit(reqs[j], sink_for(j))  # on the engine thread: joins the next step
+            if event.finish_reason:
+                if event.error is not None:
+                    errors.append(event.error)
+                done[i].set()
+        return sink
+
+    for i, join in enumerate(joins):
+        if join is None:
+            engine.submit(reqs[i], sink_for(i))
+    for event in done:
+        assert event.wait(120), "a request never finished (its trigger did not fire?)"
+    assert not errors
+    return tokens
+
+
+@pytest.fixture
+def moves(runtime) -> Iterator[list[int]]:
+    """Counts rows the cache moved into a freed slot (a row left from the middle of the batch)."""
+    engine, _ = runtime
+    kv, counted = engine._kv, []
+    real = kv.remove
+
+    def remove(rows):
+        order = real(rows)
+        counted.append(sum(1 for i, j in enumerate(order) if i != j))
+        return order
+
+    kv.remove = remove
+    yield counted
+    del kv.remove
+
+
+def test_staggered_joins_and_leaves_equal_alone(runtime, moves):
+    engine, _ = runtime
+    specs = [  # (prompt length, max_tokens, adapter, joins when)
+        (3, 30, None, None),
+        (21, 4, "kind", (0, 2)),  # leaves early from slot 1, under a running row
+        (9, 24, "terse", (0, 2)),
+        (8, 3, None, (1, 2)),
+        (1, 1, "kind", (2, 5)),  # done at its prefill, from the middle of the joining rows
+        (15, 12, None, (2, 5)),
+        (40, 6, "terse", (2, 5)),
+    ]
+    reqs = [GenerationRequest(prompt(n, seed), greedy(m), a) for seed, (n, m, a, _) in enumerate(specs)]
+    reqs[2] = GenerationRequest(reqs[2].prompt_ids, reqs[2].params, "terse", steering=SteeringSpec("kind", 3.0))
+    expected = alone(engine, reqs)
+    assert [len(t) for t in expected] == [m for _, m, _, _ in specs]  # nobody stopped early: leaves are as planned
+    moves.clear()
+    assert staggered(engine, reqs, [j for *_, j in specs]) == expected
+    assert sum(moves) >= 2  # rows really left from the middle and the last row moved into their slot
+
+
+def test_long_prompt_joining_running_streams_changes_nothing(runtime):
+    engine, _ = runtime
+    reqs = [GenerationRequest(prompt(6, 10), greedy(40)), GenerationRequest(prompt(11, 11), greedy(30), "kind"),
+            GenerationRequest(prompt(900, 12), greedy(20), "terse", prompt_logprobs=0)]
+    expected = alone(engine, reqs)
+    assert staggered(engine, reqs, [None, None, (0, 5)]) == expected
+
+
+def test_long_prompt_logprobs_equal_alone(runtime):
+    """Echo of a long prompt prefilled next to a short one (right padding) equals its echo alone."""
+    engine, _ = runtime
+    long = GenerationRequest(prompt(700, 13), greedy(2), "kind", prompt_logprobs=1)
+    short = GenerationRequest(prompt(4, 14), greedy(2), prompt_logprobs=1)
+    single = [engine.generate(r).prompt_logprobs for r in (long, short)]
+    boxes: list[list] = [[], []]
+    finished = [threading.Event(), threading.Event()]
+
+    def sink_for(i: int):
+        def sink(event) -> None:
+            boxes[i].append(event)
+            if event.finish_reason:
+                finished[i].set()
+        return sink
+
+    engine.submit_many([short, long], [sink_for(0), sink_for(1)])
+    assert all(f.wait(60) for f in finished)
+    together = [boxes[1][0].prompt_logprobs, boxes[0][0].prompt_logprobs]
+    for got, want in zip(together, single, strict=True):
+        assert [e.token for e in got] == [e.token for e in want]
+        torch.testing.assert_close(torch.tensor([e.logprob for e in got[1:]]),
+                                   torch.tensor([e.logprob for e in want[1:]]), atol=1e-4, rtol=0)
+
+
+def test_cache_storage_is_allocated_once(runtime):
+    engine, _ = runtime
+    storage = engine._kv.storage
+    ptr = storage.data_ptr()
+    assert engine.kv_cache_bytes == kv_cache_bytes(engine.model.config, engine.max_batch, engine.max_model_len,
+                                                   torch.float32)
+    reqs = [GenerationRequest(prompt(n, 20 + n), greedy(m), a)
+            for n, m, a in [(5, 12, None), (300, 3, "kind"), (2, 9, "terse"), (40, 1, None), (17, 20, "kind")]]
+    staggered(engine, reqs, [None, (0, 1), (0, 1), (2, 3), (2, 3)])
+    assert engine._kv.storage is storage and storage.data_ptr() == ptr
+    assert engine.call(lambda: engine._kv.rows) == 0  # between steps: every finished row was freed
+
+
+def test_requests_longer_than_the_cache_are_refused_up_front(lively_model_dir):
+    engine = Engine(load_lively(lively_model_dir), max_batch=2, max_model_len=64)
+    with engine:
+        with pytest.raises(RequestTooLarge, match="60 tokens.*max_tokens \\(5\\).*64 tokens"):
+            engine.submit(GenerationRequest(prompt(60, 1), greedy(5)), lambda e: None)
+        with pytest.raises(RequestTooLarge):
+            engine.submit(GenerationRequest(prompt(65, 1), greedy(0), prompt_logprobs=0), lambda e: None)
+        # Exactly at the limit: runs to the end without outgrowing its slot.
+        done = engine.generate(GenerationRequest(prompt(60, 1), SamplingParams(max_tokens=4, temperature=0)))
+        assert done.error is None and done.finish_reason in ("length", "stop")
+    with pytest.raises(RahfError, match="max_model_len 2000.*context of 1024"):
+        Engine(load_lively(lively_model_dir), max_model_len=2000)
+
+
+@pytest.fixture(scope="module")
+def mistral_dir(tmp_path_factory, tokenizer) -> Path:
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                           sliding_window=32, **TINY)
+    path = tmp_path_factory.mktemp("sliding-mistral")
+    MistralForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_sliding_window_base_is_refused_at_start(mistral_dir):
+    base = load_base(str(mistral_dir), device="cpu", dtype="float32")
+    with pytest.raises(UnsupportedModelError, match="'mistral'.*sliding-window attention \\(window 32\\)"):
+        Engine(base)
+    # The window is the reason: rows no longer than it are served.
+    with Engine(base, max_model_len=32) as engine:
+        assert engine.generate(GenerationRequest(prompt(8, 2), greedy(3))).completion_tokens == 3
+
+
+MANY = [0, 9, 17, 31, 42, 50, 63]
+
+
+@pytest.fixture(scope="module")
+def many_bundles(tmp_path_factory, lively_model_dir) -> Path:
+    base = load_lively(lively_model_dir)
+    root = tmp_path_factory.mktemp("many")
+    for i in range(64):
+        random_lora_bundle(base, root / f"a{i:02d}", seed=100 + i, with_vectors=False)
+    return root
+
+
+def test_64_adapters_loaded_equal_one_loaded(lively_model_dir, many_bundles):
+    reqs = [GenerationRequest(prompt(4 + 3 * k, 30 + k), greedy(10), f"a{i:02d}") for k, i in enumerate(MANY)]
+    reqs.append(GenerationRequest(prompt(7, 40), greedy(10)))
+
+    one = Engine(load_lively(lively_model_dir))
+    registry = AdapterRegistry(one, many_bundles)
+    expected = []
+    with one:
+        for r in reqs:
+            if r.adapter is not None:
+                registry.load(r.adapter, str(many_bundles / r.adapter))
+            expected.append(one.generate(r).token_ids)
+            if r.adapter is not None:
+                registry.unload(r.adapter)
+    assert len({tuple(t) for t in expected}) == len(expected)  # each adapter really changes the output
+
+    many = Engine(load_lively(lively_model_dir))
+    AdapterRegistry(many, many_bundles).load_dir()
+    with many:
+        assert len(many.adapters) == 64
+        assert staggered(many, reqs, [None, None, (0, 1), (0, 1), (1, 2), (1, 2), (3, 4), (3, 4)]) == expected
+
+
+def test_long_prompt_is_prefilled_in_chunks_while_streams_go_on(runtime, monkeypatch):
+    """Each step feeds the long prompt one chunk and the running stream one token; the echo gathered
+    over the chunks equals one prefill of the whole prompt."""
+    engine, _ = runtime
+    stream = GenerationRequest(prompt(5, 50), greedy(60))
+    long = GenerationRequest(prompt(600, 51), greedy(3), "kind", prompt_logprobs=2)
+    monkeypatch.setattr(engine, "max_num_batched_tokens", 4096)
+    whole = engine.generate(long)
+    expected = alone(engine, [stream])[0]
+    monkeypatch.setattr(engine, "max_num_batched_tokens", 64)  # 2 rows: 32-token chunks, 19 steps
+    streamed_before_long = []
+    events: list = []
+    done = [threading.Event(), threading.Event()]
+
+    def on_stream(event) -> None:
+        events.append(("stream", event))
+        if sum(1 for who, _ in events if who == "stream") == 3:
+            engine.submit(long, on_long)
+        if event.finish_reason:
+            done[0].set()
+
+    def on_long(event) -> None:
+        if not streamed_before_long:
+            streamed_before_long.append(sum(1 for who, _ in events if who == "stream"))
+        events.append(("long", event))
+        if event.finish_reason:
+            done[1].set()
+
+    engine.submit(stream, on_stream)
+    assert all(d.wait(120) for d in done)
+    assert [t for who, e in events if who == "stream" for t in e.token_ids] == expected
+    assert [t for who, e in events if who == "long" for t in e.token_ids] == whole.token_ids
+    assert streamed_before_long[0] >= 3 + 15  # the stream kept going while the prompt was fed
+    chunked = next(e for who, e in events if who == "long").prompt_logprobs
+    assert [(e.token, [t for t, _ in e.top]) for e in chunked] == [(e.token, [t for t, _ in e.top])
+                                                                   for e in whole.prompt_logprobs]
+    torch.testing.assert_close(torch.tensor([e.logprob for e in chunked[1:]]),
+                               torch.tensor([e.logprob for e in whole.prompt_logprobs[1:]]), atol=1e-4, rtol=0)

@@ -1,0 +1,358 @@
+"""Multi-LoRA slots: adapters and exact blends in preallocated tensors, each batch row naming its slot.
+
+Every targeted Linear of a plain causal LM is replaced by a `SlotLinear` that holds, for each slot,
+A [max_rank, in] and B transposed, [max_rank, out] (a slot's first r rows are then one contiguous
+block), the LoRA scaling folded into B, zero-padded above the adapter's rank and all zero in modules
+the adapter does not touch. The engine sets each row's slot
+once per step (`set_rows`); a wrapped layer gathers its rows' factors and adds B_row (A_row x) in two
+batched matmuls. Nothing is registered per forward (PEFT's mixed-batch path hooks every LoRA layer on
+every call), and the cost follows the batch, never the number of resident adapters.
+
+PEFT still trains, writes and validates bundles; this module only reads their state dict and config.
+Slots beyond `max_loras` are taken back least recently used first, never from a pinned (running) name.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .bundle.layout import LORA_KEY, PEFT_PREFIX, WEIGHTS_FILE, Bundle
+from .errors import BundleError, CorruptBundleError, FingerprintMismatch, LimitExceeded, RahfError
+
+# Fields that only shape training or initialisation, or describe the bundle: the stored weights say it all.
+_IGNORED_FIELDS = {
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
+    "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora",
+    "init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "megatron_core",
+    "qalora_group_size", "runtime_config", "ensure_weight_tying", "bias",
+}
+
+
+class SlotsExhausted(RahfError):
+    """Every LoRA slot holds an adapter that a running request uses."""
+
+    status = 503
+    code = "lora_slots_full"
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """One LoRA ready for a slot: module path -> (A [r, in], B [out, r]), the scaling folded into B."""
+
+    modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def rank(self) -> int:
+        return max((a.shape[0] for a, _ in self.modules.values()), default=0)
+
+
+def check_config(config: Mapping[str, Any], name: str = "adapter") -> None:
+    """Raise BundleError for any config field that would change the forward pass beyond plain LoRA."""
+    if config.get("use_dora"):
+        raise BundleError(f"{name}: DoRA adapters (use_dora) are not supported by the serving engine; "
+                          "merge or retrain as plain LoRA")
+    if str(config.get("bias", "none")) != "none":
+        raise BundleError(f"{name}: bias={config['bias']!r} is not supported (only 'none')")
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise BundleError(f"{name}: peft_type {config.get('peft_type')!r} is not LORA")
+    unsupported = sorted(k for k, v in config.items() if k not in _IGNORED_FIELDS and v)
+    if unsupported:
+        raise BundleError(f"{name}: adapter_config fields {unsupported} are not supported by the serving "
+                          "engine (plain LoRA only)")
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    # PEFT's rule (peft.utils.other.get_pattern_key): the first pattern matching a suffix of the path.
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def parse_lora(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], name: str = "adapter") -> LoraWeights:
+    """A PEFT state dict (`base_model.model.<module>.lora_A.weight` ...) and its config as LoraWeights."""
+    check_config(config, name)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        match = LORA_KEY.match(key)
+        if not match or not key.startswith(PEFT_PREFIX):
+            raise CorruptBundleError(f"{name}: unexpected tensor {key!r} (only LoRA A/B weights are allowed)")
+        pairs.setdefault(match["module"][len(PEFT_PREFIX):], {})[match["ab"]] = tensor
+    modules = {}
+    for module, ab in pairs.items():
+        if set(ab) != {"A", "B"} or ab["A"].dim() != 2 or ab["B"].dim() != 2 or ab["A"].shape[0] != ab["B"].shape[1]:
+            raise CorruptBundleError(f"{name}: LoRA pair for {module} is incomplete or its shapes disagree")
+        r = int(_pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 0)))
+        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", r)))
+        if ab["A"].shape[0] != r:
+            raise CorruptBundleError(f"{name}: {module} has rank {ab['A'].shape[0]} but its config says {r}")
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        modules[module] = (ab["A"].float(), ab["B"].float() * scale)
+    if not modules:
+        raise CorruptBundleError(f"{name}: no LoRA weights")
+    return LoraWeights(modules)
+
+
+def read_lora(bundle: Bundle, name: str | None = None) -> LoraWeights:
+    """The LoRA of a bundle already checked by `read_bundle`, read from its safetensors file."""
+    from safetensors.torch import load_file
+
+    return parse_lora(load_file(bundle.path / WEIGHTS_FILE), bundle.adapter_config, name or bundle.path.name)
+
+
+def blend_lora(components: Sequence[tuple[LoraWeights, float]]) -> LoraWeights:
+    """sum_i w_i B_i A_i as one LoRA of rank sum(r_i): A rows stacked, w_i B_i columns stacked (exact)."""
+    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for weights, w in components:
+        if w == 0.0:  # contributes exactly nothing; leaving it out keeps the rank down
+            continue
+        for module, (a, b) in weights.modules.items():
+            parts.setdefault(module, []).append((a, b * w))
+    return LoraWeights({m: (torch.cat([a for a, _ in p]), torch.cat([b for _, b in p], dim=1))
+                        for m, p in parts.items()})
+
+
+class _Rows:
+    """The step's row -> slot map, shared by every SlotLinear of one model."""
+
+    def __init__(self) -> None:
+        self.index: torch.Tensor | None = None
+        """[rows] slot per row (base rows point at the all-zero slot); None when no row has a LoRA"""
+        self.rank = 0
+        """the largest rank among the rows' slots: columns past it are zero in every one of them"""
+        self.single: int | None = None
+        """the slot, when every LoRA row of the step uses the same one: its factors are read in place"""
+        self.mask: torch.Tensor | None = None
+        """[rows, 1, 1] 1 for LoRA rows, 0 for base rows, with `single` when both kinds are in the batch"""
+
+
+class SlotLinear(nn.Module):
+    """A Linear plus, per batch row, the LoRA of that row's slot."""
+
+    def __init__(self, base_layer: nn.Linear, rows: _Rows, slots: int, max_rank: int) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.rows = rows
+        w = base_layer.weight
+        # One extra, never written slot: base rows of a mixed batch gather zeros from it.
+        with torch.inference_mode(False):
+            self.register_buffer("slot_A", torch.zeros(slots + 1, max_rank, base_layer.in_features,
+                                                       dtype=w.dtype, device=w.device), persistent=False)
+            self.register_buffer("slot_B", torch.zeros(slots + 1, max_rank, base_layer.out_features,
+                                                       dtype=w.dtype, device=w.device), persistent=False)
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        index = self.rows.index
+        if index is None:
+            return out
+        n = index.shape[0]
+        if x.shape[0] != n:
+            raise RuntimeError(f"LoRA slots were set for {n} rows but the batch has {x.shape[0]}")
+        r = self.rows.rank
+        if self.rows.single is not None:
+            # Gathering copies each row's factors; with one LoRA in the batch they are used where they lie.
+            s = self.rows.single
+            h = torch.mm(x.reshape(-1, x.shape[-1]), self.slot_A[s, :r].t())
+            if self.rows.mask is not None:
+                h.view(n, -1, r).mul_(self.rows.mask)
+            return torch.addmm(out.reshape(-1, out.shape[-1]), h, self.slot_B[s, :r]).view_as(out)
+        a = self.slot_A[:, :r].index_select(0, index)
+        b = self.slot_B[:, :r].index_select(0, index)
+        h = torch.bmm(x.reshape(n, -1, x.shape[-1]), a.transpose(1, 2))
+        return torch.baddbmm(out.reshape(n, -1, out.shape[-1]), h, b).view_as(out)
+
+
+class LoraSlots:
+    """Up to `max_loras` adapters resident in a plain causal LM, applied per row without PEFT.
+
+    `targets`: Linear names (leaf, e.g. "q_proj", or full paths) to wrap now; a module an adapter needs
+    later is wrapped on its first load. Each wrapped module's slot tensors are allocated once.
+    `loader(name)` gives the LoraWeights of a name that `ensure` finds not resident.
+    """
+
+    def __init__(self, model: nn.Module, *, max_loras: int = 8, max_rank: int = 16, targets: Iterable[str] = (),
+                 loader: Callable[[str], LoraWeights] | None = None) -> None:
+        if max_loras < 1 or max_rank < 1:
+            raise RahfError("--max-loras and --max-lora-rank must be at least 1")
+        if any(isinstance(m, SlotLinear) or hasattr(m, "base_layer") for m in model.modules()):
+            raise RahfError("LoraSlots needs a plain model: this one already has LoRA layers (PEFT or slots)")
+        self.model = model
+        self.max_loras = max_loras
+        self.max_rank = max_rank
+        self.loader = loader
+        self._rows = _Rows()
+        self._linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        self._wrapped: dict[str, SlotLinear] = {}
+        self._lru: OrderedDict[str, int] = OrderedDict()
+        """resident name -> slot, least recently used first"""
+        self._ranks = [0] * max_loras
+        self._pins: Counter[str] = Counter()
+        self._free = list(range(max_loras))
+        wanted = set(targets)
+        for path in self._linears:
+            if path in wanted or path.rsplit(".", 1)[-1] in wanted:
+                self._wrap(path)
+
+    @property
+    def resident(self) -> list[str]:
+        """Names in their slots, least recently used first."""
+        return list(self._lru)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._lru
+
+    def slot_of(self, name: str) -> int:
+        if name not in self._lru:
+            raise KeyError(f"LoRA {name!r} is not resident")
+        return self._lru[name]
+
+    def load(self, name: str, state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> int:
+        """Put a PEFT LoRA (state dict + adapter_config) in a slot; returns the slot."""
+        return self.load_weights(name, parse_lora(state, config, name))
+
+    def load_blend(self, name: str, components: Sequence[tuple[Mapping[str, torch.Tensor], Mapping[str, Any], float]]) -> int:
+        """Put the exact blend sum_i w_i * LoRA_i (ranks concatenated) in a slot; returns the slot."""
+        parsed = [(parse_lora(state, config, name), w) for state, config, w in components]
+        return self.load_weights(name, blend_lora(parsed))
+
+    def load_weights(self, name: str, weights: LoraWeights) -> int:
+        """Check, then write `weights` to a free slot (taking back the least recently used unpinned one)."""
+        if name in self._lru:
+            raise RahfError(f"LoRA {name!r} is already resident; unload it first")
+        self._check(name, weights)
+        if not self._free:
+            self._evict()
+        slot = min(self._free)
+        for path in weights.modules:
+            if path not in self._wrapped:
+                self._wrap(path)
+        for path, module in self._wrapped.items():
+            module.slot_A[slot].zero_()
+            module.slot_B[slot].zero_()
+            if path in weights.modules:
+                a, b = weights.modules[path]
+                module.slot_A[slot, :a.shape[0]].copy_(a)
+                module.slot_B[slot, :a.shape[0]].copy_(b.t())
+        self._free.remove(slot)
+        self._lru[name] = slot
+        self._ranks[slot] = weights.rank
+        return slot
+
+    def ensure(self, name: str, *, pin: bool = False) -> int:
+        """The slot of `name`, loaded through `loader` if it is not resident; marks it most recently used."""
+        if name not in self._lru:
+            if self.loader is None:
+                raise RahfError(f"LoRA {name!r} is not resident and these slots have no loader")
+            self.load_weights(name, self.loader(name))
+        self._lru.move_to_end(name)
+        if pin:
+            self.pin(name)
+        return self._lru[name]
+
+    def pin(self, name: str) -> None:
+        """Keep `name` resident until as many `unpin`s (a running row uses it)."""
+        self.slot_of(name)
+        self._pins[name] += 1
+
+    def unpin(self, name: str) -> None:
+        if self._pins[name] <= 0:
+            raise RahfError(f"LoRA {name!r} is not pinned")
+        self._pins[name] -= 1
+
+    def unload(self, name: str) -> None:
+        """Free the slot of `name` (its tensors are zeroed, never reallocated)."""
+        slot = self.slot_of(name)
+        if self._pins[name] > 0:
+            raise RahfError(f"LoRA {name!r} is used by {self._pins[name]} running row(s); end them first")
+        for module in self._wrapped.values():
+            module.slot_A[slot].zero_()
+            module.slot_B[slot].zero_()
+        del self._lru[name], self._pins[name]
+        self._ranks[slot] = 0
+        self._free.append(slot)
+
+    def set_rows(self, slots: Sequence[int | None]) -> None:
+        """The slot of each row of the next forward passes (None: the base model alone)."""
+        occupied = set(self._lru.values())
+        stray = [s for s in slots if s is not None and s not in occupied]
+        if stray:
+            raise RahfError(f"LoRA slots {stray} hold no adapter")
+        rank = max((self._ranks[s] for s in slots if s is not None), default=0)
+        self.clear_rows()
+        if rank == 0:
+            return
+        like = next(iter(self._wrapped.values())).slot_A
+        device = like.device
+        used = {s for s in slots if s is not None}
+        self._rows.index = torch.tensor([self.max_loras if s is None else s for s in slots], device=device)
+        self._rows.rank = rank
+        if len(used) == 1:
+            self._rows.single = used.pop()
+            if None in slots:
+                self._rows.mask = torch.tensor([float(s is not None) for s in slots], dtype=like.dtype,
+                                               device=device).view(-1, 1, 1)
+
+    def clear_rows(self) -> None:
+        """Back to the base model for every row."""
+        self._rows.index, self._rows.rank, self._rows.single, self._rows.mask = None, 0, None, None
+
+    def unwrap(self) -> nn.Module:
+        """Put the original Linear modules back (the base weights were never touched); returns the model."""
+        for path, module in self._wrapped.items():
+            parent, _, leaf = path.rpartition(".")
+            setattr(self.model.get_submodule(parent), leaf, module.base_layer)
+        self._wrapped.clear()
+        self._lru.clear()
+        self._free = list(range(self.max_loras))
+        self.clear_rows()
+        return self.model
+
+    def _check(self, name: str, weights: LoraWeights) -> None:
+        for path, (a, b) in weights.modules.items():
+            if path not in self._linears:
+                raise FingerprintMismatch(f"LoRA {name!r} has weights for module {path!r}, which the base model "
+                                          "lacks or which is not a Linear layer")
+            linear = self._linears[path]
+            if a.shape[1] != linear.in_features or b.shape[0] != linear.out_features:
+                raise FingerprintMismatch(f"LoRA {name!r}: {path} shapes A{list(a.shape)} B{list(b.shape)} do not "
+                                          f"fit Linear({linear.in_features}, {linear.out_features})")
+            if a.shape[0] > self.max_rank:
+                raise LimitExceeded(f"LoRA {name!r} has rank {a.shape[0]} at {path} (a blend's is the sum of its "
+                                    f"adapters' ranks), above --max-lora-rank {self.max_rank}; restart with a "
+                                    "larger --max-lora-rank")
+
+    def _evict(self) -> None:
+        for name in self._lru:
+            if self._pins[name] == 0:
+                self.unload(name)
+                return
+        raise SlotsExhausted(f"all {self.max_loras} LoRA slots hold adapters that running requests use; "
+                             "retry later or restart with a larger --max-loras")
+
+    def _wrap(self, path: str) -> None:
+        parent, _, leaf = path.rpartition(".")
+        module = SlotLinear(self._linears[path], self._rows, self.max_loras, self.max_rank)
+        setattr(self.model.get_submodule(parent), leaf, module)
+        self._wrapped[path] = module

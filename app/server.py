@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=512,
                    help="token positions one engine step computes, padding included: prompts are prefilled in "
                         "chunks of this / running rows, so a long prompt delays running streams by one chunk a step")
+    p.add_argument("--max-loras", type=int, default=8,
+                   help="adapters and blends resident in LoRA slots at once; others wait in host memory and are "
+                        "copied in on demand, least recently used out first")
+    p.add_argument("--max-lora-rank", type=int, default=64,
+                   help="largest LoRA rank a slot takes (a blend's is the sum of its adapters': the two shipped "
+                        "r16 bundles blend to r32); larger adapters fail to load, larger blends get a 400")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = torch's default); 1 is faster on a machine shared with other jobs")
     p.add_argument("--no-ui", action="store_true", help="serve the API only")
@@ -93,7 +99,8 @@ def serve(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     base = load_base(args.base, device=args.device, dtype=args.dtype)
     engine = Engine(base, max_batch=args.max_batch, max_queue=args.max_queue, max_new_tokens=args.max_new_tokens,
-                    max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens)
+                    max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
+                    max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
     registry = AdapterRegistry(engine, args.adapter_dir)
     for arg in args.adapter:
         registry.load(*split_adapter_arg(arg))

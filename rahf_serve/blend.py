@@ -1,4 +1,4 @@
-"""Exact blends of loaded adapters, built once per (name, weight) combination and cached.
+"""Exact blends of loaded adapters: keys, slot names, and the PEFT build used offline (training).
 
 A blend sum_i w_i * s_i * B_i A_i is one LoRA of rank sum(r_i): stack the rows w_i * s_i * A_i and
 the columns B_i, scaling 1. That is PEFT's `add_weighted_adapter(combination_type="cat")`, exact for
@@ -8,7 +8,6 @@ any sign of weight (PEFT's "linear" mixes sqrt(w) into both factors and is not).
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -50,35 +49,30 @@ def build_blend(model: Any, key: BlendKey, name: str) -> None:
 
 
 class BlendCache:
-    """Blend adapters living in the PeftModel, least recently used evicted first (never one in use)."""
+    """Blend keys by slot name. Which blends stay resident is the LoRA slots' LRU, not this map's."""
 
-    def __init__(self, max_blends: int = 8) -> None:
-        self.max_blends = max_blends
-        self._blends: OrderedDict[BlendKey, str] = OrderedDict()
+    def __init__(self) -> None:
+        self._keys: dict[str, BlendKey] = {}
 
     def __len__(self) -> int:
-        return len(self._blends)
+        return len(self._keys)
 
-    def get(self, model: Any, key: BlendKey, in_use: Collection[str]) -> str:
-        """The adapter name of blend `key`, building it (and evicting an idle blend) if needed."""
-        if key in self._blends:
-            self._blends.move_to_end(key)
-            return self._blends[key]
-        for old_key, old_name in list(self._blends.items()):
-            if len(self._blends) < self.max_blends:
-                break
-            if old_name not in in_use:
-                model.delete_adapter(old_name)
-                del self._blends[old_key]
+    def name(self, key: BlendKey) -> str:
+        """The slot name of blend `key`, remembered so that `key_of` can rebuild it."""
         name = blend_name(key)
-        build_blend(model, key, name)
-        self._blends[key] = name
+        self._keys[name] = key
         return name
 
-    def invalidate(self, model: Any, component: str) -> list[str]:
-        """Delete every blend built from `component` (which is being removed); returns their names."""
-        gone = [(k, n) for k, n in self._blends.items() if any(c == component for c, _ in k)]
-        for key, name in gone:
-            model.delete_adapter(name)
-            del self._blends[key]
-        return [n for _, n in gone]
+    def key_of(self, name: str) -> BlendKey | None:
+        return self._keys.get(name)
+
+    def keep(self, names: Collection[str]) -> None:
+        """Forget every blend not in `names` (the resident ones): a request for it registers it again."""
+        self._keys = {n: k for n, k in self._keys.items() if n in names}
+
+    def invalidate(self, component: str) -> list[str]:
+        """Forget every blend built from `component` (which is being removed); returns their names."""
+        gone = [n for n, k in self._keys.items() if any(c == component for c, _ in k)]
+        for name in gone:
+            del self._keys[name]
+        return gone

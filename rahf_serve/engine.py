@@ -1,17 +1,20 @@
 """The generation engine: one base model, per-row adapters, continuous batching in a background thread.
 
 The engine thread owns the model. It loops: run queued control operations (adapter load/unload, which
-mutate the PeftModel), give waiting requests free rows, then run one forward over every row in which
+fill and free LoRA slots), give waiting requests free rows, then run one forward over every row in which
 rows still prefilling feed their next prompt chunk and the others their last token, sample a token for
 each row whose prompt is complete, drop finished and cancelled rows. Keys and values live in one
 `SlotCache` allocated at start (`max_batch` rows of `max_model_len` tokens, see `kvcache.py`);
 `validate` refuses any request that could outgrow its slot, so a running row never runs out of cache. A
 step computes at most `max_num_batched_tokens` positions (rows x longest chunk, padding included), so a
-long prompt delays running streams by one chunk per step, not by its whole prefill. Each row names its
-adapter through PEFT's mixed-batch `adapter_names` (base rows "__base__"), never a global
-`set_adapter`, and carries its own steering coefficient, sampling parameters and generator. Rows that
+long prompt delays running streams by one chunk per step, not by its whole prefill. Each row names the
+`LoraSlots` slot of its adapter or blend (None for the base), set once per step, and carries its own
+steering coefficient, sampling parameters and generator. Rows that
 ask for log-probabilities get them from their own logits in the same passes (prompt tokens from the
 prefill chunks, see `logprobs.py`), so they reflect that row's adapter, blend and steering.
+
+Adapters are held in host memory and copied into at most `max_loras` slots; a row pins its slot while it
+runs, and a request whose adapter finds every slot pinned waits in the queue until one is released.
 
 Callers get tokens through a `sink` callback called on the engine thread; it must return quickly
 (the HTTP layer hands events to its event loop with `call_soon_threadsafe`).
@@ -33,11 +36,12 @@ from typing import Any, TypeVar
 import torch
 
 from .blend import BlendCache, BlendKey
-from .bundle import Bundle, attach
+from .bundle import Bundle, check_fits
 from .errors import (
     AdapterRemoved,
     EngineStopped,
     InvalidRequest,
+    LimitExceeded,
     ModelNotFound,
     QueueFull,
     RahfError,
@@ -45,6 +49,7 @@ from .errors import (
 )
 from .kvcache import SlotCache, SlotStep, pack_inputs
 from .logprobs import MAX_TOP_LOGPROBS, TokenLogprob, final_hidden, next_token, output_head, prompt_tokens
+from .lora_slots import LoraSlots, LoraWeights, SlotsExhausted, blend_lora, blend_rank, read_lora
 from .metrics import ServingMetrics
 from .models import BaseModel
 from .request import BASE_SLOT, GenerationRequest, RequestHandle, Sink, SteeringSpec, StreamEvent
@@ -70,6 +75,8 @@ class _Row:
     generator: torch.Generator | None = None
     text: TextStream | None = None
     slot: str = BASE_SLOT
+    lora: int | None = None
+    """the LoRA slot that `slot` occupies and this row pins while it runs; None for the base"""
     steer: Steer | None = None
     last_token: int = 0
     fed: int = 0
@@ -80,13 +87,25 @@ class _Row:
     last_time: float = 0.0
 
 
+@dataclass(frozen=True)
+class _Loaded:
+    """What the engine holds of one loaded adapter."""
+
+    lora: LoraWeights
+    """in host memory, copied into a slot when a request needs it"""
+    vectors: dict[int, torch.Tensor]
+    """steering vectors on the model's device (empty for a plain LoRA)"""
+
+
 class Engine:
     def __init__(self, base: BaseModel, *, max_batch: int = 8, max_queue: int = 64, max_new_tokens: int = 1024,
                  max_model_len: int | None = None, max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
-                 max_blends: int = 8, metrics: ServingMetrics | None = None) -> None:
+                 max_loras: int = 8, max_lora_rank: int = 64, metrics: ServingMetrics | None = None) -> None:
         """`max_model_len`: the most tokens a request may span (prompt + max_tokens); None = the model's
         context, at most DEFAULT_MAX_MODEL_LEN. `max_num_batched_tokens`: positions one step computes
-        (a step over m rows feeds prompts in chunks of max_num_batched_tokens // m). Raises
+        (a step over m rows feeds prompts in chunks of max_num_batched_tokens // m). `max_loras`: adapters
+        and blends resident in LoRA slots at once; `max_lora_rank`: the largest rank a slot takes (a
+        blend's is the sum of its adapters'). Raises
         UnsupportedModelError for bases the KV cache cannot serve exactly (e.g. sliding-window attention)."""
         self.base = base
         self.model: Any = base.model
@@ -104,11 +123,14 @@ class Engine:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.vocab_size = int(base.model.get_input_embeddings().num_embeddings)
         self.metrics = metrics or ServingMetrics()
-        self._vectors: dict[str, dict[int, torch.Tensor]] = {}
-        """loaded adapter -> its steering vectors (empty for a plain LoRA)"""
-        self._blends = BlendCache(max_blends)
+        self._loaded: dict[str, _Loaded] = {}
+        self._blends = BlendCache()
+        self.max_lora_rank = max_lora_rank
+        self._slots = LoraSlots(self.model, max_loras=max_loras, max_rank=max_lora_rank, loader=self._lora_for)
         self._eos = _eos_ids(base)
         self._pending: queue.SimpleQueue[_Row] = queue.SimpleQueue()
+        self._deferred: list[_Row] = []
+        """rows taken from the queue whose LoRA found every slot pinned: first in line at the next admission"""
         self._queueing = threading.Lock()
         """held while a group of rows is queued or the queue is drained, so a group is never split by a drain"""
         self._control: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
@@ -137,9 +159,9 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
-        for row in self._rows + _drain(self._pending):
+        for row in self._rows + self._deferred + _drain(self._pending):
             self._fail(row, EngineStopped("the server is shutting down"))
-        self._rows = []
+        self._rows, self._deferred = [], []
         self._kv.clear()
 
     @property
@@ -157,21 +179,30 @@ class Engine:
 
     @property
     def adapters(self) -> list[str]:
-        return list(self._vectors)
+        return list(self._loaded)
 
     def vectors(self, adapter: str) -> dict[int, torch.Tensor]:
-        if adapter not in self._vectors:
+        if adapter not in self._loaded:
             raise ModelNotFound(f"adapter {adapter!r} is not loaded")
-        return self._vectors[adapter]
+        return self._loaded[adapter].vectors
 
     def attach_adapter(self, name: str, bundle: Bundle) -> None:
-        """Load a read and validated bundle as adapter `name` (on the engine thread, between steps)."""
-        vectors = {layer: v.to(self.base.device, self.base.dtype) for layer, v in bundle.vectors.items()}
+        """Load a read and validated bundle as adapter `name`: checked and read here, stored on the engine
+        thread, and copied into a LoRA slot now if one is free (else when a request first needs it)."""
+        check_fits(bundle, self.model, self.base.fingerprint, self.base.name)
+        lora = read_lora(bundle, name)
+        if lora.rank > self.max_lora_rank:  # a rank_pattern can exceed the config's r
+            raise LimitExceeded(f"adapter {name!r} has LoRA rank {lora.rank}, above --max-lora-rank "
+                                f"{self.max_lora_rank}; restart with a larger --max-lora-rank")
+        loaded = _Loaded(lora, {layer: v.to(self.base.device, self.base.dtype) for layer, v in bundle.vectors.items()})
 
         def op() -> None:
-            self.model = attach(self.model, bundle, name, self.base.fingerprint, self.base.name)
-            self._vectors[name] = vectors
-            self.metrics.adapters_loaded.set(len(self._vectors))
+            if name in self._loaded:
+                raise RahfError(f"adapter {name!r} is already loaded")
+            if len(self._slots.resident) < self._slots.max_loras:
+                self._slots.load_weights(name, lora)
+            self._loaded[name] = loaded
+            self.metrics.adapters_loaded.set(len(self._loaded))
 
         self.call(op)
 
@@ -179,24 +210,29 @@ class Engine:
         """Unload adapter `name`; running requests that use it end with an `adapter_removed` error."""
 
         def op() -> None:
-            if name not in self._vectors:
+            if name not in self._loaded:
                 raise ModelNotFound(f"adapter {name!r} is not loaded")
-            gone = {name, *self._blends.invalidate(self.model, name)}
+            gone = {name, *self._blends.invalidate(name)}
             doomed = [i for i, r in enumerate(self._rows)
                       if r.slot in gone or (r.request.steering and r.request.steering.adapter == name)]
             for i in doomed:
                 self._fail(self._rows[i], AdapterRemoved(f"adapter {name!r} was unloaded during generation"))
             self._drop(doomed)
-            if set(self.model.peft_config) == {name}:
-                # PEFT cannot hold zero adapters (it keeps looking up the active one): take the LoRA
-                # layers out instead; the base weights were never merged, so they are as loaded.
-                self.model = self.model.unload()
-            else:
-                self.model.delete_adapter(name)
-            del self._vectors[name]
-            self.metrics.adapters_loaded.set(len(self._vectors))
+            for slot_name in gone & set(self._slots.resident):
+                self._slots.unload(slot_name)
+            del self._loaded[name]
+            self.metrics.adapters_loaded.set(len(self._loaded))
 
         self.call(op)
+
+    def _lora_for(self, name: str) -> LoraWeights:
+        """The weights of an adapter or blend that `LoraSlots.ensure` finds not resident."""
+        if name in self._loaded:
+            return self._loaded[name].lora
+        key = self._blends.key_of(name)
+        if key is None:
+            raise ModelNotFound(f"LoRA {name!r} is neither a loaded adapter nor a known blend")
+        return blend_lora([(self._loaded[n].lora, w) for n, w in key])
 
     def call(self, fn: Callable[[], T], timeout: float | None = 300.0) -> T:
         """Run `fn` on the engine thread between two steps (directly, if the engine is not running)."""
@@ -274,12 +310,19 @@ class Engine:
         """Raise unless every adapter named is loaded, weights are finite and the steering layers exist."""
         if adapter is not None and blend:
             raise InvalidRequest("give either an adapter as `model` or a blend in `adapters`, not both")
+        loaded = dict(self._loaded)  # a copy: an unload on the engine thread must not pull names from under us
         for name in [adapter] + [n for n, _ in blend or ()]:
-            if name is not None and name not in self._vectors:
+            if name is not None and name not in loaded:
                 raise ModelNotFound(f"adapter {name!r} is not loaded")
         for _, weight in blend or ():
             if not math.isfinite(weight):
                 raise InvalidRequest("blend weights must be finite numbers")
+        if blend:
+            rank = blend_rank([(loaded[n].lora, w) for n, w in blend])
+            if rank > self.max_lora_rank:
+                raise LimitExceeded(f"this blend has LoRA rank {rank} (the sum of its adapters' ranks), above "
+                                    f"--max-lora-rank {self.max_lora_rank}; use fewer adapters or restart the "
+                                    "server with a larger --max-lora-rank")
         if steering is not None:
             self._steer_for(steering)
 
@@ -306,7 +349,7 @@ class Engine:
                     self._admit()
                     if self._rows:
                         self._step()
-                    elif self._pending.empty() and self._control.empty():
+                    elif self._pending.empty() and self._control.empty() and not self._deferred:
                         self._wake.wait(timeout=1.0)
                         self._wake.clear()
                 except Exception as err:  # keep serving: fail the rows in flight, not the process
@@ -326,14 +369,19 @@ class Engine:
 
     def _admit(self) -> None:
         joining: list[_Row] = []
+        room = self.max_batch - len(self._rows)
         with self._queueing:
-            waiting = [self._pending.get() for _ in range(min(self.max_batch - len(self._rows), self._pending.qsize()))]
+            waiting, self._deferred = self._deferred, []
+            waiting += [self._pending.get() for _ in range(min(room - len(waiting), self._pending.qsize()))]
         for row in waiting:
             if row.handle.cancelled:
                 self._cancel(row)
                 continue
             try:
-                self._prepare(row, in_use={r.slot for r in self._rows + joining})
+                self._prepare(row)
+            except SlotsExhausted:  # running rows pin every slot; one will be released when they end
+                self._deferred.append(row)
+                continue
             except RahfError as err:  # e.g. its adapter was unloaded while it waited
                 self._fail(row, err)
                 continue
@@ -342,7 +390,7 @@ class Engine:
                 self._fail(row, RahfError(f"could not start this generation: {err}"))
                 continue
             joining.append(row)
-        self.metrics.queue_depth.set(self._pending.qsize())
+        self.metrics.queue_depth.set(self._pending.qsize() + len(self._deferred))
         if not joining:
             return
         self._kv.add(len(joining))  # empty slots after the running rows; the next steps prefill them
@@ -350,16 +398,20 @@ class Engine:
         self._deltas = None
         self.metrics.running.set(len(self._rows))
 
-    def _prepare(self, row: _Row, in_use: set[str]) -> None:
+    def _prepare(self, row: _Row) -> None:
+        """Ready a row to join; its LoRA slot is taken last, so nothing can fail after the pin."""
         req = row.request
         self.validate(req)
         row.generator = make_generator(req.params.seed, self.base.device)
         row.text = TextStream(self.tokenizer, req.params.stop)
+        row.steer = self._steer_for(req.steering) if req.steering is not None else None
         if req.blend:
-            row.slot = self._blends.get(self.model, req.blend, in_use)
+            row.slot = self._blends.name(req.blend)
         elif req.adapter is not None:
             row.slot = req.adapter
-        row.steer = self._steer_for(req.steering) if req.steering is not None else None
+        if row.slot != BASE_SLOT:
+            row.lora = self._slots.ensure(row.slot, pin=True)
+            self._blends.keep(self._slots.resident)
 
     def _prompt_logprobs(self, rows: Sequence[_Row]) -> list[list[TokenLogprob] | None]:
         """Per row that asked: its prompt tokens scored from the hidden states of its own prefill chunks."""
@@ -431,13 +483,15 @@ class Engine:
     def _forward(self, ids: torch.Tensor, step: SlotStep, rows: Sequence[_Row],
                  deltas: dict[int, torch.Tensor]) -> torch.Tensor:
         """Each row's next-token logits [rows, vocab] from one forward over the step's slots."""
-        kwargs: dict[str, Any] = {}
-        if hasattr(self.model, "peft_config"):
-            kwargs["adapter_names"] = [r.slot for r in rows]
-        # logits_to_keep only narrows the LM head; prompt log-probs read the decoder's full output.
-        with _maybe_steer(self.model, deltas):
-            out = self.model(input_ids=ids, attention_mask=step.attention_mask, position_ids=step.position_ids,
-                             cache=self._kv, use_cache=True, logits_to_keep=step.logits_to_keep, **kwargs)
+        self._slots.set_rows([r.lora for r in rows])
+        try:
+            # logits_to_keep only narrows the LM head; prompt log-probs read the decoder's full output.
+            with _maybe_steer(self.model, deltas):
+                out = self.model(input_ids=ids, attention_mask=step.attention_mask, position_ids=step.position_ids,
+                                 cache=self._kv, use_cache=True, logits_to_keep=step.logits_to_keep)
+        finally:
+            # Between steps the model is the plain base again, whatever else calls it.
+            self._slots.clear_rows()
         return step.last_logits(out.logits)
 
     def _emit(self, rows: Sequence[_Row], logits: torch.Tensor,
@@ -458,7 +512,7 @@ class Engine:
                 row.sink(StreamEvent(finish_reason="length", prompt_tokens=len(row.request.prompt_ids),
                                      prompt_logprobs=scored))
                 finished.add(i)
-                self._account(row, "length")
+                self._end(row, "length")
                 continue
             if row.generated == 0:
                 self.metrics.ttft.observe(now - row.submitted)
@@ -481,7 +535,7 @@ class Engine:
                                  [next_token(logits[i], token, k)] if k is not None else None, scored))
             if reason is not None:
                 finished.add(i)
-                self._account(row, reason)
+                self._end(row, reason)
         return finished
 
     def _drop(self, indices: Sequence[int]) -> None:
@@ -492,18 +546,22 @@ class Engine:
         self._deltas = None
         self.metrics.running.set(len(self._rows))
 
-    def _account(self, row: _Row, status: str) -> None:
+    def _end(self, row: _Row, status: str) -> None:
+        """Every row that ends (finished, cancelled, failed) passes here: count it, release its slot."""
+        if row.lora is not None:
+            self._slots.unpin(row.slot)
+            row.lora = None
         self.metrics.requests.inc(adapter=row.request.label, status=status)
         self.metrics.generated_tokens.inc(row.generated, adapter=row.request.label)
 
     def _cancel(self, row: _Row) -> None:
         self.metrics.cancelled.inc()
-        self._account(row, "cancelled")
+        self._end(row, "cancelled")
         row.sink(StreamEvent(finish_reason="cancelled", prompt_tokens=len(row.request.prompt_ids),
                              completion_tokens=row.generated))
 
     def _fail(self, row: _Row, err: RahfError) -> None:
-        self._account(row, "error")
+        self._end(row, "error")
         row.sink(StreamEvent(finish_reason="error", error=err, prompt_tokens=len(row.request.prompt_ids),
                              completion_tokens=row.generated))
 

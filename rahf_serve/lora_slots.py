@@ -121,6 +121,17 @@ def blend_lora(components: Sequence[tuple[LoraWeights, float]]) -> LoraWeights:
                         for m, p in parts.items()})
 
 
+def blend_rank(components: Sequence[tuple[LoraWeights, float]]) -> int:
+    """The rank `blend_lora` would give, without building it: per module, the summed ranks it takes."""
+    ranks: Counter[str] = Counter()
+    for weights, w in components:
+        if w == 0.0:
+            continue
+        for module, (a, _) in weights.modules.items():
+            ranks[module] += a.shape[0]
+    return max(ranks.values(), default=0)
+
+
 class _Rows:
     """The step's row -> slot map, shared by every SlotLinear of one model."""
 

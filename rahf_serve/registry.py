@@ -27,6 +27,7 @@ from .errors import (
     BundleNotFound,
     InvalidAdapterName,
     InvalidRequest,
+    LimitExceeded,
     ModelNotFound,
     RahfError,
     SourceNotAllowed,
@@ -107,7 +108,11 @@ class AdapterRegistry:
         try:
             path = self._resolve(source) if confined else resolve_source(source)
             started = time.perf_counter()
-            bundle = read_bundle(path)
+            try:
+                bundle = read_bundle(path, max_rank=self.engine.max_lora_rank)
+            except LimitExceeded as err:  # the bundle reader knows no flags: name the one that sets the rank
+                raise LimitExceeded(f"{err} (LoRA ranks above this server's --max-lora-rank "
+                                    f"{self.engine.max_lora_rank} do not fit its slots)") from None
             self.engine.attach_adapter(name, bundle)
             log.info("loaded adapter %s from %s in %.2f s", name, source, time.perf_counter() - started)
             info = AdapterInfo(name, source, path, bundle, time.time())

@@ -161,27 +161,45 @@ def test_unload_ends_running_requests_and_blends(lively_model_dir, adapter_dir):
         blend = (("kind", 0.5), ("terse", 0.5))
         engine.submit(GenerationRequest([1, 2, 3], SamplingParams(max_tokens=64, temperature=0), blend=blend), sink)
         assert started.wait(30)
+        assert len(engine._slots.resident) == 3  # kind, terse, the blend
         registry.unload("kind")
         assert len(engine._blends) == 0
         final = engine.generate(GenerationRequest([1, 2, 3], SamplingParams(max_tokens=2), "terse"))
         assert final.completion_tokens == 2
         assert isinstance(events[-1].error, AdapterRemoved)
-        assert engine.adapters == ["terse"] and "kind" not in engine.model.peft_config
+        assert engine.adapters == ["terse"] and engine._slots.resident == ["terse"]
         plain = GenerationRequest([1, 2, 3], SamplingParams(max_tokens=4, temperature=0))
         before = engine.generate(plain).token_ids
-        registry.unload("terse")  # the last one: the model is plain again
-        assert not hasattr(engine.model, "peft_config") and engine.generate(plain).token_ids == before
+        registry.unload("terse")  # the last one: no slot holds anything, every slot tensor is zero again
+        assert engine._slots.resident == [] and engine.generate(plain).token_ids == before
+        assert all(not m.slot_A.any() and not m.slot_B.any() for m in engine._slots._wrapped.values())
         registry.load("kind", str(adapter_dir / "kind"))
         assert engine.generate(GenerationRequest([1, 2, 3], FEW, "kind")).finish_reason in ("stop", "length")
+        assert engine._slots._pins.total() == 0  # every ended row gave its slot back
 
 
-def test_no_global_adapter_switch(runtime):
-    """Rows name their adapter; the PeftModel's active adapter is never flipped per request."""
+def test_rows_name_their_slot_and_release_it(runtime):
+    """Each row carries its own slot index; nothing global is switched, and no pin outlives its row."""
     engine, _ = runtime
-    active = list(engine.model.active_adapters)
-    run_concurrently(engine, mixed_requests(engine)[:3])
-    assert list(engine.model.active_adapters) == active
+    seen: list[list[int | None]] = []
+    set_rows = engine._slots.set_rows
 
+    def spy(slots):
+        seen.append(list(slots))
+        set_rows(slots)
+
+    engine._slots.set_rows = spy
+    try:
+        reqs = mixed_requests(engine)[:4]  # base, kind, terse, kind
+        done = [threading.Event() for _ in reqs]
+        engine.submit_many(reqs, [lambda e, d=d: e.finish_reason and d.set() for d in done])  # one admission
+        assert all(d.wait(60) for d in done)
+    finally:
+        del engine._slots.set_rows
+    kind, terse = engine._slots.slot_of("kind"), engine._slots.slot_of("terse")
+    assert kind != terse
+    assert any(sorted(s, key=str) == sorted([None, kind, terse, kind], key=str) for s in seen)
+    assert engine._slots._pins.total() == 0 and engine._slots._rows.index is None
 
 def test_engine_thread_runs_in_inference_mode(runtime):
     """Inference mode is per thread: ask the engine thread itself, between two of its steps."""

@@ -59,18 +59,17 @@ def test_a_blend_of_adapters_trained_with_dropout_is_deterministic(tiny_base, to
     torch.testing.assert_close(first[mask], want[mask], atol=1e-4, rtol=1e-4)
 
 
-def test_blend_cache_reuses_and_invalidates(two_adapters):
-    _, model = two_adapters
-    cache = BlendCache(max_blends=2)
+def test_blend_cache_names_keys_and_invalidates():
+    cache = BlendCache()
     k1, k2, k3 = blend_key([("kind", 1.0)]), blend_key([("terse", 0.5), ("kind", 0.5)]), blend_key([("terse", 2.0)])
-    n1 = cache.get(model, k1, in_use=set())
-    assert cache.get(model, k1, in_use=set()) == n1
+    n1, n2, n3 = cache.name(k1), cache.name(k2), cache.name(k3)
+    assert cache.name(k1) == n1 and len({n1, n2, n3}) == 3 and len(cache) == 3
     assert blend_key([("kind", 0.5), ("terse", 0.5)]) == k2  # order-free
-    n2 = cache.get(model, k2, in_use={n1})
-    cache.get(model, k3, in_use={n1})  # full: evicts n2 (idle), keeps n1 (in use)
-    assert n1 in model.peft_config and n2 not in model.peft_config
-    assert cache.invalidate(model, "kind") == [n1]
-    assert n1 not in model.peft_config and len(cache) == 1
+    assert cache.key_of(n2) == k2
+    cache.keep([n1, n2, "kind"])  # n3 left its slot: forgotten until a request names it again
+    assert cache.key_of(n3) is None and len(cache) == 2
+    assert sorted(cache.invalidate("kind")) == sorted([n1, n2])
+    assert len(cache) == 0 and cache.invalidate("terse") == []
 
 
 def test_steering_only_touches_its_row(tiny_base, tokenizer):

@@ -4,8 +4,8 @@ every number in it comes from the run's own `rahf-train eval --record`).
 
     python scripts/ship_adapter.py /tmp/runs/dual adapters/smollm2-135m-rahf-dual --config smollm2-dual
 
-The run must have been trained with exactly the shipped config (`--config`): the script checks the
-run's saved config against it.
+The run must have been trained with the shipped config (`--config`): the script checks the run's
+saved config against it (every setting that changes a weight, defaults resolved).
 """
 
 from __future__ import annotations
@@ -15,11 +15,21 @@ import json
 from pathlib import Path
 
 from rahf_serve.bundle import read_bundle, rewrite_manifest
-from training.config import load_config
+from training.config import TrainConfig, load_config, target_layers
 from training.phase1 import validation_summary
 from training.rundir import RunDir
 
 DATA_DIR = "../shared/data"
+
+
+def trained_with(config: TrainConfig, num_layers: int) -> dict:
+    """The settings that decide the trained model: defaults resolved (target layers), bookkeeping
+    that does not change a weight (how often phase 3 checkpoints) left out; a sweep point trained
+    with the shipped settings compares equal."""
+    settings = config.to_dict()
+    settings["align"] = {**settings["align"], "target_layers": target_layers(config, num_layers)}
+    settings["align"].pop("checkpoint_every")
+    return settings
 
 
 def main() -> None:
@@ -29,9 +39,11 @@ def main() -> None:
     ap.add_argument("--config", required=True, help="the shipped config name the run used")
     args = ap.parse_args()
     run = json.loads((args.run / "run.json").read_text())
-    if load_config(args.run / "config.yaml").to_dict() != load_config(args.config).to_dict():
-        raise SystemExit(f"{args.run}/config.yaml differs from the shipped config {args.config}")
     bundle = read_bundle(args.run / "bundle")
+    num_layers = bundle.manifest["base"]["fingerprint"]["num_hidden_layers"]
+    if trained_with(load_config(args.run / "config.yaml"), num_layers) != trained_with(load_config(args.config),
+                                                                                      num_layers):
+        raise SystemExit(f"{args.run}/config.yaml differs from the shipped config {args.config}")
     if not (bundle.manifest or {}).get("metrics"):
         raise SystemExit(f"{args.run}/bundle has no recorded metrics: run `rahf-train eval --record` first")
     # The command must work from a clone: data under the shared folder is named as the README says.

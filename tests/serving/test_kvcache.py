@@ -264,11 +264,12 @@ def test_padding_queries_stay_finite_and_leave_real_rows_alone(lively_model_dir,
     for row, n in enumerate([5, 2, 4]):
         assert torch.equal(cache.storage[:, :, row, :, :n], kept[:, :, row, :, :n])
     assert torch.equal(cache.storage[:, :, 2, :, :64], kept[:, :, 2, :, :64])  # row 2 took no part
-    # Row 0's token got the same logits as in a step without anybody's padding.
+    # Row 0's token got the same logits as in a step without anybody's padding (up to float32 rounding,
+    # which differs between a batched and a one-row matmul by ~1e-5 on this wide-init model).
     solo = SlotCache.for_model(lively, 1, 64)
     solo.add(1)
     forward(lively, solo, [p[0]])
-    torch.testing.assert_close(out.logits[0, 0], forward(lively, solo, [[7]])[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.logits[0, 0], forward(lively, solo, [[7]])[0], atol=1e-4, rtol=0)
 
 
 def test_mask_and_positions_follow_each_rows_length(lively):

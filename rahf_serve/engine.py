@@ -45,14 +45,22 @@ from .errors import (
     ModelNotFound,
     QueueFull,
     RahfError,
-    RequestTooLarge,
 )
 from .kvcache import SlotCache, SlotStep, pack_inputs
-from .logprobs import MAX_TOP_LOGPROBS, TokenLogprob, final_hidden, next_token, output_head, prompt_tokens
+from .logprobs import TokenLogprob, final_hidden, next_token, output_head, prompt_tokens
 from .lora_slots import LoraSlots, LoraWeights, SlotsExhausted, blend_lora, blend_rank, read_lora
 from .metrics import ServingMetrics
 from .models import BaseModel
-from .request import BASE_SLOT, GenerationRequest, RequestHandle, Sink, SteeringSpec, StreamEvent
+from .request import (
+    BASE_SLOT,
+    GenerationRequest,
+    Limits,
+    RequestHandle,
+    Sink,
+    SteeringSpec,
+    StreamEvent,
+    check_request,
+)
 from .sampling import TextStream, make_generator, sample_rows
 from .steering import Steer, add_steering, row_deltas
 
@@ -284,26 +292,13 @@ class Engine:
             total.prompt_tokens, total.completion_tokens = event.prompt_tokens, event.completion_tokens
         return total
 
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.vocab_size, self.max_new_tokens, self.max_model_len)
+
     def validate(self, request: GenerationRequest) -> None:
-        p = request.params
-        if not request.prompt_ids:
-            raise InvalidRequest("the prompt is empty")
-        if p.max_tokens < 0:
-            raise InvalidRequest("max_tokens must be at least 0")
-        if min(request.prompt_ids) < 0 or max(request.prompt_ids) >= self.vocab_size:
-            raise InvalidRequest(f"prompt token ids must be in [0, {self.vocab_size}) for this model")
-        for k in (request.logprobs, request.prompt_logprobs):
-            if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
-                raise InvalidRequest(f"the number of top log-probabilities must be in [0, {MAX_TOP_LOGPROBS}]")
-        if p.max_tokens > self.max_new_tokens:
-            raise RequestTooLarge(f"max_tokens {p.max_tokens} is above this server's limit of {self.max_new_tokens}")
-        if len(request.prompt_ids) + p.max_tokens > self.max_model_len:
-            raise RequestTooLarge(f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({p.max_tokens}) exceeds "
-                                  f"this server's limit of {self.max_model_len} tokens per request (--max-model-len)")
-        if p.seed is not None and not 0 <= p.seed < 2**63:
-            raise InvalidRequest("seed must be in [0, 2**63)")
-        if not (math.isfinite(p.temperature) and p.temperature >= 0) or not 0 < p.top_p <= 1:
-            raise InvalidRequest("temperature must be >= 0 and top_p in (0, 1]")
+        """Raise unless the request can run here: its own fields (`check_request`) and what it names."""
+        check_request(request, self.limits)
         self.validate_selection(request.adapter, request.blend, request.steering)
 
     def validate_selection(self, adapter: str | None, blend: BlendKey | None, steering: SteeringSpec | None) -> None:

@@ -51,3 +51,18 @@ def test_top_p_keeps_only_the_nucleus():
     assert {sample_rows(logits, [p], [gen])[0] for _ in range(50)} == {0}
     p = SamplingParams(temperature=1.0, top_p=0.85)
     assert {sample_rows(logits, [p], [gen])[0] for _ in range(200)} == {0, 1}
+
+
+def test_a_request_is_checked_without_an_engine():
+    from rahf_serve.errors import InvalidRequest, RequestTooLarge
+    from rahf_serve.request import GenerationRequest, Limits, check_request
+
+    limits = Limits(vocab_size=100, max_new_tokens=16, max_model_len=20)
+    check_request(GenerationRequest([1, 2, 3], SamplingParams(max_tokens=16)), limits)
+    for bad, error in (([], InvalidRequest), ([100], InvalidRequest), ([-1], InvalidRequest)):
+        with pytest.raises(error):
+            check_request(GenerationRequest(bad, SamplingParams(max_tokens=4)), limits)
+    with pytest.raises(RequestTooLarge, match="max-model-len"):
+        check_request(GenerationRequest([1] * 5, SamplingParams(max_tokens=16)), limits)
+    with pytest.raises(RequestTooLarge, match="limit of 16"):
+        check_request(GenerationRequest([1], SamplingParams(max_tokens=17)), limits)

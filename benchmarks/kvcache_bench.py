@@ -24,7 +24,8 @@ from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rahf_serve.kvbatch import KVBatch  # noqa: E402
+from kvbatch_baseline import KVBatch  # noqa: E402
+
 from rahf_serve.kvcache import KVShape, SlotCache  # noqa: E402
 from rahf_serve.models import load_base  # noqa: E402
 

@@ -1,8 +1,9 @@
-"""The engine's former running-batch KV cache, kept only as the baseline of benchmarks/kvcache_bench.py.
+"""The engine's former running-batch KV cache (left-padded DynamicCache), the baseline of kvcache_bench.py.
 
 The engine now uses `kvcache.SlotCache`. This one holds rows left-padded to a common length with their
 attention mask: every decode step concatenates a column, a joining row's prefilled cache is padded in
-on the left, and a leaving row copies the whole cache. Nothing in the package imports it.
+on the left, and a leaving row copies the whole cache. It lives here, not in the package: nothing
+serves with it.
 """
 
 from __future__ import annotations

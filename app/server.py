@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most tokens one request may span, prompt + max_tokens (default: the model's context, at "
                         "most 4096); the KV cache for --max-batch rows of this length is allocated at start")
     p.add_argument("--max-num-batched-tokens", type=int, default=512,
-                   help="token positions one engine step computes, padding included: prompts are prefilled in "
-                        "chunks of this / running rows, so a long prompt delays running streams by one chunk a step")
+                   help="tokens one engine step feeds: one per decoding row, the rest shared by prompts being "
+                        "prefilled, so a long prompt delays running streams by one chunk a step")
     p.add_argument("--max-loras", type=int, default=8,
                    help="adapters and blends resident in LoRA slots at once; others wait in host memory and are "
                         "copied in on demand, least recently used out first")

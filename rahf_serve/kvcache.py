@@ -241,6 +241,18 @@ class SlotCache(Cache):
             order.pop()
         return order
 
+    def swap(self, i: int, j: int) -> None:
+        """Exchange the contents of slots i and j (each copied up to the longer of the two lengths)."""
+        if not (0 <= i < self.rows and 0 <= j < self.rows):
+            raise IndexError(f"rows {i} and {j}: the cache holds {self.rows} rows")
+        if i == j:
+            return
+        n = max(self._lengths[i], self._lengths[j])
+        held = self.storage[:, :, i, :, :n].clone()
+        self.storage[:, :, i, :, :n] = self.storage[:, :, j, :, :n]
+        self.storage[:, :, j, :, :n] = held
+        self._lengths[i], self._lengths[j] = self._lengths[j], self._lengths[i]
+
     def clear(self) -> None:
         """Drop every row (the storage stays allocated)."""
         self._lengths = []

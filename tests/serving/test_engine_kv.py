@@ -112,6 +112,31 @@ def test_long_prompt_joining_running_streams_changes_nothing(runtime):
     assert staggered(engine, reqs, [None, None, (0, 5)]) == expected
 
 
+def test_decoding_rows_never_compute_a_prompt_chunk(runtime, monkeypatch):
+    """Prompts joining running streams (two at once, one of them landing between running rows when a
+    stream leaves) are fed in forwards of their own: every forward either decodes (one token a row) or
+    feeds only rows still prefilling. Outputs stay those of each request alone."""
+    engine, _ = runtime
+    reqs = [GenerationRequest(prompt(6, 20), greedy(30)), GenerationRequest(prompt(7, 21), greedy(4), "kind"),
+            GenerationRequest(prompt(5, 22), greedy(30), "terse", steering=SteeringSpec("kind", 2.0)),
+            GenerationRequest(prompt(300, 23), greedy(5), "kind"), GenerationRequest(prompt(170, 24), greedy(5))]
+    expected = alone(engine, reqs)
+    monkeypatch.setattr(engine, "max_num_batched_tokens", 64)
+    fed: list[list[int]] = []
+    real = engine._kv.begin_step
+
+    def begin_step(n_new, start=0):
+        fed.append(list(n_new))
+        return real(n_new, start)
+
+    monkeypatch.setattr(engine._kv, "begin_step", begin_step)
+    assert staggered(engine, reqs, [None, None, None, (1, 3), (1, 3)]) == expected
+    mixed = [n for n in fed if max(n) > 1 and min(n) <= 1]
+    assert not mixed, f"forwards that padded idle rows to a prompt chunk: {mixed}"
+    assert max(sum(n) for n in fed) <= 64
+    assert any(max(n) > 1 for n in fed) and any(max(n) == 1 and len(n) >= 3 for n in fed)
+
+
 def test_long_prompt_logprobs_equal_alone(runtime):
     """Echo of a long prompt prefilled next to a short one (right padding) equals its echo alone."""
     engine, _ = runtime
@@ -229,7 +254,7 @@ def test_long_prompt_is_prefilled_in_chunks_while_streams_go_on(runtime, monkeyp
     monkeypatch.setattr(engine, "max_num_batched_tokens", 4096)
     whole = engine.generate(long)
     expected = alone(engine, [stream])[0]
-    monkeypatch.setattr(engine, "max_num_batched_tokens", 64)  # 2 rows: 32-token chunks, 19 steps
+    monkeypatch.setattr(engine, "max_num_batched_tokens", 64)  # 1 decoding row: 63-token chunks, 10 steps
     streamed_before_long = []
     events: list = []
     done = [threading.Event(), threading.Event()]
@@ -252,7 +277,7 @@ def test_long_prompt_is_prefilled_in_chunks_while_streams_go_on(runtime, monkeyp
     assert all(d.wait(120) for d in done)
     assert [t for who, e in events if who == "stream" for t in e.token_ids] == expected
     assert [t for who, e in events if who == "long" for t in e.token_ids] == whole.token_ids
-    assert streamed_before_long[0] >= 3 + 15  # the stream kept going while the prompt was fed
+    assert streamed_before_long[0] >= 3 + 9  # the stream kept going while the prompt was fed
     chunked = next(e for who, e in events if who == "long").prompt_logprobs
     assert [(e.token, [t for t, _ in e.top]) for e in chunked] == [(e.token, [t for t, _ in e.top])
                                                                    for e in whole.prompt_logprobs]

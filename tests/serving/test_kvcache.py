@@ -305,6 +305,20 @@ def test_remove_moves_the_last_rows_into_the_gaps(lively):
         cache.remove([7])
 
 
+def test_swap_exchanges_two_rows_up_to_the_longer(lively):
+    cache = SlotCache.for_model(lively, 3, 16)
+    cache.add(3)
+    forward(lively, cache, prompts(8, [2, 6, 4], _vocab(lively)))
+    before = cache.storage.clone()
+    cache.swap(0, 1)
+    assert cache.lengths == [6, 2, 4]
+    assert torch.equal(cache.storage[:, :, 0, :, :6], before[:, :, 1, :, :6])
+    assert torch.equal(cache.storage[:, :, 1, :, :2], before[:, :, 0, :, :2])
+    assert torch.equal(cache.storage[:, :, 2], before[:, :, 2])
+    with pytest.raises(IndexError):
+        cache.swap(0, 3)
+
+
 def test_capacity_errors_name_the_limits(lively):
     cache = SlotCache.for_model(lively, 2, 8)
     cache.add(2)

@@ -1,0 +1,165 @@
+"""What a joining request costs the streams already running, on the real default model, in one process.
+
+    python benchmarks/join_bench.py --threads 1                       # budgets 64,128,256,512
+    python benchmarks/join_bench.py --threads 1 --prompt-tokens 4000 --budgets 96,128 --runs 3
+
+Eight mixed-adapter streams run (greedy); once each has produced `--warm` tokens, one request with a
+`--prompt-tokens`-token prompt joins. For each stream, its normal inter-token time is the median gap
+between its tokens before the join; its stall is its longest gap from the join until the joining
+request's first token. Reported per `max_num_batched_tokens` budget, medians over runs (budgets run in
+rounds, one run of each per round, so a busy spell on a shared machine hits all alike):
+the worst stall / normal gap over the eight streams (target: at most 2x), and the joining request's
+time to first token. A short prompt (the chat prompt of serve_bench.py) joining seven streams is
+measured the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rahf_serve.engine import Engine  # noqa: E402
+from rahf_serve.models import load_base  # noqa: E402
+from rahf_serve.registry import AdapterRegistry  # noqa: E402
+from rahf_serve.request import GenerationRequest, SteeringSpec  # noqa: E402
+from rahf_serve.sampling import SamplingParams  # noqa: E402
+from tests.helpers import random_lora_bundle  # noqa: E402
+
+CHAT = [{"role": "user", "content": "Write a long, detailed story about a dragon who learns to bake bread."}]
+
+
+@dataclass
+class Join:
+    stall_ratio: float
+    """worst over the running streams of (longest gap while the request joined) / (median gap before)"""
+    ttft: float
+    """seconds from submitting the joining request to its first token"""
+    gaps: list[float] = field(default_factory=list)
+
+
+def run_join(engine: Engine, background: list[GenerationRequest], joining: GenerationRequest, warm: int) -> Join:
+    stamps: list[list[float]] = [[] for _ in background]
+    done = [threading.Event() for _ in background]
+    submitted: list[float] = []
+    first: list[float] = []
+    joined = threading.Event()
+    finished = threading.Event()
+
+    def on_join(event) -> None:
+        if event.token_ids and not first:
+            first.append(time.perf_counter())
+        if event.finish_reason:
+            finished.set()
+
+    handles = []
+
+    def sink_for(i: int):
+        def sink(event) -> None:
+            if event.token_ids:
+                stamps[i].append(time.perf_counter())
+            if not submitted and all(len(s) >= warm for s in stamps):
+                submitted.append(time.perf_counter())
+                engine.submit(joining, on_join)  # on the engine thread: joins at the next step
+                joined.set()
+            if first and stamps[i][-1] > first[0]:
+                handles[i].cancel()  # measured: one gap past the join is enough
+            if event.finish_reason:
+                done[i].set()
+        return sink
+
+    handles += engine.submit_many(background, [sink_for(i) for i in range(len(background))])
+    for event in done:
+        assert event.wait(600), "a background stream did not finish"
+    assert finished.wait(600) and joined.is_set() and first, "the joining request did not start in time: raise "\
+        "the background streams' max_tokens"
+    ratios = []
+    for s in stamps:
+        before = [b - a for a, b in zip(s, s[1:], strict=False) if b <= submitted[0]][2:]  # skip the prefill
+        during = [b - a for a, b in zip(s, s[1:], strict=False) if b > submitted[0] and a <= first[0]]
+        assert during, "a background stream ended before the joining request started: raise its max_tokens"
+        ratios.append(max(during) / statistics.median(before))
+    return Join(max(ratios), first[0] - submitted[0])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompt-tokens", type=int, default=4000, help="length of the joining prompt")
+    ap.add_argument("--budgets", default="64,128,256,512", help="max_num_batched_tokens values to compare")
+    ap.add_argument("--streams", type=int, default=8, help="running streams the long prompt joins")
+    ap.add_argument("--warm", type=int, default=12, help="tokens each stream produces before the join")
+    ap.add_argument("--runs", type=int, default=3, help="runs per budget (medians reported)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    budgets = [int(b) for b in args.budgets.split(",")]
+
+    base = load_base("smollm2-135m-instruct", device="cpu", dtype="float32")
+    tok = base.tokenizer
+    chat = tok(tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False),
+               add_special_tokens=False)["input_ids"]
+    g = torch.Generator().manual_seed(0)
+    long_prompt = torch.randint(100, 40_000, (args.prompt_tokens,), generator=g).tolist()
+    engine = Engine(base, max_batch=args.streams + 1, max_model_len=max(args.prompt_tokens, 32) + 1024,
+                    max_new_tokens=1024)
+    workdir = Path(tempfile.mkdtemp(prefix="join-bench-"))
+    for i, name in enumerate(("kind", "terse")):
+        random_lora_bundle(base, workdir / name, seed=i, r=8)
+    greedy = SamplingParams(max_tokens=1024, temperature=0.0)
+
+    def streams(n: int) -> list[GenerationRequest]:
+        """Mixed rows (base, two adapters, steered) on random 32-token prompts, which rarely end early;
+        each is cancelled once it has run past the join."""
+        picks = [(None, None), ("kind", None), ("terse", None), (None, ("kind", 2.0))]
+        out = []
+        for i in range(n):
+            adapter, steer = picks[i % len(picks)]
+            ids = torch.randint(100, 40_000, (32,), generator=g).tolist()
+            out.append(GenerationRequest(ids, greedy, adapter, steering=SteeringSpec(*steer) if steer else None))
+        return out
+
+    cases = {
+        "short": (streams(args.streams - 1), GenerationRequest(chat, SamplingParams(max_tokens=1, temperature=0.0))),
+        "long": (streams(args.streams), GenerationRequest(long_prompt, SamplingParams(max_tokens=1, temperature=0.0),
+                                                          "kind")),
+    }
+    results: dict[tuple[str, int], list[Join]] = {(c, b): [] for c in cases for b in budgets}
+    with engine:
+        AdapterRegistry(engine, workdir).load_dir()
+        engine.max_num_batched_tokens = budgets[0]
+        run_join(engine, *cases["short"], args.warm)  # warm-up
+        for r in range(args.runs):
+            for b in budgets:
+                engine.max_num_batched_tokens = b
+                for case, (background, joining) in cases.items():
+                    results[(case, b)].append(run_join(engine, background, joining, args.warm))
+                    print(f"run {r + 1}, budget {b}, {case}: {results[(case, b)][-1]}", file=sys.stderr, flush=True)
+
+    print(f"\njoin benchmark: {base.name}, fp32 CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} "
+          f"cores ({platform.processor() or platform.machine()}), median of {args.runs}; load average at end "
+          f"{os.getloadavg()[0]:.1f}\n")
+    print(f"| max_num_batched_tokens | {args.prompt_tokens}-token prompt joins {args.streams} streams: worst stall "
+          f"/ normal gap | its time to first token | chat prompt joins {args.streams - 1} streams: worst stall / "
+          "normal gap | its time to first token |")
+    print("| ---: | ---: | ---: | ---: | ---: |")
+    for b in budgets:
+        long, short = results[("long", b)], results[("short", b)]
+        print(f"| {b} | {statistics.median(j.stall_ratio for j in long):.2f}x | "
+              f"{statistics.median(j.ttft for j in long):.2f} s | {statistics.median(j.stall_ratio for j in short):.2f}x "
+              f"| {statistics.median(j.ttft for j in short) * 1000:.0f} ms |")
+
+
+if __name__ == "__main__":
+    main()

@@ -58,12 +58,13 @@ def decode_kvbatch(model, kv: KVBatch, steps: int) -> float:
 
 
 def decode_slots(model, cache: SlotCache, steps: int) -> float:
-    ids = torch.ones(cache.rows, 1, dtype=torch.long)
+    ids = torch.ones(1, cache.rows, dtype=torch.long)  # one packed token per row
     start = time.perf_counter()
     for _ in range(steps):
         step = cache.begin_step([1] * cache.rows)
-        model(input_ids=ids, attention_mask=step.attention_mask, position_ids=step.position_ids, cache=cache,
-              use_cache=True, logits_to_keep=step.logits_to_keep)
+        with cache.attending(model):
+            model(input_ids=ids, attention_mask=step.attention_mask, position_ids=step.position_ids, cache=cache,
+                  use_cache=True, logits_to_keep=step.logits_to_keep)
         cache.end_step()
     return (time.perf_counter() - start) / steps
 

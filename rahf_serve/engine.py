@@ -6,9 +6,9 @@ rows still prefilling feed their next prompt chunk and the others their last tok
 each row whose prompt is complete, drop finished and cancelled rows. Keys and values live in one
 `SlotCache` allocated at start (`max_batch` rows of `max_model_len` tokens, see `kvcache.py`);
 `validate` refuses any request that could outgrow its slot, so a running row never runs out of cache. A
-step is one forward over the decoding rows (one token each) and one over the rows still prefilling, which
-share what is left of `max_num_batched_tokens` in equal prompt chunks, so a long prompt delays running
-streams by one chunk per step, not by its whole prefill. Each row names the
+step is one forward over every row's new tokens packed into one sequence without padding: decoding rows
+feed one token, rows still prefilling share what is left of `max_num_batched_tokens` in equal prompt
+chunks, so a long prompt delays running streams by one chunk per step, not by its whole prefill. Each row names the
 `LoraSlots` slot of its adapter or blend (None for the base), set once per step, and carries its own
 steering coefficient, sampling parameters and generator. Rows that
 ask for log-probabilities get them from their own logits in the same passes (prompt tokens from the
@@ -47,7 +47,7 @@ from .errors import (
     QueueFull,
     RahfError,
 )
-from .kvcache import SlotCache, pack_inputs
+from .kvcache import SlotCache, SlotStep, pack_inputs
 from .logprobs import TokenLogprob, final_hidden, next_token, output_head, prompt_tokens
 from .lora_slots import LoraSlots, LoraWeights, SlotsExhausted, blend_lora, blend_rank, read_lora
 from .metrics import ServingMetrics
@@ -420,91 +420,81 @@ class Engine:
         return out
 
     def _step(self) -> None:
-        """One engine step: a forward over the decoding rows, then one over the rows still prefilling.
-
-        Two forwards, not one padded to the prompt chunk: a decode row would otherwise compute a whole
-        chunk of padding, which made joining a running batch cost every stream a chunk per row."""
+        """One forward over every row: decode rows feed their last token, prefilling rows their next prompt
+        chunk (what is left of the token budget, shared equally), packed without padding."""
         cancelled = [i for i, r in enumerate(self._rows) if r.handle.cancelled]
         for i in cancelled:
             self._cancel(self._rows[i])
         self._drop(cancelled)
         if not self._rows:
             return
+        self._keep_prefilling_last()
         if self._deltas is None:  # rebuilt only when the batch's rows change
             self._deltas = row_deltas([r.steer for r in self._rows], self._hidden, self.base.device, self.base.dtype)
-        decode = [i for i, r in enumerate(self._rows) if not _prefilling(r)]
         prefill = [i for i, r in enumerate(self._rows) if _prefilling(r)]
-        finished: set[int] = set()
-        if decode:
-            logits = self._forward({i: [self._rows[i].last_token] for i in decode})
-            finished |= {decode[j] for j in self._emit([self._rows[i] for i in decode], logits)}
-        if prefill:
-            finished |= self._prefill(prefill, self.max_num_batched_tokens - len(decode))
-        self._drop(sorted(finished))
-        self._keep_prefilling_last()
-
-    def _prefill(self, prefill: list[int], budget: int) -> set[int]:
-        """Feed each prefilling row its next prompt chunk (the budget shared equally); rows whose prompt
-        is complete sample their first token. Returns the rows that finished or failed."""
-        size = max(1, budget // len(prefill))
-        chunks = {i: list(self._rows[i].request.prompt_ids[self._rows[i].fed:self._rows[i].fed + size])
-                  for i in prefill}
+        size = max(1, (self.max_num_batched_tokens - (len(self._rows) - len(prefill))) // max(1, len(prefill)))
+        chunks = [list(r.request.prompt_ids[r.fed:r.fed + size]) if _prefilling(r) else [r.last_token]
+                  for r in self._rows]
         scored = any(self._rows[i].request.prompt_logprobs is not None for i in prefill)
         try:
             with final_hidden(self.model) if scored else nullcontext([]) as hidden:
-                logits = self._forward(chunks)
+                logits, step = self._forward(chunks)
         except Exception as err:
+            if not prefill:
+                raise
             # A failed step leaves no trace in the cache: fail the rows it was prefilling (a prompt the
-            # model cannot take); the running rows go on.
+            # model cannot take) and let the running rows repeat it.
             log.exception("prefill failed")
             for i in prefill:
                 self._fail(self._rows[i], RahfError(f"could not start this generation: {err}"))
-            return set(prefill)
-        first, started = min(prefill), []
-        for j, i in enumerate(prefill):
+            self._drop(prefill)
+            return
+        offsets = step.offsets()
+        started = []
+        for i in prefill:
             row, n = self._rows[i], len(chunks[i])
             if row.request.prompt_logprobs is not None:
-                row.prompt_hidden.append(hidden[0][i - first, :n].clone())  # a copy: the step's states are freed
+                # a copy: the step's states are freed
+                row.prompt_hidden.append(hidden[0][0, offsets[i]:offsets[i] + n].clone())
             row.fed += n
             self.metrics.prompt_tokens.inc(n, adapter=row.request.label)
             if not _prefilling(row):
-                started.append(j)
-        if not started:
-            return set()
-        rows = [self._rows[prefill[j]] for j in started]
-        try:
-            return {prefill[started[k]] for k in self._emit(rows, logits[started], self._prompt_logprobs(rows))}
-        except Exception as err:  # e.g. a first token that cannot be sampled: fail that request only
-            log.exception("prefill failed")
-            for row in rows:
-                self._fail(row, RahfError(f"could not start this generation: {err}"))
-            return {prefill[j] for j in started}
+                started.append(i)
+        decoding = [i for i in range(len(self._rows)) if i not in set(prefill)]
+        finished = {decoding[j] for j in self._emit([self._rows[i] for i in decoding], logits[decoding])}
+        if started:
+            rows = [self._rows[i] for i in started]
+            try:
+                finished |= {started[j] for j in self._emit(rows, logits[started], self._prompt_logprobs(rows))}
+            except Exception as err:  # e.g. a first token that cannot be sampled: fail that request only
+                log.exception("prefill failed")
+                for row in rows:
+                    self._fail(row, RahfError(f"could not start this generation: {err}"))
+                finished |= set(started)
+        self._drop(sorted(finished))
 
-    def _forward(self, chunks: dict[int, list[int]]) -> torch.Tensor:
-        """Next-token logits [len(chunks), vocab] (in the order of `chunks`) from one forward feeding row i
-        the tokens chunks[i]. The forward spans the rows first..last of `chunks`; rows in that span that
-        feed nothing cost one padding query each, and `_keep_prefilling_last` keeps such spans short."""
-        first, last = min(chunks), max(chunks)
-        span = range(first, last + 1)
-        step = self._kv.begin_step([len(chunks.get(i, ())) for i in span], start=first)
-        ids = pack_inputs([chunks.get(i, ()) for i in span], self._pad_id, self.base.device)
+    def _forward(self, chunks: list[list[int]]) -> tuple[torch.Tensor, SlotStep]:
+        """Each row's next-token logits [rows, vocab] from one forward over the rows' packed tokens."""
+        step = self._kv.begin_step([len(c) for c in chunks])
+        ids = pack_inputs(chunks, self.base.device)
         assert self._deltas is not None
-        deltas = {layer: d[first:last + 1] for layer, d in self._deltas.items()}
-        self._slots.set_rows([self._rows[i].lora for i in span])
+        # Steering is per row; the packed sequence needs it per token.
+        deltas = {layer: d.index_select(0, step.rows)[None] for layer, d in self._deltas.items()}
+        self._slots.set_rows([r.lora for r in self._rows], [len(c) for c in chunks])
         try:
             # logits_to_keep only narrows the LM head; prompt log-probs read the decoder's full output.
-            with _maybe_steer(self.model, deltas):
+            with self._kv.attending(self.model), _maybe_steer(self.model, deltas):
                 out = self.model(input_ids=ids, attention_mask=step.attention_mask, position_ids=step.position_ids,
                                  cache=self._kv, use_cache=True, logits_to_keep=step.logits_to_keep)
         finally:
             # Between steps the model is the plain base again, whatever else calls it.
             self._slots.clear_rows()
         self._kv.end_step()
-        return step.last_logits(out.logits)[[i - first for i in chunks]]
+        return step.last_logits(out.logits), step
 
     def _keep_prefilling_last(self) -> None:
         """Move rows still prefilling after every decoding row (a row's cache slot moves with it), so that
-        each of the step's two forwards spans only its own rows."""
+        the decode rows form one run: one attention call and one gathered LoRA matmul for all of them."""
         while True:
             prefill = [i for i, r in enumerate(self._rows) if _prefilling(r)]
             decode = [i for i, r in enumerate(self._rows) if not _prefilling(r)]

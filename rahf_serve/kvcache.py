@@ -1,15 +1,15 @@
-"""A preallocated KV cache for the running batch: one slot per row, written in place.
+"""A preallocated KV cache for the running batch: one slot per row, written in place, and its attention.
 
 Every layer's keys and values live in one tensor allocated once, [layers, 2, max_rows, kv_heads,
-max_len + 1, head_dim]. The running batch occupies slots 0..rows-1, so what attention reads in a step,
-`keys[start:start + m, :, :width]`, is a view: nothing is concatenated per step and nothing is copied
-when a row joins. When a row leaves, the last row moves into its slot (one row copied, up to its own
-length), so the occupied slots stay contiguous.
+max_len, head_dim]. The running batch occupies slots 0..rows-1. When a row leaves, the last row
+moves into its slot (one row copied, up to its own length), so the occupied slots stay contiguous.
 
-A step may feed each row a different number of tokens (decode 1, prefill or a prefill chunk T): inputs
-are right-padded to the step's longest row. Padding queries write their keys to the scratch column
-`max_len`, which no view ever includes, and attend to key 0 only, so they stay finite and touch no real
-row. A row's attention mask is built from its length alone: no mask columns are stored.
+A step packs every row's new tokens into one sequence, [1, total]: decode rows feed one token, prefilling
+rows a prompt chunk, and nothing is padded, so the model's Linear layers (most of the cost) run once over
+exactly the step's tokens. Attention is the one part that must stay per row: while a step runs, the
+model's attention implementation is this module's (`SlotCache.attending`), which reads each row's keys
+as a view of its slot, one scaled-dot-product call for a run of consecutive decode rows and one for each
+prompt chunk. Nothing is concatenated per step and nothing is copied when a row joins.
 
 Only plain full attention is supported (the llama family); `check_supported` refuses other models
 rather than let them answer wrongly.
@@ -17,21 +17,26 @@ rather than let them answer wrongly.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import Cache
 from transformers.cache_utils import CacheLayerMixin
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from .errors import BaseModelError, QueueFull, RequestTooLarge
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-"""Model types whose attention reads the cache only through `Cache.update` and the 4D mask (each is
-checked against transformers' own DynamicCache by the tests)."""
-SUPPORTED_ATTENTION = ("sdpa", "eager")
-"""Attention kernels that take a 4D mask as given (flash-attention kernels ignore it)."""
+"""Model types whose attention writes the cache only through `Cache.update` and attends through the
+configured attention function (each is checked against transformers' own DynamicCache by the tests)."""
+ATTENTION = "rahf_slot_cache"
+"""The attention implementation a model runs with inside `SlotCache.attending`."""
 
 
 class UnsupportedModelError(BaseModelError):
@@ -64,9 +69,9 @@ class KVShape:
                    int(head_dim))
 
     def bytes(self, max_rows: int, max_len: int, dtype: torch.dtype) -> int:
-        """Memory for keys and values of `max_rows` slots of `max_len` tokens (plus the scratch column)."""
+        """Memory for keys and values of `max_rows` slots of `max_len` tokens."""
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * self.layers * max_rows * self.kv_heads * (max_len + 1) * self.head_dim * itemsize
+        return 2 * self.layers * max_rows * self.kv_heads * max_len * self.head_dim * itemsize
 
 
 def kv_cache_bytes(config: Any, max_rows: int, max_len: int, dtype: torch.dtype) -> int:
@@ -90,44 +95,75 @@ def check_supported(config: Any, max_len: int) -> None:
         what = f"layer types {other}" if other else "sliding-window attention"
         raise refuse(f"{what} (window {window}) over rows of up to {max_len} tokens; "
                      "only full attention is supported")
-    attention = getattr(config, "_attn_implementation", None) or "sdpa"
-    if attention not in SUPPORTED_ATTENTION:
-        raise refuse(f"attention implementation {attention!r} ignores a 4D mask; load it with sdpa or eager")
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Queries that attend in one call: a run of consecutive rows feeding one token each (`decode`), or
+    the prompt chunk of one row."""
+
+    tokens: slice
+    """their positions in the step's packed sequence"""
+    rows: slice
+    """their slots"""
+    width: int
+    """keys read: the longest of these rows after the step"""
+    mask: torch.Tensor
+    """[rows, 1, queries, width], True where a query may attend"""
+    decode: bool
 
 
 @dataclass(frozen=True)
 class SlotStep:
-    """What one forward over slots start..start+m-1 needs: pass these to the model with `cache=`."""
+    """One forward over the packed tokens of every row: pass `input_ids` built by `pack_inputs` and
+    these to the model with `cache=`, inside `SlotCache.attending(model)`."""
 
-    start: int
     n_new: tuple[int, ...]
-    width: int
-    """keys each row's attention reads this step (the longest row's length after it)"""
-    attention_mask: torch.Tensor
-    """[m, 1, T, width]: bool for sdpa, additive float for eager"""
+    """tokens row i feeds (0: none)"""
     position_ids: torch.Tensor
-    """[m, T]: a row's length + t; padding queries repeat the row's last position"""
-    logits_to_keep: torch.Tensor
-    """[m, 1]: each row's last real query, so the model computes logits only there"""
+    """[1, total]: each token's position in its own row"""
     rows: torch.Tensor
-    """[m, T] slot written by each query"""
+    """[total] slot of each token"""
     columns: torch.Tensor
-    """[m, T] column written by each query (the scratch column for padding)"""
+    """[total] column its key and value are written to"""
+    logits_to_keep: torch.Tensor
+    """[feeding rows] the packed index of each feeding row's last token"""
+    groups: tuple[_Group, ...]
+    attention_mask: torch.Tensor
+    """a 4D placeholder: transformers passes a 4D mask through unbuilt, and this cache's attention masks
+    each group itself"""
 
     def last_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """[m, vocab] from the model's logits computed with `logits_to_keep` (or all T positions)."""
-        if logits.shape[1] == 1:
-            return logits[:, 0]
-        return logits[torch.arange(len(self.n_new), device=logits.device), self.logits_to_keep[:, 0]]
+        """[feeding rows, vocab], in row order, from the model's logits computed with `logits_to_keep`."""
+        return logits[0]
+
+    def offsets(self) -> list[int]:
+        """Where each row's tokens start in the packed sequence."""
+        out, at = [], 0
+        for n in self.n_new:
+            out.append(at)
+            at += n
+        return out
 
 
-def pack_inputs(chunks: Sequence[Sequence[int]], pad_id: int, device: torch.device | str) -> torch.Tensor:
-    """[m, T] input ids: each row's tokens for this step, right-padded to the longest with `pad_id`."""
-    width = max(len(c) for c in chunks)
-    ids = torch.full((len(chunks), width), pad_id, dtype=torch.long)
-    for i, chunk in enumerate(chunks):
-        ids[i, :len(chunk)] = torch.tensor(list(chunk), dtype=torch.long)
-    return ids.to(device)
+def pack_inputs(chunks: Sequence[Sequence[int]], device: torch.device | str) -> torch.Tensor:
+    """[1, total] input ids: every row's tokens for this step, one after the other."""
+    return torch.tensor([[t for chunk in chunks for t in chunk]], dtype=torch.long, device=device)
+
+
+_active = threading.local()
+
+
+def _slot_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scaling: float | None = None, **kwargs: Any) -> Any:
+    cache = getattr(_active, "cache", None)
+    if cache is None:  # the same model called on another thread while a step runs: plain attention
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    return cache.attend(module.layer_idx, query, scaling), None
+
+
+AttentionInterface.register(ATTENTION, _slot_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
 
 
 class _SlotLayer(CacheLayerMixin):
@@ -149,14 +185,13 @@ class _SlotLayer(CacheLayerMixin):
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         step = self._cache.step
         assert self.keys is not None and self.values is not None
-        # Advanced indices on dims 0 and 2 put the indexed dims first: [m, T, heads, head_dim].
-        self.keys[step.rows, :, step.columns] = key_states.transpose(1, 2)
-        self.values[step.rows, :, step.columns] = value_states.transpose(1, 2)
-        rows = slice(step.start, step.start + len(step.n_new))
-        return self.keys[rows, :, :step.width], self.values[rows, :, :step.width]
+        # Advanced indices on dims 0 and 2 put the indexed dims first: [total, heads, head_dim].
+        self.keys[step.rows, :, step.columns] = key_states[0].transpose(0, 1)
+        self.values[step.rows, :, step.columns] = value_states[0].transpose(0, 1)
+        return key_states, value_states  # the attention reads the slots, not these
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self._cache.step.width, 0
+        return query_length, 0
 
     def get_seq_length(self) -> int:
         return self._cache.seq_length
@@ -171,20 +206,20 @@ class _SlotLayer(CacheLayerMixin):
 class SlotCache(Cache):
     """Preallocated per-row KV slots for a batch whose rows join and leave between steps.
 
-    Use: `add` rows, then per forward `begin_step` -> model(..., cache=self) -> `end_step`; `remove`
-    rows that finished and reorder your own row list with the order it returns. A step that fails
-    before `end_step` leaves no trace: its keys lie past every row's length.
+    Use: `add` rows, then per forward `begin_step` -> model(..., cache=self) inside `attending(model)` ->
+    `end_step`; `remove` rows that finished and reorder your own row list with the order it returns. A
+    step that fails before `end_step` leaves no trace: its keys lie past every row's length.
     """
 
     is_compileable = False
 
     def __init__(self, shape: KVShape, max_rows: int, max_len: int, *, dtype: torch.dtype,
-                 device: torch.device | str, attention: str = "sdpa") -> None:
+                 device: torch.device | str) -> None:
         if max_rows < 1 or max_len < 1:
             raise ValueError("max_rows and max_len must be at least 1")
-        self.shape, self.max_rows, self.max_len, self.attention = shape, max_rows, max_len, attention
+        self.shape, self.max_rows, self.max_len = shape, max_rows, max_len
         # Zeros, not empty: masked keys still enter q.k before the mask, and garbage could be inf/NaN.
-        self.storage = torch.zeros((shape.layers, 2, max_rows, shape.kv_heads, max_len + 1, shape.head_dim),
+        self.storage = torch.zeros((shape.layers, 2, max_rows, shape.kv_heads, max_len, shape.head_dim),
                                    dtype=dtype, device=device)
         super().__init__(layers=[_SlotLayer(self, self.storage[i, 0], self.storage[i, 1])
                                  for i in range(shape.layers)])
@@ -198,8 +233,7 @@ class SlotCache(Cache):
         config = model.config
         check_supported(config, max_len)
         weight = model.get_input_embeddings().weight
-        return cls(KVShape.of(config), max_rows, max_len, dtype=weight.dtype, device=weight.device,
-                   attention=getattr(config, "_attn_implementation", None) or "sdpa")
+        return cls(KVShape.of(config), max_rows, max_len, dtype=weight.dtype, device=weight.device)
 
     # ------------------------------------------------------------ rows
 
@@ -266,52 +300,88 @@ class SlotCache(Cache):
             raise RuntimeError("SlotCache used outside a step: call begin_step before the forward")
         return self._step
 
-    def begin_step(self, n_new: Sequence[int], start: int = 0) -> SlotStep:
-        """Prepare a forward over slots start..start+len(n_new)-1, row i feeding n_new[i] tokens (0: none).
+    def begin_step(self, n_new: Sequence[int]) -> SlotStep:
+        """Prepare a forward in which row i feeds n_new[i] tokens (0: none), one entry per row.
 
         Raises ContextFull, before writing anything, if a row would outgrow its slot.
         """
-        m = len(n_new)
-        if m == 0 or start < 0 or start + m > self.rows:
-            raise IndexError(f"a step over rows {start}..{start + m - 1} but the cache holds {self.rows} rows")
-        if min(n_new) < 0 or max(n_new) < 1:
+        if len(n_new) != self.rows:
+            raise IndexError(f"a step over {len(n_new)} rows but the cache holds {self.rows} rows")
+        if min(n_new, default=0) < 0 or max(n_new, default=0) < 1:
             raise ValueError("every row feeds 0 or more tokens and at least one row feeds some")
-        lengths = self._lengths[start:start + m]
-        for i, (have, new) in enumerate(zip(lengths, n_new, strict=True)):
+        for i, (have, new) in enumerate(zip(self._lengths, n_new, strict=True)):
             if have + new > self.max_len:
-                raise ContextFull(f"row {start + i} would hold {have + new} tokens; "
-                                  f"the KV cache holds {self.max_len} per row")
+                raise ContextFull(f"row {i} would hold {have + new} tokens; the KV cache holds {self.max_len} per row")
         device = self.storage.device
-        t_len, width = max(n_new), max(h + n for h, n in zip(lengths, n_new, strict=True))
-        have_t = torch.tensor(lengths, device=device)[:, None]
-        new_t = torch.tensor(list(n_new), device=device)[:, None]
-        t = torch.arange(t_len, device=device)[None, :]
-        real = t < new_t
-        columns = torch.where(real, have_t + t, self.max_len)
-        rows = torch.arange(start, start + m, device=device)[:, None].expand(m, t_len)
-        # A padding query sees key 0 only: a softmax over nothing would be NaN.
-        limit = torch.where(real, have_t + t, 0)
-        mask = torch.arange(width, device=device)[None, None, :] <= limit[:, :, None]
-        last = (new_t - 1).clamp(min=0)
-        positions = have_t + torch.minimum(t, last)
-        self._step = SlotStep(start, tuple(n_new), width, self._as_attention_mask(mask[:, None]), positions,
-                              last, rows, columns)
+        rows, columns, last, groups = [], [], [], []
+        i, at = 0, 0
+        while i < len(n_new):
+            n, have = n_new[i], self._lengths[i]
+            if n == 0:
+                i += 1
+                continue
+            if n == 1:  # a run of decode rows: one query each, one call
+                j = i
+                while j < len(n_new) and n_new[j] == 1:
+                    j += 1
+                after = torch.tensor(self._lengths[i:j], device=device)[:, None] + 1
+                width = int(after.max())
+                mask = torch.arange(width, device=device)[None, :] < after
+                groups.append(_Group(slice(at, at + j - i), slice(i, j), width, mask[:, None, None], True))
+                rows += range(i, j)
+                columns += [self._lengths[r] for r in range(i, j)]
+                last += range(at, at + j - i)
+                at += j - i
+                i = j
+                continue
+            width = have + n
+            limit = have + torch.arange(n, device=device)[:, None]
+            mask = torch.arange(width, device=device)[None, :] <= limit
+            groups.append(_Group(slice(at, at + n), slice(i, i + 1), width, mask[None, None], False))
+            rows += [i] * n
+            columns += range(have, have + n)
+            at += n
+            last.append(at - 1)
+            i += 1
+        cols = torch.tensor(columns, device=device)
+        self._step = SlotStep(tuple(n_new), cols[None], torch.tensor(rows, device=device), cols,
+                              torch.tensor(last, device=device), tuple(groups),
+                              torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device))
         return self._step
 
     def end_step(self) -> None:
         """Count the step's tokens into each row's length (after a successful forward)."""
         step = self.step
         for i, new in enumerate(step.n_new):
-            self._lengths[step.start + i] += new
+            self._lengths[i] += new
         self._step = None
 
-    def _as_attention_mask(self, allowed: torch.Tensor) -> torch.Tensor:
-        if self.attention != "eager":
-            return allowed
-        # eager attention adds the mask to the scores, so it needs 0 / -inf-like values, not booleans.
-        dtype = self.storage.dtype
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)
+    def attend(self, layer: int, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
+        """Attention of the step's packed queries [1, heads, total, head_dim] over their rows' slots, as
+        transformers' attention functions return it: [1, total, heads, head_dim]."""
+        keys, values = self.layers[layer].keys, self.layers[layer].values
+        assert keys is not None and values is not None
+        out = query.new_empty((1, query.shape[2], query.shape[1], query.shape[3]))
+        for g in self.step.groups:
+            q = query[0, :, g.tokens]  # [heads, queries, head_dim]
+            q = q.transpose(0, 1)[:, :, None] if g.decode else q[None]
+            o = F.scaled_dot_product_attention(q, keys[g.rows, :, :g.width], values[g.rows, :, :g.width],
+                                               attn_mask=g.mask, scale=scaling, enable_gqa=True)
+            out[0, g.tokens] = o[:, :, 0] if g.decode else o[0].transpose(0, 1)
+        return out
+
+    @contextmanager
+    def attending(self, model: Any) -> Iterator[None]:
+        """Within: `model` (and only on this thread) attends through this cache's slots."""
+        config = model.config
+        before = config._attn_implementation
+        _active.cache = self
+        config._attn_implementation = ATTENTION
+        try:
+            yield
+        finally:
+            config._attn_implementation = before
+            _active.cache = None
 
     # ------------------------------------------------------------ Cache interface
 
@@ -323,7 +393,7 @@ class SlotCache(Cache):
         return self.seq_length
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.step.width, 0
+        return query_length, 0
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return self.max_len

@@ -144,6 +144,12 @@ class _Rows:
         """the slot, when every LoRA row of the step uses the same one: its factors are read in place"""
         self.mask: torch.Tensor | None = None
         """[rows, 1, 1] 1 for LoRA rows, 0 for base rows, with `single` when both kinds are in the batch"""
+        self.packed = False
+        """the input is one packed sequence [1, total]: `index` and `mask` are then per token"""
+        self.gather: tuple[torch.Tensor, torch.Tensor] | None = None
+        """packed, several LoRAs: (token positions, their slots) of the rows that feed one token"""
+        self.segments: list[tuple[int, int, int]] = []
+        """packed, several LoRAs: (start, end, slot) of each LoRA row that feeds several tokens"""
 
 
 class SlotLinear(nn.Module):
@@ -179,9 +185,12 @@ class SlotLinear(nn.Module):
         if index is None:
             return out
         n = index.shape[0]
-        if x.shape[0] != n:
-            raise RuntimeError(f"LoRA slots were set for {n} rows but the batch has {x.shape[0]}")
+        if (x.shape[0] * x.shape[1] if self.rows.packed else x.shape[0]) != n:
+            raise RuntimeError(f"LoRA slots were set for {n} {'tokens' if self.rows.packed else 'rows'} but the "
+                               f"input is {list(x.shape[:-1])}")
         r = self.rows.rank
+        if self.rows.packed and self.rows.single is None:
+            return self._packed_rows(x, out, r)
         if self.rows.single is not None:
             # Gathering copies each row's factors; with one LoRA in the batch they are used where they lie.
             s = self.rows.single
@@ -193,6 +202,20 @@ class SlotLinear(nn.Module):
         b = self.slot_B[:, :r].index_select(0, index)
         h = torch.bmm(x.reshape(n, -1, x.shape[-1]), a.transpose(1, 2))
         return torch.baddbmm(out.reshape(n, -1, out.shape[-1]), h, b).view_as(out)
+
+    def _packed_rows(self, x: torch.Tensor, out: torch.Tensor, r: int) -> torch.Tensor:
+        """Several LoRAs over a packed sequence: one-token rows gather their factors (one batched matmul);
+        a prompt chunk uses its slot's factors in place (gathering them per token would copy them)."""
+        x2, o2 = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+        if self.rows.gather is not None:
+            tokens, slots = self.rows.gather
+            a = self.slot_A[:, :r].index_select(0, slots)
+            b = self.slot_B[:, :r].index_select(0, slots)
+            h = torch.bmm(x2.index_select(0, tokens)[:, None], a.transpose(1, 2))
+            o2.index_add_(0, tokens, torch.bmm(h, b)[:, 0])
+        for start, end, slot in self.rows.segments:
+            o2[start:end].addmm_(torch.mm(x2[start:end], self.slot_A[slot, :r].t()), self.slot_B[slot, :r])
+        return out
 
 
 class LoraSlots:
@@ -304,8 +327,11 @@ class LoraSlots:
         self._ranks[slot] = 0
         self._free.append(slot)
 
-    def set_rows(self, slots: Sequence[int | None]) -> None:
-        """The slot of each row of the next forward passes (None: the base model alone)."""
+    def set_rows(self, slots: Sequence[int | None], tokens: Sequence[int] | None = None) -> None:
+        """The slot of each row of the next forward passes (None: the base model alone).
+
+        `tokens`: the input is one packed sequence [1, sum(tokens)] in which row i owns the next
+        tokens[i] positions (a SlotCache step); without it, row i is the input's batch row i."""
         occupied = set(self._lru.values())
         stray = [s for s in slots if s is not None and s not in occupied]
         if stray:
@@ -317,6 +343,12 @@ class LoraSlots:
         like = next(iter(self._wrapped.values())).slot_A
         device = like.device
         used = {s for s in slots if s is not None}
+        if tokens is not None:  # from here on, a "row" is one token of the packed sequence
+            if len(tokens) != len(slots):
+                raise RahfError(f"{len(slots)} slots for {len(tokens)} rows")
+            self._rows.packed = True
+            self._plan_packed(slots, tokens, device)
+            slots = [s for s, n in zip(slots, tokens, strict=True) for _ in range(n)]
         self._rows.index = torch.tensor([self.max_loras if s is None else s for s in slots], device=device)
         self._rows.rank = rank
         if len(used) == 1:
@@ -325,9 +357,22 @@ class LoraSlots:
                 self._rows.mask = torch.tensor([float(s is not None) for s in slots], dtype=like.dtype,
                                                device=device).view(-1, 1, 1)
 
+    def _plan_packed(self, slots: Sequence[int | None], tokens: Sequence[int], device: torch.device) -> None:
+        single_tokens, single_slots, at = [], [], 0
+        for slot, n in zip(slots, tokens, strict=True):
+            if slot is not None and n == 1:
+                single_tokens.append(at)
+                single_slots.append(slot)
+            elif slot is not None and n > 1:
+                self._rows.segments.append((at, at + n, slot))
+            at += n
+        if single_tokens:
+            self._rows.gather = (torch.tensor(single_tokens, device=device), torch.tensor(single_slots, device=device))
+
     def clear_rows(self) -> None:
         """Back to the base model for every row."""
         self._rows.index, self._rows.rank, self._rows.single, self._rows.mask = None, 0, None, None
+        self._rows.packed, self._rows.gather, self._rows.segments = False, None, []
 
     def unwrap(self) -> nn.Module:
         """Put the original Linear modules back (the base weights were never touched); returns the model."""

@@ -65,7 +65,8 @@ class SteeringHandle:
 
 
 def add_steering(model: torch.nn.Module, deltas: Mapping[int, torch.Tensor]) -> SteeringHandle:
-    """Add deltas[l] ([batch, hidden]) to hidden_states[l] at every position of every row."""
+    """Add deltas[l] to hidden_states[l]: [batch, hidden] at every position of each row, or
+    [batch, length, hidden] position by position."""
     blocks = decoder_layers(model)
     hooks = []
     for layer, delta in deltas.items():
@@ -85,10 +86,13 @@ def steering(model: torch.nn.Module, deltas: Mapping[int, torch.Tensor]) -> Iter
 
 
 def _adder(delta: torch.Tensor) -> Any:
+    # [batch, hidden] adds to every position of a row; [batch, length, hidden] per position (a packed step).
+    delta = delta if delta.dim() == 3 else delta[:, None, :]
+
     def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
         # Decoder layers return a tensor in recent transformers and a tuple in older ones.
         if isinstance(output, tuple):
-            return (output[0] + delta[:, None, :].to(output[0].dtype),) + output[1:]
-        return output + delta[:, None, :].to(output.dtype)
+            return (output[0] + delta.to(output[0].dtype),) + output[1:]
+        return output + delta.to(output.dtype)
 
     return hook

@@ -184,9 +184,9 @@ def test_rows_name_their_slot_and_release_it(runtime):
     seen: list[list[int | None]] = []
     set_rows = engine._slots.set_rows
 
-    def spy(slots):
+    def spy(slots, tokens=None):
         seen.append(list(slots))
-        set_rows(slots)
+        set_rows(slots, tokens)
 
     engine._slots.set_rows = spy
     try:

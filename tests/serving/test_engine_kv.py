@@ -112,10 +112,10 @@ def test_long_prompt_joining_running_streams_changes_nothing(runtime):
     assert staggered(engine, reqs, [None, None, (0, 5)]) == expected
 
 
-def test_decoding_rows_never_compute_a_prompt_chunk(runtime, monkeypatch):
+def test_a_step_computes_exactly_its_rows_tokens(runtime, monkeypatch):
     """Prompts joining running streams (two at once, one of them landing between running rows when a
-    stream leaves) are fed in forwards of their own: every forward either decodes (one token a row) or
-    feeds only rows still prefilling. Outputs stay those of each request alone."""
+    stream leaves) share forwards with the decoding rows, packed: every forward computes exactly the
+    tokens its rows feed, within the budget, none padded. Outputs stay those of each request alone."""
     engine, _ = runtime
     reqs = [GenerationRequest(prompt(6, 20), greedy(30)), GenerationRequest(prompt(7, 21), greedy(4), "kind"),
             GenerationRequest(prompt(5, 22), greedy(30), "terse", steering=SteeringSpec("kind", 2.0)),
@@ -123,18 +123,23 @@ def test_decoding_rows_never_compute_a_prompt_chunk(runtime, monkeypatch):
     expected = alone(engine, reqs)
     monkeypatch.setattr(engine, "max_num_batched_tokens", 64)
     fed: list[list[int]] = []
+    computed: list[int] = []
     real = engine._kv.begin_step
 
-    def begin_step(n_new, start=0):
+    def begin_step(n_new):
         fed.append(list(n_new))
-        return real(n_new, start)
+        return real(n_new)
 
     monkeypatch.setattr(engine._kv, "begin_step", begin_step)
-    assert staggered(engine, reqs, [None, None, None, (1, 3), (1, 3)]) == expected
-    mixed = [n for n in fed if max(n) > 1 and min(n) <= 1]
-    assert not mixed, f"forwards that padded idle rows to a prompt chunk: {mixed}"
-    assert max(sum(n) for n in fed) <= 64
-    assert any(max(n) > 1 for n in fed) and any(max(n) == 1 and len(n) >= 3 for n in fed)
+    hook = engine.model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: computed.append(out.shape[0] * out.shape[1]))
+    try:
+        assert staggered(engine, reqs, [None, None, None, (1, 3), (1, 3)]) == expected
+    finally:
+        hook.remove()
+    assert computed == [sum(n) for n in fed]
+    assert max(computed) <= 64
+    assert any(max(n) > 1 and n.count(1) >= 2 for n in fed)  # decode rows and a prompt chunk in one forward
 
 
 def test_long_prompt_logprobs_equal_alone(runtime):

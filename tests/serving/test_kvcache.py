@@ -6,12 +6,13 @@ token, leave when done) and every row's greedy tokens and logits must match that
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from transformers import (
     AutoModelForCausalLM,
     DynamicCache,
@@ -32,11 +33,11 @@ from rahf_serve.kvcache import (
     kv_cache_bytes,
     pack_inputs,
 )
+from rahf_serve.lora_slots import LoraSlots
 from rahf_serve.models import load_base
 from tests.serving.conftest import load_lively
 
 ATOL = 1e-4
-PAD = 0
 
 
 @dataclass
@@ -69,19 +70,26 @@ class Run:
 
 
 def forward(model: Any, cache: SlotCache, chunks: list[list[int]], start: int = 0,
-            adapters: list[str] | None = None) -> torch.Tensor:
-    """One step over slots start..start+len(chunks)-1; returns each row's last-token logits."""
-    step = cache.begin_step([len(c) for c in chunks], start=start)
-    extra = {"adapter_names": adapters} if adapters is not None else {}
-    out = model(input_ids=pack_inputs(chunks, PAD, cache.storage.device), attention_mask=step.attention_mask,
-                position_ids=step.position_ids, cache=cache, use_cache=True, logits_to_keep=step.logits_to_keep,
-                **extra)
+            slots: list[int | None] | None = None, lora: LoraSlots | None = None) -> torch.Tensor:
+    """One packed step in which slots start..start+len(chunks)-1 feed `chunks` and the other rows
+    nothing; returns each feeding row's last-token logits. `lora`: its slot per row (`slots`)."""
+    n_new = [0] * cache.rows
+    n_new[start:start + len(chunks)] = [len(c) for c in chunks]
+    step = cache.begin_step(n_new)
+    if lora is not None:
+        assert slots is not None
+        lora.set_rows(slots, [len(c) for c in chunks])
+    with cache.attending(model):
+        out = model(input_ids=pack_inputs(chunks, cache.storage.device), attention_mask=step.attention_mask,
+                    position_ids=step.position_ids, cache=cache, use_cache=True, logits_to_keep=step.logits_to_keep)
     cache.end_step()
+    if lora is not None:
+        lora.clear_rows()
     return step.last_logits(out.logits)
 
 
 def run_batched(model: Any, scripts: list[Script], max_rows: int = 8, max_len: int = 128,
-                prefill_apart: bool = False) -> Run:
+                prefill_apart: bool = False, lora: LoraSlots | None = None) -> Run:
     """Serve `scripts` through one SlotCache, greedy. `prefill_apart`: joining rows are prefilled in a
     forward of their own over their new slots (as the engine's _admit does), else in the shared step."""
     cache = SlotCache.for_model(model, max_rows, max_len)
@@ -93,10 +101,10 @@ def run_batched(model: Any, scripts: list[Script], max_rows: int = 8, max_len: i
         start = cache.add(len(joining))[0] if joining else 0
         live += joining
         if prefill_apart and joining:
-            logits = forward(model, cache, [s.next_chunk() for s in joining], start, _adapters(model, joining))
+            logits = forward(model, cache, [s.next_chunk() for s in joining], start, _slots(lora, joining), lora)
             _take(joining, logits)
         if live:
-            logits = forward(model, cache, [s.next_chunk() for s in live], 0, _adapters(model, live))
+            logits = forward(model, cache, [s.next_chunk() for s in live], 0, _slots(lora, live), lora)
             _take(live, logits)
             done = [i for i, s in enumerate(live) if len(s.tokens) >= s.new_tokens]
             order = cache.remove(done)
@@ -109,8 +117,8 @@ def run_batched(model: Any, scripts: list[Script], max_rows: int = 8, max_len: i
     return Run(scripts, ptrs, moves)
 
 
-def _adapters(model: Any, rows: list[Script]) -> list[str] | None:
-    return [s.adapter or "__base__" for s in rows] if hasattr(model, "peft_config") else None
+def _slots(lora: LoraSlots | None, rows: list[Script]) -> list[int | None] | None:
+    return None if lora is None else [None if s.adapter is None else lora.slot_of(s.adapter) for s in rows]
 
 
 def _take(rows: list[Script], logits: torch.Tensor) -> None:
@@ -196,17 +204,22 @@ def test_chunked_prefill_while_other_rows_decode_matches_alone(lively):
     assert len(run.data_ptrs) == 1
 
 
-def test_mixed_adapter_rows_through_peft(lively_model_dir):
+def test_mixed_adapter_rows_through_lora_slots(lively_model_dir):
+    """Rows with different LoRAs (engine slots, packed) against each prompt alone through PEFT."""
     torch.manual_seed(0)
-    model = load_lively(lively_model_dir).model
+    plain = load_lively(lively_model_dir).model
     cfg = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # random, non-zero B
-    model = get_peft_model(model, cfg, adapter_name="kind")
-    model.add_adapter("terse", cfg)
-    model.eval()
-    p = prompts(3, [4, 8, 5], _vocab(model))
-    run = run_batched(model, [Script(p[0], 5, adapter="kind"), Script(p[1], 5, adapter="terse"),
-                              Script(p[2], 5, join=2)])
-    assert_matches_alone(model, run)
+    peft = get_peft_model(load_lively(lively_model_dir).model, cfg, adapter_name="kind")
+    peft.add_adapter("terse", cfg)
+    peft.eval()
+    lora = LoraSlots(plain, max_loras=2, max_rank=4)
+    for name in ("kind", "terse"):
+        config = json.loads(json.dumps(peft.peft_config[name].to_dict(), default=sorted))  # as adapter_config.json
+        lora.load(name, get_peft_model_state_dict(peft, adapter_name=name), config)
+    p = prompts(3, [4, 8, 5], _vocab(plain))
+    scripts = [Script(p[0], 5, adapter="kind"), Script(p[1], 5, adapter="terse"), Script(p[2], 5, join=2)]
+    run = run_batched(plain, scripts, lora=lora)
+    assert_matches_alone(peft, run)
 
 
 def _tiny(config_cls: type, **overrides: Any) -> Any:
@@ -241,11 +254,11 @@ def test_real_default_model_matches_alone():
     assert len(run.data_ptrs) == 1
 
 
-# ---------------------------------------------------------------- masks and padding
+# ---------------------------------------------------------------- packing and masks
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_padding_queries_stay_finite_and_leave_real_rows_alone(lively_model_dir, attention):
+def test_rows_that_feed_nothing_are_untouched_and_the_model_is_restored(lively_model_dir, attention):
     lively = load_lively(lively_model_dir).model
     lively.set_attn_implementation(attention)
     cache = SlotCache.for_model(lively, 4, 64)
@@ -253,37 +266,37 @@ def test_padding_queries_stay_finite_and_leave_real_rows_alone(lively_model_dir,
     p = prompts(6, [5, 2, 4], _vocab(lively))
     forward(lively, cache, p)
     kept = cache.storage[:, :, :3].clone()
-    # Row 0 feeds 1 token, row 1 feeds 6 (row 0 gets 5 padding queries), row 2 feeds nothing.
-    step = cache.begin_step([1, 6, 0])
-    out = lively(input_ids=pack_inputs([[7], [1, 2, 3, 4, 5, 6], [PAD]], PAD, "cpu"),
-                 attention_mask=step.attention_mask, position_ids=step.position_ids, cache=cache, use_cache=True)
-    cache.end_step()
-    assert torch.isfinite(out.logits).all()
+    # Row 0 feeds 1 token, row 1 feeds 6, row 2 nothing: 7 tokens computed, none of them padding.
+    logits = forward(lively, cache, [[7], [1, 2, 3, 4, 5, 6]])
+    assert logits.shape[0] == 2 and torch.isfinite(logits).all()
     assert cache.lengths == [6, 8, 4]
-    # Real keys are never overwritten: what each row held before the step is still there.
-    for row, n in enumerate([5, 2, 4]):
+    assert lively.config._attn_implementation == attention  # the model's own attention outside a step
+    for row, n in enumerate([5, 2, 4]):  # real keys are never overwritten
         assert torch.equal(cache.storage[:, :, row, :, :n], kept[:, :, row, :, :n])
-    assert torch.equal(cache.storage[:, :, 2, :, :64], kept[:, :, 2, :, :64])  # row 2 took no part
-    # Row 0's token got the same logits as in a step without anybody's padding (up to float32 rounding,
-    # which differs between a batched and a one-row matmul by ~1e-5 on this wide-init model).
+    assert torch.equal(cache.storage[:, :, 2], kept[:, :, 2])  # row 2 took no part
+    # Row 0's token got the same logits as in a step of its own (up to float32 rounding, which differs
+    # between a packed and a one-row matmul by ~1e-5 on this wide-init model).
     solo = SlotCache.for_model(lively, 1, 64)
     solo.add(1)
     forward(lively, solo, [p[0]])
-    torch.testing.assert_close(out.logits[0, 0], forward(lively, solo, [[7]])[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(logits[0], forward(lively, solo, [[7]])[0], atol=1e-4, rtol=0)
 
 
-def test_mask_and_positions_follow_each_rows_length(lively):
+def test_packed_positions_and_masks_follow_each_rows_length(lively):
     cache = SlotCache.for_model(lively, 4, 32)
-    cache.add(2)
-    forward(lively, cache, [[5, 6, 7], [8]])
-    step = cache.begin_step([1, 3])
-    mask = step.attention_mask[:, 0]
-    assert step.width == 4 and mask.shape == (2, 3, 4)
-    assert mask[0].tolist() == [[True, True, True, True], [True, False, False, False], [True, False, False, False]]
-    assert mask[1].tolist() == [[True, True, False, False], [True, True, True, False], [True, True, True, True]]
-    assert step.position_ids.tolist() == [[3, 3, 3], [1, 2, 3]]
-    assert step.logits_to_keep.tolist() == [[0], [2]]
-    assert step.columns.tolist() == [[3, 32, 32], [1, 2, 3]]
+    cache.add(3)
+    forward(lively, cache, [[5, 6, 7], [8], [9]])
+    step = cache.begin_step([1, 1, 3])  # two decode rows (one attention call), one prompt chunk
+    assert step.position_ids.tolist() == [[3, 1, 1, 2, 3]]
+    assert step.rows.tolist() == [0, 1, 2, 2, 2] and step.columns.tolist() == [3, 1, 1, 2, 3]
+    assert step.logits_to_keep.tolist() == [0, 1, 4]
+    decode, chunk = step.groups
+    assert decode.decode and decode.rows == slice(0, 2) and decode.width == 4
+    assert decode.mask[:, 0, 0].tolist() == [[True, True, True, True], [True, True, False, False]]
+    assert not chunk.decode and chunk.tokens == slice(2, 5) and chunk.width == 4
+    assert chunk.mask[0, 0].tolist() == [[True, True, False, False], [True, True, True, False],
+                                         [True, True, True, True]]
+    assert step.offsets() == [0, 1, 2]
 
 
 # ---------------------------------------------------------------- rows, storage and capacity
@@ -332,7 +345,7 @@ def test_capacity_errors_name_the_limits(lively):
     with pytest.raises(ValueError):
         cache.begin_step([0, 0])
     with pytest.raises(IndexError):
-        cache.begin_step([1], start=2)
+        cache.begin_step([1])
     with pytest.raises(RuntimeError, match="begin_step"):
         _ = SlotCache.for_model(lively, 1, 4).step
 
@@ -342,7 +355,7 @@ def test_memory_estimate_is_what_the_cache_allocates(lively):
     assert kv_cache_bytes(lively.config, 3, 50, torch.float32) == cache.storage.nbytes
     # SmolLM2-135M: 30 layers x 3 kv heads x 64 dims, bf16: 8 rows of 2048 tokens take ~189 MB.
     smol = KVShape(layers=30, kv_heads=3, head_dim=64)
-    assert smol.bytes(8, 2048, torch.bfloat16) == 2 * 30 * 8 * 3 * 2049 * 64 * 2
+    assert smol.bytes(8, 2048, torch.bfloat16) == 2 * 30 * 8 * 3 * 2048 * 64 * 2
 
 
 # ---------------------------------------------------------------- models it must refuse
@@ -357,13 +370,6 @@ def test_memory_estimate_is_what_the_cache_allocates(lively):
 ])
 def test_unsupported_models_are_refused_by_type_and_reason(config, reason):
     with pytest.raises(UnsupportedModelError, match=f"{config.model_type!r}.*{reason}"):
-        check_supported(config, max_len=128)
-
-
-def test_a_model_loaded_with_a_mask_ignoring_kernel_is_refused():
-    config = LlamaConfig()
-    config._attn_implementation = "flash_attention_2"
-    with pytest.raises(UnsupportedModelError, match="'llama'.*flash_attention_2.*sdpa or eager"):
         check_supported(config, max_len=128)
 
 

@@ -110,6 +110,30 @@ def test_rows_match_peft_one_row_at_a_time(tiny, layout):
         assert (name is None) == torch.allclose(got[i], unchanged[i], atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_packed_rows_equal_each_row_alone(tiny, layout):
+    """A packed step ([1, total], row i owning tokens[i] positions: one for a decoding row, a chunk for a
+    prompt) gives every token what its own row alone gives, in every wrapped module."""
+    base, bundles = tiny
+    slots = LoraSlots(copy.deepcopy(base.model).eval(), max_loras=4, max_rank=16)
+    load_all(slots, bundles)
+    names = LAYOUTS[layout]
+    tokens = [1 if i % 2 else 3 + i for i in range(len(names))]
+    ids = [None if n is None else slots.slot_of(n) for n in names]
+    starts = [sum(tokens[:i]) for i in range(len(tokens))]
+    g = torch.Generator().manual_seed(3)
+    for module in slots._wrapped.values():
+        x = torch.randn(1, sum(tokens), module.in_features, generator=g)
+        with torch.no_grad():
+            slots.set_rows(ids, tokens)
+            packed = module(x)
+            for slot, start, n in zip(ids, starts, tokens, strict=True):
+                slots.set_rows([slot])
+                torch.testing.assert_close(packed[:, start:start + n], module(x[:, start:start + n]),
+                                           atol=1e-5, rtol=1e-5)
+    slots.clear_rows()
+
+
 def test_sixty_four_resident_adapters_give_the_same_logits_as_one(tiny):
     base, bundles = tiny
     model = copy.deepcopy(base.model).eval()

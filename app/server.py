@@ -5,17 +5,23 @@
     rahf-serve --adapter me/rahf-kind@v1 --api-key s3cret --port 9000
     rahf-serve --preset 'gentle={"adapters": [{"name": "smollm2-135m-rahf-scit", "weight": 0.7}],
                                  "steering": {"adapter": "smollm2-135m-rahf-scit", "coeff": 4}}'
+    rahf-serve --engine vllm --tensor-parallel-size 2   # the same API on vLLM (installed: docs/scale.md)
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
-from rahf_serve.engine import Engine
+from rahf_serve.engine_api import ServingEngine
 from rahf_serve.errors import RahfError
-from rahf_serve.models import EMBEDDED_ALIAS, load_base
+from rahf_serve.models import EMBEDDED_ALIAS, load_base, load_base_skeleton
 from rahf_serve.registry import AdapterRegistry
 from rahf_serve.sources import split_adapter_arg
 
@@ -45,9 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None,
                    help="most tokens one request may span, prompt + max_tokens (default: the model's context, at "
                         "most 4096); the KV cache for --max-batch rows of this length is allocated at start")
-    p.add_argument("--max-num-batched-tokens", type=int, default=512,
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens one engine step feeds: one per decoding row, the rest shared by prompts being "
-                        "prefilled, so a long prompt delays running streams by one chunk a step")
+                        "prefilled, so a long prompt delays running streams by one chunk a step (default: 512 "
+                        "for the built-in engine, vLLM's own for --engine vllm)")
     p.add_argument("--max-loras", type=int, default=8,
                    help="adapters and blends resident in LoRA slots at once; others wait in host memory and are "
                         "copied in on demand, least recently used out first")
@@ -56,6 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "r16 bundles blend to r32); larger adapters fail to load, larger blends get a 400")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = torch's default); 1 is faster on a machine shared with other jobs")
+    p.add_argument("--engine", choices=("builtin", "vllm"), default="builtin",
+                   help="what generates: the built-in engine (transformers, one device) or vLLM (paged attention, "
+                        "tensor parallelism; needs vLLM in this environment: scripts/setup_vllm_cpu.sh, docs/scale.md)")
+    vllm = p.add_argument_group("vLLM engine (--engine vllm only)")
+    vllm.add_argument("--tensor-parallel-size", type=int, default=None, help="GPUs one model copy is split over")
+    vllm.add_argument("--pipeline-parallel-size", type=int, default=None, help="pipeline stages the layers are split over")
+    vllm.add_argument("--gpu-memory-utilization", type=float, default=None,
+                      help="share of each GPU's memory vLLM may take (default 0.9)")
+    vllm.add_argument("--kv-cache-gib", type=float, default=None,
+                      help="KV cache size in GiB (default: vLLM's; on CPU also VLLM_CPU_KVCACHE_SPACE)")
+    vllm.add_argument("--max-cpu-loras", type=int, default=None,
+                      help="LoRAs kept in host memory (others are read again from their folders when used)")
+    vllm.add_argument("--no-prefix-caching", action="store_true", help="turn vLLM's prefix caching off")
+    vllm.add_argument("--vllm-compile", action="store_true",
+                      help="let vLLM compile the model and capture CUDA graphs (faster on GPUs); steering needs an "
+                           "eager model, so requests with `steering` are then refused with a 400")
+    vllm.add_argument("--vllm-arg", action="append", default=[], metavar="NAME=VALUE",
+                      help="any other vllm.EngineArgs field, VALUE as JSON or a plain string, e.g. "
+                           "--vllm-arg swap_space=4 --vllm-arg distributed_executor_backend=ray; repeatable")
     p.add_argument("--no-ui", action="store_true", help="serve the API only")
     p.add_argument("--votes", default="data/votes.jsonl", help="where the UI appends preference votes")
     return p
@@ -87,6 +113,60 @@ def add_preset_arg(registry: AdapterRegistry, arg: str) -> None:
     registry.add_preset(name, selection.blend(), selection.steering_spec(), selection.describe())
 
 
+_VLLM_ONLY = ("tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization", "kv_cache_gib",
+              "max_cpu_loras", "no_prefix_caching", "vllm_compile", "vllm_arg")
+
+
+def build_engine(args: argparse.Namespace) -> ServingEngine:
+    """The engine `--engine` names; vLLM is imported only when chosen."""
+    if args.engine == "builtin":
+        given = [f"--{k.replace('_', '-')}" for k in _VLLM_ONLY if getattr(args, k)]
+        if given:
+            raise RahfError(f"{', '.join(given)} only apply to --engine vllm")
+        from rahf_serve.engine import Engine
+
+        base = load_base(args.base, device=args.device, dtype=args.dtype)
+        budget = {"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}
+        return Engine(base, max_batch=args.max_batch, max_queue=args.max_queue, max_new_tokens=args.max_new_tokens,
+                      max_model_len=args.max_model_len, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                      **budget)
+    from rahf_serve.vllm_engine import VllmEngine, VllmOptions
+
+    options = VllmOptions(
+        max_num_seqs=args.max_batch, max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
+        tensor_parallel_size=args.tensor_parallel_size or 1, pipeline_parallel_size=args.pipeline_parallel_size or 1,
+        gpu_memory_utilization=args.gpu_memory_utilization or 0.9, kv_cache_gib=args.kv_cache_gib,
+        enable_prefix_caching=not args.no_prefix_caching, steering=not args.vllm_compile,
+        engine_args=dict(_engine_arg(a) for a in args.vllm_arg))
+    base = load_base_skeleton(args.base, device=args.device, dtype=args.dtype)
+    return VllmEngine(base, options, max_queue=args.max_queue, max_new_tokens=args.max_new_tokens)
+
+
+def _engine_arg(arg: str) -> tuple[str, Any]:
+    name, sep, value = arg.partition("=")
+    if not sep or not name:
+        raise RahfError(f"--vllm-arg {arg!r}: expected NAME=VALUE")
+    try:
+        return name.replace("-", "_"), json.loads(value)
+    except json.JSONDecodeError:
+        return name.replace("-", "_"), value
+
+
+def stop_with_app(api: Any, engine: ServingEngine) -> None:
+    """Stop the engine in the app's shutdown: after it, uvicorn re-raises the SIGTERM it caught, which ends
+    the process before `with engine:` can exit, and vLLM's engine processes would outlive it."""
+    previous = api.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        async with previous(app):
+            yield
+        await asyncio.to_thread(engine.stop)
+
+    api.router.lifespan_context = lifespan
+
+
 def serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
@@ -97,24 +177,26 @@ def serve(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    base = load_base(args.base, device=args.device, dtype=args.dtype)
-    engine = Engine(base, max_batch=args.max_batch, max_queue=args.max_queue, max_new_tokens=args.max_new_tokens,
-                    max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
-                    max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
-    registry = AdapterRegistry(engine, args.adapter_dir)
-    for arg in args.adapter:
-        registry.load(*split_adapter_arg(arg))
-    registry.load_dir()  # after --adapter: a folder already loaded under its name is skipped, not doubled
-    for arg in args.preset:
-        add_preset_arg(registry, arg)
-    api = create_app(engine, registry, api_key=args.api_key)
-    if not args.no_ui:
-        from app.ui import mount_ui
-
-        host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-        mount_ui(api, base_url=f"http://{host}:{args.port}", api_key=args.api_key, votes_path=Path(args.votes))
-    log.info("serving %s with adapters %s on http://%s:%d", base.name, engine.adapters, args.host, args.port)
+    engine = build_engine(args)
+    base = engine.base
+    # Started before the adapters load, so that an engine which checks a bundle itself (vLLM) refuses
+    # a bad one here, where it is logged and skipped, not when it starts.
     with engine:
+        registry = AdapterRegistry(engine, args.adapter_dir)
+        for arg in args.adapter:
+            registry.load(*split_adapter_arg(arg))
+        registry.load_dir()  # after --adapter: a folder already loaded under its name is skipped, not doubled
+        for arg in args.preset:
+            add_preset_arg(registry, arg)
+        api = create_app(engine, registry, api_key=args.api_key)
+        stop_with_app(api, engine)
+        if not args.no_ui:
+            from app.ui import mount_ui
+
+            host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+            mount_ui(api, base_url=f"http://{host}:{args.port}", api_key=args.api_key, votes_path=Path(args.votes))
+        log.info("serving %s with adapters %s on http://%s:%d (%s engine)", base.name, engine.adapters, args.host,
+                 args.port, args.engine)
         uvicorn.run(api, host=args.host, port=args.port)
 
 

@@ -25,7 +25,6 @@ Callers get tokens through a `sink` callback called on the engine thread; it mus
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import threading
 import time
@@ -39,10 +38,10 @@ import torch
 
 from .blend import BlendCache, BlendKey
 from .bundle import Bundle, check_fits
+from .engine_api import ControlQueue, collect, run_control
 from .errors import (
     AdapterRemoved,
     EngineStopped,
-    InvalidRequest,
     LimitExceeded,
     ModelNotFound,
     QueueFull,
@@ -50,7 +49,7 @@ from .errors import (
 )
 from .kvcache import SlotCache, SlotStep, key_cost, pack_inputs
 from .logprobs import TokenLogprob, final_hidden, next_token, output_head, prompt_tokens
-from .lora_slots import LoraSlots, LoraWeights, SlotsExhausted, blend_lora, blend_rank, read_lora
+from .lora_slots import LoraSlots, LoraWeights, SlotsExhausted, blend_lora, read_lora
 from .metrics import ServingMetrics
 from .models import BaseModel
 from .request import (
@@ -64,6 +63,7 @@ from .request import (
     check_request,
 )
 from .sampling import TextStream, make_generator, sample_rows
+from .selection import check_blend, steering_layers
 from .steering import Steer, add_steering, row_deltas
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class Engine:
         """rows taken from the queue whose LoRA found every slot pinned: first in line at the next admission"""
         self._queueing = threading.Lock()
         """held while a group of rows is queued or the queue is drained, so a group is never split by a drain"""
-        self._control: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+        self._control: ControlQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._rows: list[_Row] = []
         # Built from the base's config, dtype and device, which adapters attached later do not change.
@@ -281,19 +281,7 @@ class Engine:
 
     def generate(self, request: GenerationRequest, timeout: float = 600.0) -> StreamEvent:
         """Blocking convenience: the whole generation as one event (text, token ids, log-probs, usage)."""
-        events: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
-        self.submit(request, events.put)
-        total = StreamEvent()
-        while total.finish_reason is None:
-            event = events.get(timeout=timeout)
-            total.text += event.text
-            total.token_ids += event.token_ids
-            if event.logprobs is not None:
-                total.logprobs = (total.logprobs or []) + event.logprobs
-            total.prompt_logprobs = total.prompt_logprobs or event.prompt_logprobs
-            total.finish_reason, total.error = event.finish_reason, event.error
-            total.prompt_tokens, total.completion_tokens = event.prompt_tokens, event.completion_tokens
-        return total
+        return collect(self, request, timeout)
 
     @property
     def limits(self) -> Limits:
@@ -306,35 +294,14 @@ class Engine:
 
     def validate_selection(self, adapter: str | None, blend: BlendKey | None, steering: SteeringSpec | None) -> None:
         """Raise unless every adapter named is loaded, weights are finite and the steering layers exist."""
-        if adapter is not None and blend:
-            raise InvalidRequest("give either an adapter as `model` or a blend in `adapters`, not both")
         loaded = dict(self._loaded)  # a copy: an unload on the engine thread must not pull names from under us
-        for name in [adapter] + [n for n, _ in blend or ()]:
-            if name is not None and name not in loaded:
-                raise ModelNotFound(f"adapter {name!r} is not loaded")
-        for _, weight in blend or ():
-            if not math.isfinite(weight):
-                raise InvalidRequest("blend weights must be finite numbers")
-        if blend:
-            rank = blend_rank([(loaded[n].lora, w) for n, w in blend])
-            if rank > self.max_lora_rank:
-                raise LimitExceeded(f"this blend has LoRA rank {rank} (the sum of its adapters' ranks), above "
-                                    f"--max-lora-rank {self.max_lora_rank}; use fewer adapters or restart the "
-                                    "server with a larger --max-lora-rank")
+        check_blend(adapter, blend, {n: a.lora for n, a in loaded.items()}, self.max_lora_rank)
         if steering is not None:
-            self._steer_for(steering)
+            steering_layers(steering, {n: list(a.vectors) for n, a in loaded.items()})
 
     def _steer_for(self, spec: SteeringSpec) -> Steer:
         vectors = self.vectors(spec.adapter)
-        if not vectors:
-            raise InvalidRequest(f"adapter {spec.adapter!r} has no steering vectors (no rahf_vectors.safetensors)")
-        if not math.isfinite(spec.coeff):
-            raise InvalidRequest("steering coeff must be a finite number")
-        layers = spec.layers if spec.layers is not None else tuple(vectors)
-        unknown = sorted(set(layers) - set(vectors))
-        if unknown:
-            raise InvalidRequest(f"adapter {spec.adapter!r} has no steering vector for layers {unknown}; "
-                                 f"it has {sorted(vectors)}")
+        layers = steering_layers(spec, {spec.adapter: list(vectors)})
         return Steer({layer: vectors[layer] for layer in layers}, spec.coeff)
 
     # ------------------------------------------------------------ the engine thread
@@ -343,7 +310,7 @@ class Engine:
         with torch.inference_mode():
             while not self._stopping:
                 try:
-                    self._run_control()
+                    run_control(self._control)
                     self._admit()
                     if self._rows:
                         self._step()
@@ -356,14 +323,6 @@ class Engine:
                         self._fail(row, RahfError(f"generation failed: {err}"))
                     self._rows, self._deltas = [], None
                     self._kv.clear()
-
-    def _run_control(self) -> None:
-        while not self._control.empty():
-            fn, future = self._control.get()
-            try:
-                future.set_result(fn())
-            except BaseException as err:  # noqa: B036 - handed to the caller's thread
-                future.set_exception(err)
 
     def _admit(self) -> None:
         joining: list[_Row] = []

@@ -208,3 +208,24 @@ def load_base(spec: str = EMBEDDED_ALIAS, *, device: str = "auto", dtype: str = 
     tokenizer.padding_side = "left"
     name = EMBEDDED_ALIAS if spec in _ALIASES else hub_id
     return BaseModel(model, tokenizer, name, hub_id, revision, path, dev, dt, note)
+
+
+def load_base_skeleton(spec: str = EMBEDDED_ALIAS, *, device: str = "auto", dtype: str = "auto") -> BaseModel:
+    """A base for an engine that loads the weights itself (vLLM): the config's modules on the meta
+    device (for fingerprints and adapter checks, no weights in memory), the tokenizer, and `path`, the
+    safetensors directory to hand that engine; for the embedded alias, the converted cache."""
+    path, hub_id, revision, note = resolve_base_path(spec)
+    if not any(p.suffix == ".safetensors" for p in path.iterdir()):
+        raise BaseModelError(f"{path} holds no .safetensors weights; pickle checkpoints are never loaded")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dt, trust_remote_code=False)
+    model.eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    name = EMBEDDED_ALIAS if spec in _ALIASES else hub_id
+    # `device` is where the serving engine runs the model; this copy stays on the meta device.
+    return BaseModel(model, tokenizer, name, hub_id, revision, path, dev, dt, note)

@@ -21,7 +21,7 @@ from typing import Any
 
 from .blend import BlendKey
 from .bundle import CONFIG_FILE, Bundle, read_bundle
-from .engine import Engine
+from .engine_api import ServingEngine
 from .errors import (
     AdapterConflict,
     BundleNotFound,
@@ -81,7 +81,7 @@ class Preset:
 
 
 class AdapterRegistry:
-    def __init__(self, engine: Engine, adapter_dir: str | Path = "adapters") -> None:
+    def __init__(self, engine: ServingEngine, adapter_dir: str | Path = "adapters") -> None:
         self.engine = engine
         self.adapter_dir = Path(adapter_dir)
         self._adapters: dict[str, AdapterInfo] = {}

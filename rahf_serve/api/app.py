@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from ..engine import Engine
+from ..engine_api import ServingEngine
 from ..registry import AdapterRegistry
 from .auth import ApiKeyMiddleware
 from .errors import install_handlers
@@ -12,7 +12,7 @@ from .limits import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
 from .routes import build_router
 
 
-def create_app(engine: Engine, registry: AdapterRegistry, *, api_key: str | None = None,
+def create_app(engine: ServingEngine, registry: AdapterRegistry, *, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The HTTP API. The caller starts and stops the engine; `api_key` guards every route, mounts included."""
     app = FastAPI(title="rahf-serve", description="OpenAI-compatible serving of RAHF adapters")

@@ -8,13 +8,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 
-from ..engine import Engine
+from ..engine_api import ServingEngine
 from ..registry import AdapterRegistry
 from .protocol import ChatCompletionRequest, CompletionRequest, LoadAdapterRequest, PresetRequest
 from .serving import OpenAIServing
 
 
-def build_router(engine: Engine, registry: AdapterRegistry) -> APIRouter:
+def build_router(engine: ServingEngine, registry: AdapterRegistry) -> APIRouter:
     router = APIRouter()
     serving = OpenAIServing(engine, registry)
     base = engine.base

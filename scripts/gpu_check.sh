@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks, on a machine with CUDA: the `gpu`-marked tests, then the serving benchmark on
-# CUDA, which prints its table. Extra arguments go to the benchmark.
+# CUDA, which prints its table, then both engines side by side when a vLLM (CUDA) environment is
+# given. Extra arguments go to the serving benchmark.
 #
 #   bash scripts/gpu_check.sh
 #   PYTHON=/path/to/venv/bin/python bash scripts/gpu_check.sh   # another environment with the dev extra
+#   VLLM_VENV=.venv-vllm-cuda bash scripts/gpu_check.sh          # plus --engine vllm beside the built-in one
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -35,4 +37,9 @@ if "$PY" "$bench" --help 2>/dev/null | grep -q -- '--device'; then
     "$PY" "$bench" --device cuda "$@"
 else
     "$PY" "$bench" "$@"
+fi
+
+if [ -n "${VLLM_VENV:-}" ]; then
+    echo "== engines side by side (built-in and --engine vllm, both on CUDA)"
+    "$PY" benchmarks/engines_side_by_side.py --device cuda --vllm-venv "$VLLM_VENV"
 fi

@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="compute of one engine step, in tokens: about one per decoding row, the rest shared by "
                         "prompts being prefilled (a query deep in a long prompt counts more: it attends to more "
-                        "keys), so a long prompt delays running streams by one chunk a step (default: 512 for the "
-                        "built-in engine, vLLM's own for --engine vllm)")
+                        "keys), so a long prompt delays running streams by one chunk a step (default for the built-in "
+                        "engine: 64 on CPU, 512 on GPU; vLLM's own for --engine vllm)")
     p.add_argument("--max-loras", type=int, default=8,
                    help="adapters and blends resident in LoRA slots at once; others wait in host memory and are "
                         "copied in on demand, least recently used out first")

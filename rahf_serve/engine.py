@@ -72,8 +72,10 @@ T = TypeVar("T")
 DEFAULT_MAX_MODEL_LEN = 4096
 """Tokens per request (prompt + max_tokens) when not set and the model allows more: the KV cache holds
 max_batch x this many tokens from the start (SmolLM2-135M: 16 x 4096 = 2.8 GiB in float32)."""
-DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
-"""Positions one step computes: 8 rows decoding while one prefills feed it 64-token chunks."""
+DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 512, "cpu": 64}
+"""Compute of one step, in tokens, by device type. On a 2-core CPU a step of 8 decoding rows costs about
+as much as 30 tokens of Linear work, so 64 keeps a running stream's token gaps near 2x their normal
+length while a 4,000-token prompt is fed (docs/serving.md); a GPU has compute to spare."""
 
 
 @dataclass
@@ -109,11 +111,12 @@ class _Loaded:
 
 class Engine:
     def __init__(self, base: BaseModel, *, max_batch: int = 16, max_queue: int = 64, max_new_tokens: int = 1024,
-                 max_model_len: int | None = None, max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+                 max_model_len: int | None = None, max_num_batched_tokens: int | None = None,
                  max_loras: int = 8, max_lora_rank: int = 64, metrics: ServingMetrics | None = None) -> None:
         """`max_model_len`: the most tokens a request may span (prompt + max_tokens); None = the model's
         context, at most DEFAULT_MAX_MODEL_LEN. `max_num_batched_tokens`: the compute of one step, in tokens
-        (decoding rows count about one each; prefilling rows share the rest in prompt chunks). `max_loras`:
+        (decoding rows count about one each; prefilling rows share the rest in prompt chunks); None = by
+        device, DEFAULT_MAX_NUM_BATCHED_TOKENS. `max_loras`:
         adapters and blends resident in LoRA slots at once; `max_lora_rank`: the largest rank a slot takes (a
         blend's is the sum of its adapters'). Raises
         UnsupportedModelError for bases the KV cache cannot serve exactly (e.g. sliding-window attention)."""
@@ -128,6 +131,8 @@ class Engine:
         if not 0 < self.max_model_len <= context:
             raise RahfError(f"max_model_len {self.max_model_len} must be between 1 and the model's context "
                             f"of {context} tokens")
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = DEFAULT_MAX_NUM_BATCHED_TOKENS.get(base.device.type, 512)
         if max_num_batched_tokens < 1:
             raise RahfError("max_num_batched_tokens must be at least 1")
         self.max_num_batched_tokens = max_num_batched_tokens

@@ -38,7 +38,7 @@ import torch
 
 from .blend import BlendCache, BlendKey
 from .bundle import Bundle, check_fits
-from .engine_api import ControlQueue, collect, run_control
+from .engine_api import ControlQueue, collect, drain, run_control
 from .errors import (
     AdapterRemoved,
     EngineStopped,
@@ -175,7 +175,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
-        for row in self._rows + self._deferred + _drain(self._pending):
+        for row in self._rows + self._deferred + drain(self._pending):
             self._fail(row, EngineStopped("the server is shutting down"))
         self._rows, self._deferred = [], []
         self._kv.clear()
@@ -398,7 +398,8 @@ class Engine:
         if self._deltas is None:  # rebuilt only when the batch's rows change
             self._deltas = row_deltas([r.steer for r in self._rows], self._hidden, self.base.device, self.base.dtype)
         prefill = [i for i, r in enumerate(self._rows) if _prefilling(r)]
-        sizes = self._chunk_sizes(prefill)
+        decoding = [i for i, r in enumerate(self._rows) if not _prefilling(r)]
+        sizes = self._chunk_sizes(prefill, decoding)
         chunks = [list(r.request.prompt_ids[r.fed:r.fed + sizes[i]]) if i in sizes else [r.last_token]
                   for i, r in enumerate(self._rows)]
         scored = any(self._rows[i].request.prompt_logprobs is not None for i in prefill)
@@ -426,7 +427,6 @@ class Engine:
             self.metrics.prompt_tokens.inc(n, adapter=row.request.label)
             if not _prefilling(row):
                 started.append(i)
-        decoding = [i for i in range(len(self._rows)) if i not in set(prefill)]
         finished = {decoding[j] for j in self._emit([self._rows[i] for i in decoding], logits[decoding])}
         if started:
             rows = [self._rows[i] for i in started]
@@ -439,7 +439,7 @@ class Engine:
                 finished |= set(started)
         self._drop(sorted(finished))
 
-    def _chunk_sizes(self, prefill: list[int]) -> dict[int, int]:
+    def _chunk_sizes(self, prefill: list[int], decoding: list[int]) -> dict[int, int]:
         """Prompt tokens each prefilling row feeds this step. The budget counts compute in tokens of
         Linear work, a query at context L costing 1 + L x key_cost: decoding rows take theirs first, the
         prefilling rows share the rest equally, and a row deep into a long prompt gets a smaller chunk,
@@ -447,7 +447,7 @@ class Engine:
         if not prefill:
             return {}
         lengths = self._kv.lengths
-        decode = sum(1 + lengths[i] * self._key_cost for i in range(len(self._rows)) if i not in set(prefill))
+        decode = sum(1 + lengths[i] * self._key_cost for i in decoding)
         share = max(1.0, (self.max_num_batched_tokens - decode) / len(prefill))
         return {i: max(1, int(share / (1 + (lengths[i] + share) * self._key_cost))) for i in prefill}
 
@@ -578,9 +578,3 @@ def _eos_ids(base: BaseModel) -> set[int]:
     ids |= set(extra) if isinstance(extra, list) else {extra}
     return {int(i) for i in ids if i is not None}
 
-
-def _drain(q: queue.SimpleQueue[_Row]) -> list[_Row]:
-    out = []
-    while not q.empty():
-        out.append(q.get())
-    return out

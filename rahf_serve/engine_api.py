@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 
@@ -87,6 +87,8 @@ class ServingEngine(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
+T = TypeVar("T")
+
 ControlQueue = queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]]
 """Operations (adapter loads and unloads) that callers hand to an engine's own thread."""
 
@@ -99,6 +101,14 @@ def run_control(control: ControlQueue) -> None:
             future.set_result(fn())
         except BaseException as err:  # noqa: B036 - handed to the caller's thread
             future.set_exception(err)
+
+
+def drain(q: queue.SimpleQueue[T]) -> list[T]:
+    """Everything in `q`, taken out (at shutdown: the requests that never started)."""
+    out = []
+    while not q.empty():
+        out.append(q.get())
+    return out
 
 
 def collect(engine: ServingEngine, request: GenerationRequest, timeout: float = 600.0) -> StreamEvent:

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,16 +191,38 @@ def resolve_base_path(spec: str) -> tuple[Path, str, str | None, str | None]:
 
 def load_base(spec: str = EMBEDDED_ALIAS, *, device: str = "auto", dtype: str = "auto") -> BaseModel:
     """Load a base model for training or serving; `trust_remote_code` is never enabled."""
+
+    def weights(path: Path, config: Any, dev: torch.device, dt: torch.dtype) -> Any:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dt, use_safetensors=True,
+                                                     trust_remote_code=False)
+        return model.to(dev)
+
+    return _base(spec, device, dtype, weights)
+
+
+def load_base_skeleton(spec: str = EMBEDDED_ALIAS, *, device: str = "auto", dtype: str = "auto") -> BaseModel:
+    """A base for an engine that loads the weights itself (vLLM): the config's modules on the meta
+    device (for fingerprints and adapter checks, no weights in memory), the tokenizer, and `path`, the
+    safetensors directory to hand that engine; for the embedded alias, the converted cache. `device` is
+    where that engine runs the model; this copy stays on the meta device."""
+
+    def skeleton(path: Path, config: Any, dev: torch.device, dt: torch.dtype) -> Any:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=dt, trust_remote_code=False)
+
+    return _base(spec, device, dtype, skeleton)
+
+
+def _base(spec: str, device: str, dtype: str,
+          build: Callable[[Path, Any, torch.device, torch.dtype], Any]) -> BaseModel:
     path, hub_id, revision, note = resolve_base_path(spec)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     if not any(p.suffix == ".safetensors" for p in path.iterdir()):
         raise BaseModelError(f"{path} holds no .safetensors weights; pickle checkpoints are never loaded")
-    model = AutoModelForCausalLM.from_pretrained(
-        path, config=config, dtype=dt, use_safetensors=True, trust_remote_code=False
-    )
-    model.to(dev).eval()
+    model = build(path, config, dev, dt)
+    model.eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if tokenizer.pad_token is None:
@@ -207,25 +230,4 @@ def load_base(spec: str = EMBEDDED_ALIAS, *, device: str = "auto", dtype: str = 
     # Left padding keeps every row's last token in the last column, which batched decoding needs.
     tokenizer.padding_side = "left"
     name = EMBEDDED_ALIAS if spec in _ALIASES else hub_id
-    return BaseModel(model, tokenizer, name, hub_id, revision, path, dev, dt, note)
-
-
-def load_base_skeleton(spec: str = EMBEDDED_ALIAS, *, device: str = "auto", dtype: str = "auto") -> BaseModel:
-    """A base for an engine that loads the weights itself (vLLM): the config's modules on the meta
-    device (for fingerprints and adapter checks, no weights in memory), the tokenizer, and `path`, the
-    safetensors directory to hand that engine; for the embedded alias, the converted cache."""
-    path, hub_id, revision, note = resolve_base_path(spec)
-    if not any(p.suffix == ".safetensors" for p in path.iterdir()):
-        raise BaseModelError(f"{path} holds no .safetensors weights; pickle checkpoints are never loaded")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dt, trust_remote_code=False)
-    model.eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    name = EMBEDDED_ALIAS if spec in _ALIASES else hub_id
-    # `device` is where the serving engine runs the model; this copy stays on the meta device.
     return BaseModel(model, tokenizer, name, hub_id, revision, path, dev, dt, note)

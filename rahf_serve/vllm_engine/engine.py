@@ -25,7 +25,7 @@ import torch
 
 from ..blend import BlendKey, blend_name
 from ..bundle import Bundle, check_fits
-from ..engine_api import ControlQueue, collect, run_control
+from ..engine_api import ControlQueue, collect, drain, run_control
 from ..errors import (
     AdapterRemoved,
     BundleError,
@@ -169,7 +169,7 @@ class VllmEngine:
         try:
             self._loop()
         finally:
-            for stream in list(self._streams.values()) + _drain(self._pending):
+            for stream in list(self._streams.values()) + drain(self._pending):
                 self._fail(stream, EngineStopped("the server is shutting down"))
             self._streams.clear()
             self._shutdown()
@@ -466,9 +466,3 @@ def _lora_request(name: str, lora_id: int, path: Path) -> Any:
 
     return LoRARequest(name, lora_id, str(path))
 
-
-def _drain(q: queue.SimpleQueue[_Stream]) -> list[_Stream]:
-    out = []
-    while not q.empty():
-        out.append(q.get())
-    return out

@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "prompts being prefilled (a query deep in a long prompt counts more: it attends to more "
                         "keys), so a long prompt delays running streams by one chunk a step (default for the built-in "
                         "engine: 64 on CPU, 512 on GPU; vLLM's own for --engine vllm)")
+    p.add_argument("--max-step-slowdown", type=float, default=None,
+                   help="built-in engine: a step that feeds prompt chunks next to decoding rows takes at most this "
+                        "many times a decode-only step, by measured step times (e.g. 2.0); caps the chunk below "
+                        "--max-num-batched-tokens when the machine is slower than the budget assumes")
     p.add_argument("--max-loras", type=int, default=8,
                    help="adapters and blends resident in LoRA slots at once; others wait in host memory and are "
                         "copied in on demand, least recently used out first")
@@ -130,7 +134,10 @@ def build_engine(args: argparse.Namespace) -> ServingEngine:
         budget = {"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}
         return Engine(base, max_batch=args.max_batch, max_queue=args.max_queue, max_new_tokens=args.max_new_tokens,
                       max_model_len=args.max_model_len, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-                      **budget)
+                      max_step_slowdown=args.max_step_slowdown, **budget)
+    if args.max_step_slowdown is not None:
+        raise RahfError("--max-step-slowdown only applies to the built-in engine (vLLM paces with "
+                        "--max-num-batched-tokens)")
     from rahf_serve.vllm_engine import VllmEngine, VllmOptions
 
     options = VllmOptions(

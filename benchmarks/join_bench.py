@@ -2,12 +2,13 @@
 
     python benchmarks/join_bench.py --threads 1                       # budgets 64,128,256,512
     python benchmarks/join_bench.py --threads 1 --prompt-tokens 4000 --budgets 96,128 --runs 3
+    python benchmarks/join_bench.py --threads 1 --budgets 64 --slowdowns none,2   # the step pacer off / on
 
 Eight mixed-adapter streams run (greedy); once each has produced `--warm` tokens, one request with a
 `--prompt-tokens`-token prompt joins. For each stream, its normal inter-token time is the median gap
 between its tokens before the join; its stall is its longest gap from the join until the joining
-request's first token. Reported per `max_num_batched_tokens` budget, medians over runs (budgets run in
-rounds, one run of each per round, so a busy spell on a shared machine hits all alike): the worst,
+request's first token. Reported per setting (a `max_num_batched_tokens` budget, with or without a
+`max_step_slowdown`), medians over runs (settings run in rounds, one run of each per round, so a busy spell on a shared machine hits all alike): the worst,
 90th-percentile and median gap / normal gap over the eight streams (target: at most 2x), and the
 joining request's time to first token. A short prompt (the chat prompt of serve_bench.py) joining seven streams is
 measured the same way.
@@ -108,6 +109,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt-tokens", type=int, default=4000, help="length of the joining prompt")
     ap.add_argument("--budgets", default="64,128,256,512", help="max_num_batched_tokens values to compare")
+    ap.add_argument("--slowdowns", default="none",
+                    help="max_step_slowdown values to combine with each budget (none: the budget alone)")
     ap.add_argument("--streams", type=int, default=8, help="running streams the long prompt joins")
     ap.add_argument("--warm", type=int, default=12, help="tokens each stream produces before the join")
     ap.add_argument("--runs", type=int, default=3, help="runs per budget (medians reported)")
@@ -115,7 +118,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    budgets = [int(b) for b in args.budgets.split(",")]
+    settings = [(int(b), None if s == "none" else float(s))
+                for b in args.budgets.split(",") for s in args.slowdowns.split(",")]
 
     base = load_base("smollm2-135m-instruct", device="cpu", dtype="float32")
     tok = base.tokenizer
@@ -146,17 +150,19 @@ def main() -> None:
         "long": (streams(args.streams), GenerationRequest(long_prompt, SamplingParams(max_tokens=1, temperature=0.0),
                                                           "kind")),
     }
-    results: dict[tuple[str, int], list[Join]] = {(c, b): [] for c in cases for b in budgets}
+    results: dict[tuple[str, tuple[int, float | None]], list[Join]] = {(c, s): [] for c in cases for s in settings}
     with engine:
         AdapterRegistry(engine, workdir).load_dir()
-        engine.max_num_batched_tokens = budgets[0]
+        engine.max_num_batched_tokens = settings[0][0]
         run_join(engine, *cases["short"], args.warm)  # warm-up
         for r in range(args.runs):
-            for b in budgets:
-                engine.max_num_batched_tokens = b
+            for setting in settings:
+                # a fresh pacer per run: each learns its step times from the streams it runs beside
+                engine.max_num_batched_tokens, engine.max_step_slowdown = setting
                 for case, (background, joining) in cases.items():
-                    results[(case, b)].append(run_join(engine, background, joining, args.warm))
-                    print(f"run {r + 1}, budget {b}, {case}: {results[(case, b)][-1]}", file=sys.stderr, flush=True)
+                    results[(case, setting)].append(run_join(engine, background, joining, args.warm))
+                    print(f"run {r + 1}, {setting}, {case}: {results[(case, setting)][-1]}", file=sys.stderr,
+                          flush=True)
 
     print(f"\njoin benchmark: {base.name}, fp32 CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} "
           f"cores ({platform.processor() or platform.machine()}), median of {args.runs}; load average at end "
@@ -164,7 +170,7 @@ def main() -> None:
     print("Gaps between a running stream's tokens while a request joins, over that stream's median gap "
           "before it joined (worst / 90th percentile / median over all streams' gaps), and the joining "
           "request's time to first token.\n")
-    print(f"| max_num_batched_tokens | {args.prompt_tokens}-token prompt joins {args.streams} streams | its first "
+    print(f"| max_num_batched_tokens / max_step_slowdown | {args.prompt_tokens}-token prompt joins {args.streams} streams | its first "
           f"token | chat prompt joins {args.streams - 1} streams | its first token |")
     print("| ---: | ---: | ---: | ---: | ---: |")
 
@@ -172,9 +178,9 @@ def main() -> None:
         return " / ".join(f"{statistics.median(f(j) for j in joins):.2f}x" for f in (
             lambda j: j.stall_ratio, lambda j: j.quantile(0.9), lambda j: j.quantile(0.5)))
 
-    for b in budgets:
-        long, short = results[("long", b)], results[("short", b)]
-        print(f"| {b} | {gaps(long)} | {statistics.median(j.ttft for j in long):.1f} s | {gaps(short)} | "
+    for setting in settings:
+        long, short = results[("long", setting)], results[("short", setting)]
+        print(f"| {setting[0]} / {setting[1] or '-'} | {gaps(long)} | {statistics.median(j.ttft for j in long):.1f} s | {gaps(short)} | "
               f"{statistics.median(j.ttft for j in short) * 1000:.0f} ms |")
 
 

@@ -4,8 +4,9 @@
     python benchmarks/serve_bench.py --tokens 32 --runs 3
     python benchmarks/serve_bench.py --threads 1     # on a shared machine: see docs/serving.md
 
-Reports single-stream tokens/s for transformers `generate` on the bare base (the baseline) and for
-the engine on the base, with an adapter, a blend and steering; aggregate tokens/s at 1, 2, 4, 8 and 16
+Reports single-stream tokens/s for transformers `generate` on the bare base (the baseline), for the
+weight-streaming floor (every Linear layer's GEMV of one decode step, back to back: what a decoder
+that did nothing but read its weights once per token would reach), and for the engine on the base, with an adapter, a blend and steering; aggregate tokens/s at 1, 2, 4, 8 and 16
 concurrent mixed streams (base, two adapters, a blend, a steered row); time to first token (idle, and joining 7 running streams); and the
 time to hot-load a bundle. Adapters are two random rank-8 q_proj/v_proj LoRAs (the paper's shape)
 with steering vectors, so no trained bundle is needed; speed does not depend on the weights' values.
@@ -73,6 +74,17 @@ def main() -> None:
                           do_sample=False, pad_token_id=tok.pad_token_id)
         return n / (time.perf_counter() - start)
 
+    linears = [m for m in bare.modules() if isinstance(m, torch.nn.Linear)]  # lm_head included
+    inputs = [torch.randn(1, 1, m.in_features) for m in linears]
+
+    def floor_speed() -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for _ in range(n):
+                for m, x in zip(linears, inputs, strict=True):
+                    torch.nn.functional.linear(x, m.weight)
+        return n / (time.perf_counter() - start)
+
     engine = Engine(base, max_batch=args.max_batch, max_new_tokens=max(n, 64))
     counts = [int(k) for k in args.streams.split(",")]
     greedy = SamplingParams(max_tokens=n, temperature=0.0)
@@ -93,7 +105,9 @@ def main() -> None:
 
     with engine:
         plain = GenerationRequest(prompt, greedy)
-        before = rounds({"baseline": generate_speed, "engine, base, no adapter loaded": lambda: stream_speed(plain)})
+        before = rounds({"baseline": generate_speed, "floor": floor_speed,
+                         "engine, base, no adapter loaded": lambda: stream_speed(plain)})
+        floor = statistics.median(before.pop("floor"))
 
         workdir = Path(tempfile.mkdtemp(prefix="serve-bench-"))
         for i, name in enumerate(("kind", "terse")):
@@ -122,6 +136,7 @@ def main() -> None:
                         **{label: (lambda r=r: stream_speed(r)) for label, r in requests.items()}})
         baseline = statistics.median(before.pop("baseline") + after.pop("baseline"))
         rows.append(("transformers generate, bare base (baseline)", baseline, "tok/s"))
+        rows.append(("weight-streaming floor: one GEMV per Linear per token", floor, "tok/s"))
         rows += [(label, statistics.median(v), "tok/s") for label, v in {**before, **after}.items()]
 
         # Base rows, two adapters, a blend and a steered row, repeated: every count mixes all of them.
@@ -129,7 +144,7 @@ def main() -> None:
                  GenerationRequest(prompt, greedy, "terse"),
                  GenerationRequest(prompt, greedy, blend=(("kind", 0.7), ("terse", -0.3))),
                  GenerationRequest(prompt, greedy, "terse", steering=SteeringSpec("kind", 2.0))]
-        mix = [kinds[i % len(kinds)] for i in range(max(counts))]
+        mix = [kinds[i % len(kinds)] for i in range(max(*counts, 7))]  # 7: the TTFT join below
 
         def aggregate(k: int) -> float:
             outs: list[int] = [0] * k
@@ -179,6 +194,8 @@ def main() -> None:
         ratio = f"{value / baseline:.2f}x" if unit == "tok/s" else ""
         print(f"| {label} | {value:.1f} {unit} | {ratio} |")
     print()
+    single = next(v for label, v, _ in rows if label == "engine, base, no adapter loaded")
+    print(f"single stream, engine on the base vs the weight-streaming floor: {single / floor:.2f}x")
     for k, (_, value, _) in aggregates.items():
         if k != counts[0]:
             print(f"{k} streams vs {counts[0]} stream aggregate: {value / aggregates[counts[0]][1]:.2f}x")

@@ -52,6 +52,7 @@ from .logprobs import TokenLogprob, final_hidden, next_token, output_head, promp
 from .lora_slots import LoraSlots, LoraWeights, SlotsExhausted, blend_lora, read_lora
 from .metrics import ServingMetrics
 from .models import BaseModel
+from .pacing import StepPacer
 from .request import (
     BASE_SLOT,
     GenerationRequest,
@@ -112,13 +113,16 @@ class _Loaded:
 class Engine:
     def __init__(self, base: BaseModel, *, max_batch: int = 16, max_queue: int = 64, max_new_tokens: int = 1024,
                  max_model_len: int | None = None, max_num_batched_tokens: int | None = None,
-                 max_loras: int = 8, max_lora_rank: int = 64, metrics: ServingMetrics | None = None) -> None:
+                 max_loras: int = 8, max_lora_rank: int = 64, max_step_slowdown: float | None = None,
+                 metrics: ServingMetrics | None = None) -> None:
         """`max_model_len`: the most tokens a request may span (prompt + max_tokens); None = the model's
         context, at most DEFAULT_MAX_MODEL_LEN. `max_num_batched_tokens`: the compute of one step, in tokens
         (decoding rows count about one each; prefilling rows share the rest in prompt chunks); None = by
         device, DEFAULT_MAX_NUM_BATCHED_TOKENS. `max_loras`:
         adapters and blends resident in LoRA slots at once; `max_lora_rank`: the largest rank a slot takes (a
-        blend's is the sum of its adapters'). Raises
+        blend's is the sum of its adapters'). `max_step_slowdown`: a step that feeds prompt chunks next to
+        decoding rows takes at most this many times a decode-only step, by measured time (`pacing`); None =
+        the token budget alone. Raises
         UnsupportedModelError for bases the KV cache cannot serve exactly (e.g. sliding-window attention)."""
         self.base = base
         self.model: Any = base.model
@@ -136,6 +140,7 @@ class Engine:
         if max_num_batched_tokens < 1:
             raise RahfError("max_num_batched_tokens must be at least 1")
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_step_slowdown = max_step_slowdown
         self.vocab_size = int(base.model.get_input_embeddings().num_embeddings)
         self.metrics = metrics or ServingMetrics()
         self._loaded: dict[str, _Loaded] = {}
@@ -400,12 +405,17 @@ class Engine:
         prefill = [i for i, r in enumerate(self._rows) if _prefilling(r)]
         decoding = [i for i, r in enumerate(self._rows) if not _prefilling(r)]
         sizes = self._chunk_sizes(prefill, decoding)
+        # A prefilling row may sit a step out (sizes 0, see StepPacer); it comes after every decoding row.
         chunks = [list(r.request.prompt_ids[r.fed:r.fed + sizes[i]]) if i in sizes else [r.last_token]
                   for i, r in enumerate(self._rows)]
+        work = (self._decode_units(decoding), self._prompt_units(prefill, chunks))
+        started_at = time.perf_counter()
         scored = any(self._rows[i].request.prompt_logprobs is not None for i in prefill)
         try:
             with final_hidden(self.model) if scored else nullcontext([]) as hidden:
                 logits, step = self._forward(chunks)
+            if self._pacer is not None:
+                self._pacer.observe(*work, time.perf_counter() - started_at)
         except Exception as err:
             if not prefill:
                 raise
@@ -420,6 +430,8 @@ class Engine:
         started = []
         for i in prefill:
             row, n = self._rows[i], len(chunks[i])
+            if n == 0:
+                continue
             if row.request.prompt_logprobs is not None:
                 # a copy: the step's states are freed
                 row.prompt_hidden.append(hidden[0][0, offsets[i]:offsets[i] + n].clone())
@@ -447,9 +459,33 @@ class Engine:
         if not prefill:
             return {}
         lengths = self._kv.lengths
-        decode = sum(1 + lengths[i] * self._key_cost for i in decoding)
-        share = max(1.0, (self.max_num_batched_tokens - decode) / len(prefill))
+        decode = self._decode_units(decoding)
+        room = self.max_num_batched_tokens - decode
+        if self._pacer is not None:
+            allowed = self._pacer.allowance(decode)
+            if allowed <= 0:
+                return {i: 0 for i in prefill}
+            room = min(room, allowed)
+        share = max(1.0, room / len(prefill))
         return {i: max(1, int(share / (1 + (lengths[i] + share) * self._key_cost))) for i in prefill}
+
+    @property
+    def max_step_slowdown(self) -> float | None:
+        return None if self._pacer is None else self._pacer.slowdown
+
+    @max_step_slowdown.setter
+    def max_step_slowdown(self, value: float | None) -> None:
+        """Set between steps (a fresh pacer learns the step times again)."""
+        self._pacer = None if value is None else StepPacer(value)
+
+    def _decode_units(self, decoding: list[int]) -> float:
+        lengths = self._kv.lengths
+        return sum(1 + lengths[i] * self._key_cost for i in decoding)
+
+    def _prompt_units(self, prefill: list[int], chunks: list[list[int]]) -> float:
+        """The prompt work of a step's chunks, in the budget's units (read before the step runs)."""
+        lengths = self._kv.lengths
+        return sum(len(chunks[i]) * (1 + (lengths[i] + len(chunks[i])) * self._key_cost) for i in prefill)
 
     def _forward(self, chunks: list[list[int]]) -> tuple[torch.Tensor, SlotStep]:
         """Each row's next-token logits [rows, vocab] from one forward over the rows' packed tokens."""

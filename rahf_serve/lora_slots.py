@@ -146,8 +146,9 @@ class _Rows:
         """[rows, 1, 1] 1 for LoRA rows, 0 for base rows, with `single` when both kinds are in the batch"""
         self.packed = False
         """the input is one packed sequence [1, total]: `index` and `mask` are then per token"""
-        self.gather: tuple[torch.Tensor, torch.Tensor] | None = None
-        """packed, several LoRAs: (token positions, their slots) of the rows that feed one token"""
+        self.gather: tuple[torch.Tensor | int, torch.Tensor] | None = None
+        """packed, several LoRAs: (token positions, their slots) of the rows that feed one token; the
+        positions as a count k when they are the first k"""
         self.segments: list[tuple[int, int, int]] = []
         """packed, several LoRAs: (start, end, slot) of each LoRA row that feeds several tokens"""
 
@@ -211,8 +212,12 @@ class SlotLinear(nn.Module):
             tokens, slots = self.rows.gather
             a = self.slot_A[:, :r].index_select(0, slots)
             b = self.slot_B[:, :r].index_select(0, slots)
-            h = torch.bmm(x2.index_select(0, tokens)[:, None], a.transpose(1, 2))
-            o2.index_add_(0, tokens, torch.bmm(h, b)[:, 0])
+            if isinstance(tokens, int):  # the first `tokens` positions: read and written in place
+                h = torch.bmm(x2[:tokens, None], a.transpose(1, 2))
+                o2[:tokens, None].baddbmm_(h, b)
+            else:
+                h = torch.bmm(x2.index_select(0, tokens)[:, None], a.transpose(1, 2))
+                o2.index_add_(0, tokens, torch.bmm(h, b)[:, 0])
         for start, end, slot in self.rows.segments:
             o2[start:end].addmm_(torch.mm(x2[start:end], self.slot_A[slot, :r].t()), self.slot_B[slot, :r])
         return out
@@ -367,7 +372,10 @@ class LoraSlots:
                 self._rows.segments.append((at, at + n, slot))
             at += n
         if single_tokens:
-            self._rows.gather = (torch.tensor(single_tokens, device=device), torch.tensor(single_slots, device=device))
+            # The engine keeps decoding rows first, so their tokens are usually the first positions.
+            first = single_tokens == list(range(len(single_tokens)))
+            self._rows.gather = (len(single_tokens) if first else torch.tensor(single_tokens, device=device),
+                                 torch.tensor(single_slots, device=device))
 
     def clear_rows(self) -> None:
         """Back to the base model for every row."""

@@ -32,6 +32,16 @@ def test_defaults_need_no_arguments():
         "smollm2-135m-instruct", "adapters", "127.0.0.1", 8000, False)
 
 
+def test_engine_specific_flags_are_refused_for_the_other_engine():
+    from app.server import build_engine
+    from rahf_serve.errors import RahfError
+
+    with pytest.raises(RahfError, match="--max-step-slowdown only applies to the built-in engine"):
+        build_engine(build_parser().parse_args(["--engine", "vllm", "--max-step-slowdown", "2"]))
+    with pytest.raises(RahfError, match="--kv-cache-gib only apply to --engine vllm"):
+        build_engine(build_parser().parse_args(["--kv-cache-gib", "2"]))
+
+
 def test_serves_adapter_dir_and_named_adapter(lively_model_dir, adapter_dir, tmp_path):
     port = free_port()
     cmd = [sys.executable, "-m", "app.server", "--base", str(lively_model_dir), "--adapter-dir", str(adapter_dir),

@@ -68,6 +68,21 @@ def staggered(engine: Engine, reqs: list[GenerationRequest],
 
 
 @pytest.fixture
+def steps(runtime, monkeypatch) -> list[tuple[list[int], list[int]]]:
+    """Every step the engine begins: (tokens each row feeds, each row's cached tokens before the step)."""
+    engine, _ = runtime
+    began: list[tuple[list[int], list[int]]] = []
+    real = engine._kv.begin_step
+
+    def begin_step(n_new):
+        began.append((list(n_new), engine._kv.lengths))
+        return real(n_new)
+
+    monkeypatch.setattr(engine._kv, "begin_step", begin_step)
+    return began
+
+
+@pytest.fixture
 def moves(runtime) -> Iterator[list[int]]:
     """Counts rows the cache moved into a freed slot (a row left from the middle of the batch)."""
     engine, _ = runtime
@@ -112,7 +127,7 @@ def test_long_prompt_joining_running_streams_changes_nothing(runtime):
     assert staggered(engine, reqs, [None, None, (0, 5)]) == expected
 
 
-def test_a_step_computes_exactly_its_rows_tokens(runtime, monkeypatch):
+def test_a_step_computes_exactly_its_rows_tokens(runtime, monkeypatch, steps):
     """Prompts joining running streams (two at once, one of them landing between running rows when a
     stream leaves) share forwards with the decoding rows, packed: every forward computes exactly the
     tokens its rows feed, within the budget, none padded. Outputs stay those of each request alone."""
@@ -122,46 +137,33 @@ def test_a_step_computes_exactly_its_rows_tokens(runtime, monkeypatch):
             GenerationRequest(prompt(300, 23), greedy(5), "kind"), GenerationRequest(prompt(170, 24), greedy(5))]
     expected = alone(engine, reqs)
     monkeypatch.setattr(engine, "max_num_batched_tokens", 64)
-    fed: list[list[int]] = []
+    steps.clear()
     computed: list[int] = []
-    real = engine._kv.begin_step
-
-    def begin_step(n_new):
-        fed.append(list(n_new))
-        return real(n_new)
-
-    monkeypatch.setattr(engine._kv, "begin_step", begin_step)
     hook = engine.model.get_input_embeddings().register_forward_hook(
         lambda module, args, out: computed.append(out.shape[0] * out.shape[1]))
     try:
         assert staggered(engine, reqs, [None, None, None, (1, 3), (1, 3)]) == expected
     finally:
         hook.remove()
+    fed = [n for n, _ in steps]
     assert computed == [sum(n) for n in fed]
     assert max(computed) <= 64
     assert any(max(n) > 1 and n.count(1) >= 2 for n in fed)  # decode rows and a prompt chunk in one forward
 
 
-def test_chunks_shrink_as_a_long_prompts_context_grows(runtime, monkeypatch):
+def test_chunks_shrink_as_a_long_prompts_context_grows(runtime, monkeypatch, steps):
     """The budget counts attention: each chunk of a long prompt attends to all the keys before it, so
     its chunks get smaller as it is fed, and every step's estimated compute stays within the budget."""
     engine, _ = runtime
     monkeypatch.setattr(engine, "max_num_batched_tokens", 64)
-    fed: list[tuple[list[int], list[int]]] = []
-    real = engine._kv.begin_step
-
-    def begin_step(n_new):
-        fed.append((list(n_new), engine._kv.lengths))
-        return real(n_new)
-
-    monkeypatch.setattr(engine._kv, "begin_step", begin_step)
+    steps.clear()
     stream, long = GenerationRequest(prompt(5, 30), greedy(40)), GenerationRequest(prompt(900, 31), greedy(2))
     assert staggered(engine, [stream, long], [None, (0, 2)]) == alone(engine, [stream, long])
-    chunks = [n[-1] for n, _ in fed if len(n) == 2 and n[-1] > 1]
+    chunks = [n[-1] for n, _ in steps if len(n) == 2 and n[-1] > 1]
     assert chunks[0] > 2 * chunks[-2]  # the last chunk is the prompt's remainder
     assert all(a >= b for a, b in zip(chunks, chunks[1:-1], strict=False))
     cost = engine._key_cost
-    for n_new, lengths in fed:
+    for n_new, lengths in steps:
         assert sum(n * (1 + (have + n) * cost) for n, have in zip(n_new, lengths, strict=True)) <= 64 + 1
 
 
@@ -311,3 +313,37 @@ def test_long_prompt_is_prefilled_in_chunks_while_streams_go_on(runtime, monkeyp
                                                                    for e in whole.prompt_logprobs]
     torch.testing.assert_close(torch.tensor([e.logprob for e in chunked[1:]]),
                                torch.tensor([e.logprob for e in whole.prompt_logprobs[1:]]), atol=1e-4, rtol=0)
+
+
+def test_a_paced_engine_holds_prompts_back_until_it_has_timed_a_decode_step(runtime, monkeypatch, steps):
+    """With --max-step-slowdown and no decode-only step timed, a prompt joining running rows sits every
+    step out (its rows feed nothing) and starts once the stream has ended; both see what they see alone."""
+    engine, _ = runtime
+    stream, joining = GenerationRequest(prompt(5, 60), greedy(12)), GenerationRequest(prompt(200, 61), greedy(3))
+    expected = alone(engine, [stream, joining])
+    monkeypatch.setattr(engine, "max_step_slowdown", 2.0)
+    monkeypatch.setattr(engine._pacer, "observe", lambda *args: None)  # never learns: stays at "hold back"
+    steps.clear()
+    assert staggered(engine, [stream, joining], [None, (0, 2)]) == expected
+    two_rows = [n for n, _ in steps if len(n) == 2]
+    assert two_rows and all(n == [1, 0] for n in two_rows)  # the prompt never ran beside the stream
+
+
+def test_a_paced_engine_caps_prompt_work_at_its_allowance(runtime, monkeypatch, steps):
+    """Once the pacer has step times, every step that decodes feeds at most its allowance of prompt work
+    (at least one token), far below the token budget; outputs are those of each request alone."""
+    engine, _ = runtime
+    stream, long = GenerationRequest(prompt(5, 62), greedy(40)), GenerationRequest(prompt(300, 63), greedy(2), "kind")
+    expected = alone(engine, [stream, long])
+    monkeypatch.setattr(engine, "max_num_batched_tokens", 256)
+    monkeypatch.setattr(engine, "max_step_slowdown", 2.0)
+    pacer = engine._pacer
+    pacer.decode_seconds, pacer.unit_seconds = 0.010, 0.001  # allowance: 10 units a step
+    monkeypatch.setattr(pacer, "observe", lambda *args: None)
+    steps.clear()
+    assert staggered(engine, [stream, long], [None, (0, 2)]) == expected
+    cost = engine._key_cost
+    beside = [(n[1], lengths[1]) for n, lengths in steps if len(n) == 2 and n[0] == 1 and n[1] > 1]
+    assert beside, "the long prompt was never fed beside the stream"
+    assert all(n * (1 + (have + n) * cost) <= 10 + 1 for n, have in beside)
+    assert sum(n for n, _ in beside) >= 200  # most of the prompt went in beside the stream, <= 10 tokens a step

@@ -110,15 +110,19 @@ def test_rows_match_peft_one_row_at_a_time(tiny, layout):
         assert (name is None) == torch.allclose(got[i], unchanged[i], atol=1e-5)
 
 
+@pytest.mark.parametrize("decode_first", [False, True], ids=["interleaved", "decoding-rows-first"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_packed_rows_equal_each_row_alone(tiny, layout):
+def test_packed_rows_equal_each_row_alone(tiny, layout, decode_first):
     """A packed step ([1, total], row i owning tokens[i] positions: one for a decoding row, a chunk for a
-    prompt) gives every token what its own row alone gives, in every wrapped module."""
+    prompt) gives every token what its own row alone gives, in every wrapped module, whether the
+    decoding rows are interleaved with prompt chunks or come first (the engine's order, read in place)."""
     base, bundles = tiny
     slots = LoraSlots(copy.deepcopy(base.model).eval(), max_loras=4, max_rank=16)
     load_all(slots, bundles)
     names = LAYOUTS[layout]
     tokens = [1 if i % 2 else 3 + i for i in range(len(names))]
+    if decode_first:
+        tokens = sorted(tokens)
     ids = [None if n is None else slots.slot_of(n) for n in names]
     starts = [sum(tokens[:i]) for i in range(len(tokens))]
     g = torch.Generator().manual_seed(3)

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import math
 
+from .errors import RahfError
+
 
 class StepPacer:
     """Exponential moving averages of step times; `allowance` turns them into a prompt-work cap."""
 
     def __init__(self, slowdown: float, smoothing: float = 0.25) -> None:
         if not slowdown > 1.0:
-            raise ValueError(f"the step slowdown must be above 1.0 (got {slowdown}): at 1.0 no prompt could be fed "
+            raise RahfError(f"--max-step-slowdown must be above 1.0 (got {slowdown}): at 1.0 no prompt could be fed "
                              "while other rows decode")
         self.slowdown = slowdown
         self.smoothing = smoothing

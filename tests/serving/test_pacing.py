@@ -6,11 +6,12 @@ import math
 
 import pytest
 
+from rahf_serve.errors import RahfError
 from rahf_serve.pacing import StepPacer
 
 
 def test_a_slowdown_of_one_or_less_is_refused():
-    with pytest.raises(ValueError, match="above 1.0"):
+    with pytest.raises(RahfError, match="above 1.0"):
         StepPacer(1.0)
 
 

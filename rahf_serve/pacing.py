@@ -33,9 +33,7 @@ class StepPacer:
         self.decode_seconds: float | None = None
         """a decode-only step's time"""
         self.unit_seconds: float | None = None
-        """the time one unit of prompt work adds to a step (averaged)"""
-        self.last_unit_seconds: float | None = None
-        """the same, from the latest step alone"""
+        """the time one unit of prompt work adds to a step"""
 
     def _mix(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
@@ -48,10 +46,7 @@ class StepPacer:
             return 0.0
         if self.unit_seconds is None:
             return decode_units
-        # The larger of the average and the latest: a unit costs more as a prompt's context grows
-        # (attention over more keys than `key_cost` accounts for), and the average alone lags behind.
-        unit = max(self.unit_seconds, self.last_unit_seconds or 0.0)
-        return max(1.0, (self.slowdown - 1.0) * self.decode_seconds / unit)
+        return max(1.0, (self.slowdown - 1.0) * self.decode_seconds / self.unit_seconds)
 
     def observe(self, decode_units: float, prompt_units: float, seconds: float) -> None:
         """Record a finished step: its decoding work, its prompt work and its wall time."""
@@ -60,5 +55,7 @@ class StepPacer:
         if prompt_units <= 0:
             self.decode_seconds = self._mix(self.decode_seconds, seconds)
         elif self.decode_seconds is not None:
-            self.last_unit_seconds = max(seconds - self.decode_seconds, 1e-6) / prompt_units
-            self.unit_seconds = self._mix(self.unit_seconds, self.last_unit_seconds)
+            # A moving average, not the latest step: reacting to every slow step (a busy machine, a
+            # long context's attention) shrank chunks until each step was mostly its fixed costs.
+            extra = max(seconds - self.decode_seconds, 1e-6) / prompt_units
+            self.unit_seconds = self._mix(self.unit_seconds, extra)

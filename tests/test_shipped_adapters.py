@@ -27,7 +27,8 @@ def test_both_rahf_variants_are_shipped():
 @pytest.mark.parametrize("bundle_dir", SHIPPED, ids=lambda p: p.name)
 def test_bundle_holds_phase1_and_is_documented(bundle_dir):
     size = sum(f.stat().st_size for f in bundle_dir.iterdir())
-    assert size < 10 * 2**20, f"{bundle_dir.name}: {size} bytes"
+    # float32 r16 on all seven Linear layers of 30 blocks is 19.5 MB; anything much larger is a mistake
+    assert size < 24 * 2**20, f"{bundle_dir.name}: {size} bytes"
     manifest = read_bundle(bundle_dir).manifest
     parts = manifest["lora"]["parts"]
     assert parts["phase1"]["adapter"] == {"scit": "scit", "dual": "good"}[manifest["method"]]

@@ -4,7 +4,7 @@
     python benchmarks/adapter_row_bench.py --rows 1 8 16 --runs 9
 
 The engine's path: a packed decode step (one token per row) through a `SlotCache` with `LoraSlots`,
-exactly as `Engine._forward` runs it. The shipped bundles (r16 on q/k/v/o) are loaded under eight names,
+exactly as `Engine._forward` runs it. The shipped bundles (r16; Dual on every Linear, SCIT on q/k/v/o) are loaded under eight names,
 alternating. Layouts per batch size: every row the base, every row one adapter ("same"), row i adapter
 i % 8 ("mixed"). The three alternate within every run, so load swings on a shared machine hit them
 alike; each cell is the median over runs of the mean step time. Rows start with 256 tokens of context.

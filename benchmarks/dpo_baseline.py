@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lora", choices=["phase1", "align"], default="align",
                     help="whose LoRA settings of --config to use: `phase1` matches the size of a shipped RAHF "
-                         "bundle's larger part (q/k/v/o on every block), `align` its phase-3 part")
+                         "bundle's phase-1 part (its config's phase1.lora), `align` its phase-3 part")
     a = ap.parse_args()
     from trl import DPOConfig, DPOTrainer  # optional: pip install -e '.[baselines]'
 

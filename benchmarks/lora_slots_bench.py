@@ -5,7 +5,7 @@
 
 The real default model (SmolLM2-135M, 30 layers, float32), 8 rows, a 64-token context in a DynamicCache
 (each step appends one token, then the cache is cropped back, so every step sees the same context).
-The shipped bundles (r 16 on q/k/v/o) are loaded under N names, alternating. Rows are all base, all one
+The shipped bundles (r 16; Dual on every Linear, SCIT on q/k/v/o) are loaded under N names, alternating. Rows are all base, all one
 adapter ("same"), or adapter i % N in row i ("mixed": 8 different ones once N >= 8). All six variants
 alternate within every run; each cell is the median over runs of the mean step time.
 """

@@ -6,9 +6,10 @@
 
 Reports single-stream tokens/s for transformers `generate` on the bare base (the baseline), for the
 weight-streaming floor (every Linear layer's GEMV of one decode step, back to back: what a decoder
-that did nothing but read its weights once per token would reach), and for the engine on the base, with an adapter, a blend and steering; aggregate tokens/s at 1, 2, 4, 8 and 16
-concurrent mixed streams (base, two adapters, a blend, a steered row); time to first token (idle, and joining 7 running streams); and the
-time to hot-load a bundle. Adapters are two random rank-8 q_proj/v_proj LoRAs (the paper's shape)
+that did nothing but read its weights once per token would reach), and for the engine on the base,
+with an adapter, a blend and steering; aggregate tokens/s at 1, 2, 4, 8 and 16 concurrent mixed
+streams (base, two adapters, a blend, a steered row); time to first token (idle, and joining 7
+running streams); and the time to hot-load a bundle. Adapters are two random rank-8 q_proj/v_proj LoRAs (the paper's shape)
 with steering vectors, so no trained bundle is needed; speed does not depend on the weights' values.
 """
 

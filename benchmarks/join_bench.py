@@ -8,9 +8,9 @@ Eight mixed-adapter streams run (greedy); once each has produced `--warm` tokens
 `--prompt-tokens`-token prompt joins. For each stream, its normal inter-token time is the median gap
 between its tokens before the join; its stall is its longest gap from the join until the joining
 request's first token. Reported per setting (a `max_num_batched_tokens` budget, with or without a
-`max_step_slowdown`), medians over runs (settings run in rounds, one run of each per round, so a busy spell on a shared machine hits all alike): the worst,
-90th-percentile and median gap / normal gap over the eight streams (target: at most 2x), and the
-joining request's time to first token. A short prompt (the chat prompt of serve_bench.py) joining seven streams is
+`max_step_slowdown`), medians over runs (settings run in rounds, one run of each per round, so a busy
+spell on a shared machine hits all alike): the worst, 90th-percentile and median gap / normal gap over
+the eight streams (target: at most 2x), and the joining request's time to first token. A short prompt (the chat prompt of serve_bench.py) joining seven streams is
 measured the same way.
 """
 

@@ -404,18 +404,19 @@ class Engine:
             self._deltas = row_deltas([r.steer for r in self._rows], self._hidden, self.base.device, self.base.dtype)
         prefill = [i for i, r in enumerate(self._rows) if _prefilling(r)]
         decoding = [i for i, r in enumerate(self._rows) if not _prefilling(r)]
-        sizes = self._chunk_sizes(prefill, decoding)
+        decode = self._decode_units(decoding)
+        sizes = self._chunk_sizes(prefill, decode)
         # A prefilling row may sit a step out (sizes 0, see StepPacer); it comes after every decoding row.
         chunks = [list(r.request.prompt_ids[r.fed:r.fed + sizes[i]]) if i in sizes else [r.last_token]
                   for i, r in enumerate(self._rows)]
-        work = (self._decode_units(decoding), self._prompt_units(prefill, chunks))
+        prompt_work = self._prompt_units(prefill, chunks) if self._pacer is not None else 0.0
         started_at = time.perf_counter()
         scored = any(self._rows[i].request.prompt_logprobs is not None for i in prefill)
         try:
             with final_hidden(self.model) if scored else nullcontext([]) as hidden:
                 logits, step = self._forward(chunks)
             if self._pacer is not None:
-                self._pacer.observe(*work, time.perf_counter() - started_at)
+                self._pacer.observe(decode, prompt_work, time.perf_counter() - started_at)
         except Exception as err:
             if not prefill:
                 raise
@@ -451,15 +452,14 @@ class Engine:
                 finished |= set(started)
         self._drop(sorted(finished))
 
-    def _chunk_sizes(self, prefill: list[int], decoding: list[int]) -> dict[int, int]:
+    def _chunk_sizes(self, prefill: list[int], decode: float) -> dict[int, int]:
         """Prompt tokens each prefilling row feeds this step. The budget counts compute in tokens of
         Linear work, a query at context L costing 1 + L x key_cost: decoding rows take theirs first, the
         prefilling rows share the rest equally, and a row deep into a long prompt gets a smaller chunk,
-        since each of its queries attends to more keys."""
+        since each of its queries attends to more keys. `decode`: the decoding rows' units (`_decode_units`)."""
         if not prefill:
             return {}
         lengths = self._kv.lengths
-        decode = self._decode_units(decoding)
         room = self.max_num_batched_tokens - decode
         if self._pacer is not None:
             allowed = self._pacer.allowance(decode)

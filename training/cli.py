@@ -6,6 +6,8 @@
     rahf-train run --data pairs.json --rows 0:240 --config smollm2-scit --out runs/a10 \\
         --align.alpha 10 --align.target_layers 9,11,13 --phase1.val_rows 200:240   # any config field
     rahf-train phase1|collect|align --out runs/scit    # one phase of an existing (or new) run
+    rahf-train pick-phase1 runs/dual --out runs/dual-g30 --step good=30   # a shorter phase 1 from
+    rahf-train run --out runs/dual-g30 --resume        # snapshots (--phase1.snapshot_every), then 2 and 3
     rahf-train eval --adapter runs/scit/bundle --data pairs.json --rows 240:300
     rahf-train export runs/scit/bundle --merged merged/ | --gguf-control-vector cv.gguf
     rahf-train push runs/scit/bundle my-org/smollm2-rahf-scit [--revision v1] [--private]
@@ -28,6 +30,7 @@ import argparse
 import json
 import re
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -180,6 +183,46 @@ def add_phases(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=cmd_phase, phase=phase)
 
 
+def cmd_pick_phase1(args: argparse.Namespace) -> None:
+    from .pipeline import adopt_snapshots, open_run
+    from .rundir import RunDir
+
+    source, out = RunDir(args.source), RunDir(args.out)
+    if not source.run_file.is_file():
+        raise ValueError(f"{args.source} holds no run")
+    if out.run_file.is_file():
+        raise ValueError(f"{args.out} already holds a run; pick into a new directory")
+    steps = dict(_name_pair(text, "--step", "ADAPTER=STEP") for text in args.step)
+    bad = {k: v for k, v in steps.items() if not v.isdigit()}
+    if bad:
+        raise ValueError(f"--step takes ADAPTER=STEP with a whole number of steps, got {bad}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for path in (source.run_file, source.config_file):
+        shutil.copyfile(path, args.out / path.name)
+    ctx = open_run(args.out, base=None, data=None, rows=None, split=None, method=None, config=None, seed=None,
+                   resume=True, command=shlex.join(["rahf-train", *args.argv]))
+    record = adopt_snapshots(ctx, source, {k: int(v) for k, v in steps.items()})
+    picked = ", ".join(f"{name} at step {step}" for name, step in record["snapshots"].items())
+    separation = (f"; validation separation {record['separation']:+.4f} nats/token" if "separation" in record
+                  else "")
+    print(f"{args.out}: phase 1 is {args.source}'s {picked}{separation}. "
+          f"Continue with `rahf-train run --out {args.out} --resume`.", flush=True)
+
+
+def add_pick_phase1(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pick-phase1", help="a new run whose phase 1 is another run's phase-1 snapshots",
+                       description="Copies RUN's settings into --out and makes its phase 1 the snapshots "
+                                   "RUN saved (--phase1.snapshot_every) at the given steps, with the "
+                                   "validation separation measured again; phases 2 and 3 then run with "
+                                   "`rahf-train run --out OUT --resume`.")
+    p.add_argument("source", type=Path, metavar="RUN", help="a run whose phase 1 finished with snapshots")
+    p.add_argument("--out", type=Path, required=True, help="the new run directory")
+    p.add_argument("--step", action="append", default=[], metavar="ADAPTER=STEP",
+                   help="the snapshot step of one phase-1 adapter, e.g. good=30 (repeatable; "
+                        "an adapter not named keeps its last step)")
+    p.set_defaults(func=cmd_pick_phase1)
+
+
 def add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="base vs adapters: preference accuracy with paired tests, behaviour, report",
                        description="Scores the base once and every --adapter on the same rows: preference "
@@ -213,10 +256,10 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_eval)
 
 
-def _name_pair(text: str) -> tuple[str, str]:
+def _name_pair(text: str, flag: str = "--rename", form: str = "OLD=NEW") -> tuple[str, str]:
     old, sep, new = text.partition("=")
     if not (sep and old and new):
-        raise ValueError(f"--rename takes OLD=NEW, got {text!r}")
+        raise ValueError(f"{flag} takes {form}, got {text!r}")
     return old, new
 
 
@@ -259,7 +302,7 @@ def add_push(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_push)
 
 
-SUBCOMMANDS = [add_run, add_phases, add_eval, add_export, add_push]
+SUBCOMMANDS = [add_run, add_phases, add_pick_phase1, add_eval, add_export, add_push]
 
 
 def build_parser() -> argparse.ArgumentParser:

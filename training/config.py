@@ -86,6 +86,10 @@ class Phase1Config:
     chosen-over-rejected accuracy under p+, Dual's good-vs-bad margin. None = no validation."""
     val_every: int = 25
     """Steps between two validation passes (also run before the first step and after the last)."""
+    snapshot_every: int = 0
+    """Save each phase-1 adapter every this many steps (snapshots/phase1/<adapter>/step-NNNN, PEFT
+    folders), so how long phase 1 trains can be chosen afterwards on accuracy and generation health
+    together (benchmarks/phase1_select.py); 0 = no snapshots."""
     min_separation: float = 0.01
     """Phase 2 refuses a phase 1 whose validation separation (SCIT contrast, Dual good-vs-bad
     margin, nats per token) rose by less than this over training, unless forced."""

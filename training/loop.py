@@ -72,7 +72,8 @@ def _save_atomic(obj: object, path: Path) -> None:
 def fit(acc: Accelerator, model: torch.nn.Module, *, name: str, n_items: int, counts: Counts, sums: Sums,
         schedule: Schedule, ckpt_dir: Path | None = None, checkpoint_every: int = 0,
         log: Callable[[dict], None] | None = None, validate: Callable[[], dict] | None = None,
-        validate_every: int = 0) -> list[float]:
+        validate_every: int = 0, snapshot: Callable[[int], None] | None = None,
+        snapshot_every: int = 0) -> list[float]:
     """Train the parameters of `model` that require grad; returns the loss of every step.
 
     `counts(items)` gives this process's normaliser per loss term (known before any forward),
@@ -81,6 +82,7 @@ def fit(acc: Accelerator, model: torch.nn.Module, *, name: str, n_items: int, co
     again when the directory holds a checkpoint, so a killed phase continues where it stopped.
     `validate()` (main process only, no gradients, dropout off) runs before the first step, every
     `validate_every` steps and after the last; its figures are logged with `"val_step"`.
+    `snapshot(step)` (main process only) runs every `snapshot_every` steps and after the last.
     """
     world, rank = acc.num_processes, acc.process_index
     if schedule.batch_size % world:
@@ -149,6 +151,9 @@ def fit(acc: Accelerator, model: torch.nn.Module, *, name: str, n_items: int, co
         done = step + 1
         if done == schedule.steps or (validate_every and done % validate_every == 0):
             run_validation(done)
+        if snapshot is not None and acc.is_main_process and snapshot_every and (
+                done % snapshot_every == 0 or done == schedule.steps):
+            snapshot(done)
         if ckpt is not None and checkpoint_every and (done % checkpoint_every == 0 or done == schedule.steps):
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             _save_atomic({"step": done, "trainable": {n: p.detach().cpu() for n, p in named},

@@ -94,6 +94,10 @@ class Method:
             model.load_adapter(str(run.adapter(name)), adapter_name=name)
         return model
 
+    def separation(self, ctx: Context, model: torch.nn.Module, tokenizer) -> dict[str, float]:
+        """Phase 1's separation on `phase1.val_rows` (what phase 2 checks), for `phase1_model`."""
+        raise ValueError(f"{self.name} has no phase 1 to validate")
+
     def states(self, model: torch.nn.Module, pos: list[Encoded], neg: list[Encoded], pad: int, layers: list[int]
                ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         """Hidden states of the positive and negative sides: one model, two instructions."""
@@ -110,6 +114,9 @@ class Scit(Method):
     def train_phase1(self, ctx: Context) -> dict[str, list[float]]:
         return phase1.train_scit(ctx)
 
+    def separation(self, ctx, model, tokenizer):
+        return phase1.scit_separation(model, phase1.scit_val_quads(ctx, tokenizer), tokenizer.pad_token_id)
+
 
 class Dual(Method):
     name = "dual"
@@ -121,6 +128,9 @@ class Dual(Method):
 
     def train_phase1(self, ctx: Context) -> dict[str, list[float]]:
         return phase1.train_dual(ctx)
+
+    def separation(self, ctx, model, tokenizer):
+        return phase1.dual_separation(model, phase1.dual_val_sides(ctx, tokenizer), tokenizer.pad_token_id)
 
     def responses(self, pairs: list[Pair], seed: int) -> list[tuple[int, str]]:
         # Both answers (the reference's `--data_type all`): the good-bad difference is a property

@@ -15,6 +15,10 @@ over rejected than "bad" does; nats per token) is what phase 2 checks before col
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -79,12 +83,28 @@ def _save(ctx: Context, model, names: list[str], losses: dict, history: list[dic
     ctx.commit(PHASE, write)
 
 
+def _snapshotter(ctx: Context, model, name: str) -> Callable[[int], None]:
+    """Saves adapter `name` as it is now to `RunDir.snapshot(name, step)`, whole or not at all."""
+    def save(step: int) -> None:
+        final = ctx.run.snapshot(name, step)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        try:
+            model.save_pretrained(tmp, selected_adapters=[name])
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp / name if name != "default" else tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    return save
+
+
 def train_scit(ctx: Context) -> dict[str, list[float]]:
     p1 = ctx.config.phase1
     model, tok = _setup(ctx, "scit")
-    pad, pairs, val = tok.pad_token_id, ctx.data.pairs, _val_pairs(ctx)
+    pad, pairs = tok.pad_token_id, ctx.data.pairs
     quads = _quads(ctx, tok, pairs)
-    val_quads = [e for q in _quads(ctx, tok, val) for e in q]
+    val_quads = scit_val_quads(ctx, tok)
     history: list[dict] = []
 
     def counts(items: list[int]) -> dict[str, float]:
@@ -99,16 +119,15 @@ def train_scit(ctx: Context) -> dict[str, list[float]]:
         return {"lm": -(ll[:, 0] + ll[:, 2]).sum(), "contrast": p1.contrastive_weight * contrast.sum()}
 
     def validate() -> dict:
-        n = per_token_logprob(model, val_quads, pad).view(-1, 4)
-        record = {"separation": float(((n[:, 0] - n[:, 1]) + (n[:, 2] - n[:, 3])).mean() / 2),
-                  "accuracy": float((n[:, 0] > n[:, 3]).float().mean())}
+        record = scit_separation(model, val_quads, pad)
         history.append(record)
         return record
 
     only_trainable(model, "scit")
     losses = {"scit": fit(ctx.acc, model, name="phase1/scit", n_items=len(pairs), counts=counts, sums=sums,
                           schedule=_schedule(ctx, p1.steps_for("scit", len(pairs)), p1.lr), log=ctx.log,
-                          validate=validate if val else None, validate_every=p1.val_every)}
+                          validate=validate if val_quads else None, validate_every=p1.val_every,
+                          snapshot=_snapshotter(ctx, model, "scit"), snapshot_every=p1.snapshot_every)}
     _save(ctx, model, ["scit"], losses, history)
     return losses
 
@@ -118,8 +137,8 @@ def train_dual(ctx: Context) -> dict[str, list[float]]:
     model, tok = _setup(ctx, "good")
     torch.manual_seed(ctx.config.seed + 1)
     model.add_adapter("bad", lora_config(p1.lora))
-    pad, pairs, val = tok.pad_token_id, ctx.data.pairs, _val_pairs(ctx)
-    val_sides = [_enc(ctx, tok, p, r) for p in val for r in (p.chosen, p.rejected)]
+    pad, pairs = tok.pad_token_id, ctx.data.pairs
+    val_sides = dual_val_sides(ctx, tok)
     losses: dict[str, list[float]] = {}
     history: list[dict] = []
     for name in names:
@@ -137,23 +156,54 @@ def train_dual(ctx: Context) -> dict[str, list[float]]:
 
         def validate(training=name) -> dict:
             # An adapter not trained yet has B = 0: it is the base, so the margin starts at 0.
-            gaps = {}
-            for adapter in names:
-                model.set_adapter(adapter)
-                n = per_token_logprob(model, val_sides, pad).view(-1, 2)
-                gaps[adapter] = n[:, 0] - n[:, 1]
+            record = {"training": training, **dual_separation(model, val_sides, pad)}
             model.set_adapter(training)
             only_trainable(model, training)
-            record = {"training": training, "separation": float((gaps["good"] - gaps["bad"]).mean()),
-                      "accuracy": float((gaps["good"] > 0).float().mean())}
             history.append(record)
             return record
 
         losses[name] = fit(ctx.acc, model, name=f"phase1/{name}", n_items=len(pairs), counts=counts,
                            sums=sums, schedule=_schedule(ctx, p1.steps_for("dual", len(pairs)), p1.dual_lr),
-                           log=ctx.log, validate=validate if val else None, validate_every=p1.val_every)
+                           log=ctx.log, validate=validate if val_sides else None, validate_every=p1.val_every,
+                           snapshot=_snapshotter(ctx, model, name), snapshot_every=p1.snapshot_every)
     _save(ctx, model, names, losses, history)
     return losses
+
+
+def scit_val_quads(ctx: Context, tokenizer) -> list[Encoded]:
+    """The validation rows' four sequences per pair (`_quads`' order), flat."""
+    return [e for q in _quads(ctx, tokenizer, _val_pairs(ctx)) for e in q]
+
+
+def scit_separation(model, val_quads: list[Encoded], pad: int) -> dict[str, float]:
+    """How much more likely each answer is under its own instruction than under the other (mean,
+    nats per token), and how often chosen beats rejected under p+."""
+    n = per_token_logprob(model, val_quads, pad).view(-1, 4)
+    return {"separation": float(((n[:, 0] - n[:, 1]) + (n[:, 2] - n[:, 3])).mean() / 2),
+            "accuracy": float((n[:, 0] > n[:, 3]).float().mean())}
+
+
+def dual_val_sides(ctx: Context, tokenizer) -> list[Encoded]:
+    """The validation rows' chosen and rejected answers, in that order per pair."""
+    return [_enc(ctx, tokenizer, p, r) for p in _val_pairs(ctx) for r in (p.chosen, p.rejected)]
+
+
+def dual_separation(model, val_sides: list[Encoded], pad: int) -> dict[str, float]:
+    """How much more "good" prefers chosen over rejected than "bad" does (mean, nats per token),
+    and how often "good" prefers chosen; leaves "bad" active."""
+    gaps = {}
+    for adapter in ("good", "bad"):
+        model.set_adapter(adapter)
+        n = per_token_logprob(model, val_sides, pad).view(-1, 2)
+        gaps[adapter] = n[:, 0] - n[:, 1]
+    return {"separation": float((gaps["good"] - gaps["bad"]).mean()),
+            "accuracy": float((gaps["good"] > 0).float().mean())}
+
+
+def snapshot_steps(run: RunDir, adapter: str) -> list[int]:
+    """The steps at which `run` saved a snapshot of `adapter`, in order."""
+    folder = run.snapshot(adapter, 0).parent
+    return sorted(int(p.name.removeprefix("step-")) for p in folder.glob("step-*")) if folder.is_dir() else []
 
 
 def validation_summary(run: RunDir, min_separation: float) -> dict | None:

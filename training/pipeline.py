@@ -11,9 +11,11 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
+from peft import PeftModel
 
-from . import align, collect, evaluate, plots
+from . import align, collect, evaluate, phase1, plots
 from .config import TrainConfig, apply_overrides, load_config, save_config
 from .context import Context
 from .data import load_preferences
@@ -111,6 +113,51 @@ def run_eval(ctx: Context) -> dict | None:
         print(evaluate.report(result), flush=True)
     ctx.acc.wait_for_everyone()
     return result
+
+
+def adopt_snapshots(ctx: Context, source: RunDir, steps: dict[str, int]) -> dict:
+    """Make `ctx`'s phase 1 the snapshots of `source`'s at `steps` (adapter -> step; an adapter not
+    named keeps its last), with its validation separation measured again on `phase1.val_rows`,
+    so phases 2 and 3 build on a shorter phase 1 without training it again. Returns the new record."""
+    method = get_method(ctx.config.method)
+    unknown = sorted(set(steps) - set(method.adapters))
+    if unknown or not method.adapters:
+        raise ValueError(f"{ctx.config.method} has phase-1 adapters {list(method.adapters)}; got {unknown or list(steps)}")
+    if not source.done("phase1"):
+        raise ValueError(f"{source.root}: phase 1 has not finished; snapshots are taken from a finished phase 1")
+    chosen = {}
+    for name in method.adapters:
+        have = phase1.snapshot_steps(source, name)
+        step = steps.get(name, have[-1] if have else -1)
+        if step not in have:
+            raise ValueError(f"{source.root} has no snapshot of {name!r} at step {step} (it has {have or 'none'}; "
+                             "train phase 1 with --phase1.snapshot_every N)")
+        chosen[name] = step
+    base = ctx.load_base()
+    first, *rest = method.adapters
+    model = PeftModel.from_pretrained(base.model, str(source.snapshot(first, chosen[first])), adapter_name=first)
+    for name in rest:
+        model.load_adapter(str(source.snapshot(name, chosen[name])), adapter_name=name)
+    model.eval()
+    record: dict = {"snapshots": chosen}
+    if ctx.config.phase1.val_rows:
+        with torch.no_grad():
+            record.update(method.separation(ctx, model, base.tokenizer))
+    saved_losses = json.loads((source.phase1 / "losses.json").read_text())
+    saved_history = json.loads(source.validation.read_text())["history"] if source.validation.is_file() else []
+
+    def write(tmp: Path) -> None:
+        for name, step in chosen.items():
+            shutil.copytree(source.snapshot(name, step), tmp / name)
+        (tmp / "losses.json").write_text(json.dumps({n: saved_losses[n][:s] for n, s in chosen.items()}))
+        if ctx.config.phase1.val_rows:
+            (tmp / source.validation.name).write_text(json.dumps(
+                {"rows": ctx.config.phase1.val_rows, "source": str(source.root), "history": saved_history[:1] + [record]},
+                indent=2))
+
+    ctx.commit("phase1", write)
+    ctx.log({"phase": "phase1", "event": "adopted", "source": str(source.root), **record})
+    return record
 
 
 def make_plots(ctx: Context, result: dict | None = None) -> None:

@@ -6,6 +6,7 @@
     phase1/                 phase-1 adapter(s) (PEFT folders), losses.json, validation.json
     collect/                per-token diffs, per-layer mean vectors, summary.json
     checkpoints/<phase>/    resumable checkpoints (rank{i}.pt)
+    snapshots/phase1/<adapter>/step-NNNN/   phase-1 adapters part way (phase1.snapshot_every)
     bundle/                 the adapter bundle (rahf_serve bundle format)
     eval/                   eval.json + report.md on held-out rows
     plots/                  loss.png, validation.png, norms.png, accuracy.png
@@ -87,6 +88,10 @@ class RunDir:
     @property
     def eval(self) -> Path:
         return self.output("eval")
+
+    def snapshot(self, adapter: str, step: int) -> Path:
+        """A phase-1 adapter's PEFT folder as it was after `step` optimizer steps."""
+        return self.root / "snapshots" / "phase1" / adapter / f"step-{step:04d}"
 
     def checkpoints(self, phase: str) -> Path:
         return self.root / "checkpoints" / phase

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 
 from rahf_serve.models import load_base
 from training.cli import main
@@ -59,6 +60,44 @@ def test_dual_trains_good_on_chosen_and_bad_on_rejected(tiny_model_dir, tmp_path
 
     assert mean_ll("good", "chosen") > mean_ll("bad", "chosen")
     assert mean_ll("bad", "rejected") > mean_ll("good", "rejected")
+
+
+def test_phase1_snapshots_hold_each_adapter_part_way(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tmp_path / "c.yaml", {"phase1": {"dual_steps": 6, "dual_lr": 0.003, "snapshot_every": 4,
+                                                            "val_rows": "8:12"}})
+    out = tmp_path / "run"
+    train(tiny_model_dir, out, method="dual", config=cfg, command="phase1")
+    for name in ("good", "bad"):
+        steps = sorted(p.name for p in (out / "snapshots" / "phase1" / name).iterdir())
+        assert steps == ["step-0004", "step-0006"], steps  # every 4 steps and the last
+        last = load_file(out / "snapshots" / "phase1" / name / "step-0006" / "adapter_model.safetensors")
+        final = load_file(out / "phase1" / name / "adapter_model.safetensors")
+        early = load_file(out / "snapshots" / "phase1" / name / "step-0004" / "adapter_model.safetensors")
+        assert last.keys() == final.keys() and all(torch.equal(last[k], final[k]) for k in final)
+        assert any(not torch.equal(early[k], final[k]) for k in final)
+    assert not list(out.rglob(".*tmp-*")), "temporary snapshot folders left behind"
+
+    picked = tmp_path / "picked"
+    assert main(["pick-phase1", str(out), "--out", str(picked), "--step", "good=4"]) == 0
+    for name, step in (("good", 4), ("bad", 6)):  # bad keeps its last step
+        got = load_file(picked / "phase1" / name / "adapter_model.safetensors")
+        want = load_file(out / "snapshots" / "phase1" / name / f"step-{step:04d}" / "adapter_model.safetensors")
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    record = json.loads((picked / "phase1" / "validation.json").read_text())["history"][-1]
+    assert record["snapshots"] == {"good": 4, "bad": 6} and isinstance(record["separation"], float)
+    assert json.loads((picked / "phase1" / "losses.json").read_text())["good"] == \
+        json.loads((out / "phase1" / "losses.json").read_text())["good"][:4]
+    assert main(["run", "--out", str(picked), "--resume", "--force"]) == 0  # phases 2 and 3 on the picked phase 1
+    assert (picked / "bundle" / "rahf.json").is_file()
+
+
+def test_pick_phase1_refuses_a_step_without_a_snapshot(tiny_model_dir, tmp_path, capsys):
+    cfg = tiny_config(tmp_path / "c.yaml", {"phase1": {"dual_steps": 2, "snapshot_every": 1}})
+    train(tiny_model_dir, tmp_path / "run", method="dual", config=cfg, command="phase1")
+    assert main(["pick-phase1", str(tmp_path / "run"), "--out", str(tmp_path / "p"), "--step", "good=3"]) == 2
+    assert "no snapshot of 'good' at step 3 (it has [1, 2]" in capsys.readouterr().err
+    assert main(["pick-phase1", str(tmp_path / "run"), "--out", str(tmp_path / "q"), "--step", "scit=1"]) == 2
+    assert "dual has phase-1 adapters ['good', 'bad']; got ['scit']" in capsys.readouterr().err
 
 
 def test_resume_after_a_kill_between_phases(tiny_model_dir, tmp_path):

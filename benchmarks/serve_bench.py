@@ -6,11 +6,14 @@
 
 Reports single-stream tokens/s for transformers `generate` on the bare base (the baseline), for the
 weight-streaming floor (every Linear layer's GEMV of one decode step, back to back: what a decoder
-that did nothing but read its weights once per token would reach), and for the engine on the base,
+that did nothing but read its weights once per token would reach), for the engine on the base on
+transformers' forward (the A/B of the engine's own llama forward), and for the engine on the base,
 with an adapter, a blend and steering; aggregate tokens/s at 1, 2, 4, 8 and 16 concurrent mixed
 streams (base, two adapters, a blend, a steered row); time to first token (idle, and joining 7
 running streams); and the time to hot-load a bundle. Adapters are two random rank-8 q_proj/v_proj LoRAs (the paper's shape)
 with steering vectors, so no trained bundle is needed; speed does not depend on the weights' values.
+The single stream is compared with the floor on its decode steps alone (tokens after the first), since
+the floor has no prompt to read; with `generate`, end to end, since both read the same prompt.
 """
 
 from __future__ import annotations
@@ -86,14 +89,32 @@ def main() -> None:
                     torch.nn.functional.linear(x, m.weight)
         return n / (time.perf_counter() - start)
 
+    # The same engine on transformers' forward, for the A/B of the engine's own llama forward.
+    hf_engine = Engine(load_base("smollm2-135m-instruct", device="cpu", dtype="float32"), max_batch=args.max_batch,
+                       max_new_tokens=max(n, 64), packed_forward=False)
     engine = Engine(base, max_batch=args.max_batch, max_new_tokens=max(n, 64))
     counts = [int(k) for k in args.streams.split(",")]
     greedy = SamplingParams(max_tokens=n, temperature=0.0)
 
-    def stream_speed(request: GenerationRequest) -> float:
+    def stream_speed(request: GenerationRequest, on: Engine = engine) -> float:
         start = time.perf_counter()
-        out = engine.generate(request)
+        out = on.generate(request)
         return out.completion_tokens / (time.perf_counter() - start)
+
+    def decode_speed(request: GenerationRequest, on: Engine = engine) -> float:
+        """Tokens/s after the first token: decode steps only, like the floor (no prefill in it)."""
+        stamps: list[float] = []
+        done = threading.Event()
+
+        def sink(event) -> None:
+            if event.token_ids:
+                stamps.append(time.perf_counter())
+            if event.finish_reason:
+                done.set()
+
+        on.submit(request, sink)
+        done.wait(600)
+        return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
     def rounds(cases: dict[str, Callable[[], float]]) -> dict[str, list[float]]:
         for fn in cases.values():
@@ -104,11 +125,15 @@ def main() -> None:
                 samples[label].append(fn())
         return samples
 
-    with engine:
+    with engine, hf_engine:
         plain = GenerationRequest(prompt, greedy)
         before = rounds({"baseline": generate_speed, "floor": floor_speed,
-                         "engine, base, no adapter loaded": lambda: stream_speed(plain)})
-        floor = statistics.median(before.pop("floor"))
+                         "engine, base, no adapter loaded": lambda: stream_speed(plain),
+                         "engine on transformers' forward, base": lambda: stream_speed(plain, hf_engine)})
+        decode = rounds({"floor": floor_speed, "engine": lambda: decode_speed(plain),
+                         "engine on transformers' forward": lambda: decode_speed(plain, hf_engine)})
+        floor = statistics.median(before.pop("floor") + decode.pop("floor"))
+        hf_engine.stop()
 
         workdir = Path(tempfile.mkdtemp(prefix="serve-bench-"))
         for i, name in enumerate(("kind", "terse")):
@@ -139,6 +164,8 @@ def main() -> None:
         rows.append(("transformers generate, bare base (baseline)", baseline, "tok/s"))
         rows.append(("weight-streaming floor: one GEMV per Linear per token", floor, "tok/s"))
         rows += [(label, statistics.median(v), "tok/s") for label, v in {**before, **after}.items()]
+        rows += [(f"{label}, base, decode steps only (after the first token)", statistics.median(v), "tok/s")
+                 for label, v in decode.items()]
 
         # Base rows, two adapters, a blend and a steered row, repeated: every count mixes all of them.
         kinds = [GenerationRequest(prompt, greedy), GenerationRequest(prompt, greedy, "kind"),
@@ -195,8 +222,10 @@ def main() -> None:
         ratio = f"{value / baseline:.2f}x" if unit == "tok/s" else ""
         print(f"| {label} | {value:.1f} {unit} | {ratio} |")
     print()
-    single = next(v for label, v, _ in rows if label == "engine, base, no adapter loaded")
-    print(f"single stream, engine on the base vs the weight-streaming floor: {single / floor:.2f}x")
+    single, single_hf = (next(v for label, v, _ in rows if label.startswith(f"{k}, base, decode"))
+                         for k in ("engine", "engine on transformers' forward"))
+    print(f"single stream, base, decode steps (after the first token) vs the weight-streaming floor: "
+          f"{single / floor:.2f}x ({engine.forward_impl}), {single_hf / floor:.2f}x on transformers' forward")
     for k, (_, value, _) in aggregates.items():
         if k != counts[0]:
             print(f"{k} streams vs {counts[0]} stream aggregate: {value / aggregates[counts[0]][1]:.2f}x")

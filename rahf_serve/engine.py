@@ -53,6 +53,7 @@ from .lora_slots import LoraSlots, LoraWeights, SlotsExhausted, blend_lora, read
 from .metrics import ServingMetrics
 from .models import BaseModel
 from .pacing import StepPacer
+from .packed_llama import PackedLlama, packed_forward_for
 from .request import (
     BASE_SLOT,
     GenerationRequest,
@@ -114,7 +115,7 @@ class Engine:
     def __init__(self, base: BaseModel, *, max_batch: int = 16, max_queue: int = 64, max_new_tokens: int = 1024,
                  max_model_len: int | None = None, max_num_batched_tokens: int | None = None,
                  max_loras: int = 8, max_lora_rank: int = 64, max_step_slowdown: float | None = None,
-                 metrics: ServingMetrics | None = None) -> None:
+                 packed_forward: bool = True, metrics: ServingMetrics | None = None) -> None:
         """`max_model_len`: the most tokens a request may span (prompt + max_tokens); None = the model's
         context, at most DEFAULT_MAX_MODEL_LEN. `max_num_batched_tokens`: the compute of one step, in tokens
         (decoding rows count about one each; prefilling rows share the rest in prompt chunks); None = by
@@ -122,7 +123,9 @@ class Engine:
         adapters and blends resident in LoRA slots at once; `max_lora_rank`: the largest rank a slot takes (a
         blend's is the sum of its adapters'). `max_step_slowdown`: a step that feeds prompt chunks next to
         decoding rows takes at most this many times a decode-only step, by measured time (`pacing`); None =
-        the token budget alone. Raises
+        the token budget alone. `packed_forward`: run llama-family bases through `PackedLlama` (fewer
+        operators a step, same results) rather than transformers' forward; bases it does not cover keep
+        transformers' either way (`forward_impl` says which runs). Raises
         UnsupportedModelError for bases the KV cache cannot serve exactly (e.g. sliding-window attention)."""
         self.base = base
         self.model: Any = base.model
@@ -159,6 +162,7 @@ class Engine:
         # Built from the base's config, dtype and device, which adapters attached later do not change.
         self._kv = SlotCache.for_model(self.model, max_batch, self.max_model_len)
         self._key_cost = key_cost(self.model.config)
+        self._packed: PackedLlama | None = packed_forward_for(self.model, self.max_model_len) if packed_forward else None
         log.info("KV cache: %d rows x %d tokens, kv_cache_bytes=%d (%.2f GiB)", max_batch, self.max_model_len,
                  self.kv_cache_bytes, self.kv_cache_bytes / 2**30)
         self._deltas: dict[int, torch.Tensor] | None = None
@@ -413,8 +417,7 @@ class Engine:
         started_at = time.perf_counter()
         scored = any(self._rows[i].request.prompt_logprobs is not None for i in prefill)
         try:
-            with final_hidden(self.model) if scored else nullcontext([]) as hidden:
-                logits, step = self._forward(chunks)
+            logits, step, hidden = self._forward(chunks, scored)
             if self._pacer is not None:
                 self._pacer.observe(decode, prompt_work, time.perf_counter() - started_at)
         except Exception as err:
@@ -435,7 +438,8 @@ class Engine:
                 continue
             if row.request.prompt_logprobs is not None:
                 # a copy: the step's states are freed
-                row.prompt_hidden.append(hidden[0][0, offsets[i]:offsets[i] + n].clone())
+                assert hidden is not None
+                row.prompt_hidden.append(hidden[offsets[i]:offsets[i] + n].clone())
             row.fed += n
             self.metrics.prompt_tokens.inc(n, adapter=row.request.label)
             if not _prefilling(row):
@@ -487,8 +491,15 @@ class Engine:
         lengths = self._kv.lengths
         return sum(len(chunks[i]) * (1 + (lengths[i] + len(chunks[i])) * self._key_cost) for i in prefill)
 
-    def _forward(self, chunks: list[list[int]]) -> tuple[torch.Tensor, SlotStep]:
-        """Each row's next-token logits [rows, vocab] from one forward over the rows' packed tokens."""
+    @property
+    def forward_impl(self) -> str:
+        """Which forward the engine runs: "packed-llama" (`PackedLlama`) or "transformers"."""
+        return "transformers" if self._packed is None else "packed-llama"
+
+    def _forward(self, chunks: list[list[int]], keep_hidden: bool
+                 ) -> tuple[torch.Tensor, SlotStep, torch.Tensor | None]:
+        """Each row's next-token logits [rows, vocab] from one forward over the rows' packed tokens, and the
+        decoder's final hidden states [total, hidden] when `keep_hidden` (prompt log-probs read them)."""
         step = self._kv.begin_step([len(c) for c in chunks])
         ids = pack_inputs(chunks, self.base.device)
         assert self._deltas is not None
@@ -496,15 +507,21 @@ class Engine:
         deltas = {layer: d.index_select(0, step.rows)[None] for layer, d in self._deltas.items()}
         self._slots.set_rows([r.lora for r in self._rows], [len(c) for c in chunks])
         try:
-            # logits_to_keep only narrows the LM head; prompt log-probs read the decoder's full output.
-            with self._kv.attending(self.model), _maybe_steer(self.model, deltas):
-                out = self.model(input_ids=ids, attention_mask=step.attention_mask, position_ids=step.position_ids,
-                                 cache=self._kv, use_cache=True, logits_to_keep=step.logits_to_keep)
+            if self._packed is not None:
+                logits, hidden = self._packed(ids, step, self._kv, deltas, keep_hidden)
+            else:
+                # logits_to_keep only narrows the LM head; prompt log-probs read the decoder's full output.
+                with self._kv.attending(self.model), _maybe_steer(self.model, deltas), \
+                        final_hidden(self.model) if keep_hidden else nullcontext([]) as captured:
+                    out = self.model(input_ids=ids, attention_mask=step.attention_mask,
+                                     position_ids=step.position_ids, cache=self._kv, use_cache=True,
+                                     logits_to_keep=step.logits_to_keep)
+                logits, hidden = step.last_logits(out.logits), captured[0] if keep_hidden else None
         finally:
             # Between steps the model is the plain base again, whatever else calls it.
             self._slots.clear_rows()
         self._kv.end_step()
-        return step.last_logits(out.logits), step
+        return logits, step, None if hidden is None else hidden[0]
 
     def _keep_prefilling_last(self) -> None:
         """Move rows still prefilling after every decoding row (a row's cache slot moves with it), so that

@@ -119,8 +119,9 @@ class _Group:
     """their slots"""
     width: int
     """keys read: the longest of these rows after the step"""
-    mask: torch.Tensor
-    """[rows, 1, queries, width], True where a query may attend"""
+    mask: torch.Tensor | None
+    """[rows, 1, queries, width], True where a query may attend; None when every query sees every key
+    (decode rows of one length), which spares the attention a mask per call"""
     decode: bool
 
 
@@ -194,12 +195,16 @@ class _SlotLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        self.write(key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
+        return key_states, value_states  # the attention reads the slots, not these
+
+    def write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store the step's keys and values, [total, kv_heads, head_dim], each token in its row's slot."""
         step = self._cache.step
         assert self.keys is not None and self.values is not None
         # Advanced indices on dims 0 and 2 put the indexed dims first: [total, heads, head_dim].
-        self.keys[step.rows, :, step.columns] = key_states[0].transpose(0, 1)
-        self.values[step.rows, :, step.columns] = value_states[0].transpose(0, 1)
-        return key_states, value_states  # the attention reads the slots, not these
+        self.keys[step.rows, :, step.columns] = keys
+        self.values[step.rows, :, step.columns] = values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return query_length, 0
@@ -335,10 +340,13 @@ class SlotCache(Cache):
                 j = i
                 while j < len(n_new) and n_new[j] == 1:
                     j += 1
-                after = torch.tensor(self._lengths[i:j], device=device)[:, None] + 1
-                width = int(after.max())
-                mask = torch.arange(width, device=device)[None, :] < after
-                groups.append(_Group(slice(at, at + j - i), slice(i, j), width, mask[:, None, None], True))
+                held = self._lengths[i:j]
+                width = max(held) + 1
+                mask = None
+                if min(held) != max(held):
+                    after = torch.tensor(held, device=device)[:, None] + 1
+                    mask = (torch.arange(width, device=device)[None, :] < after)[:, None, None]
+                groups.append(_Group(slice(at, at + j - i), slice(i, j), width, mask, True))
                 rows += range(i, j)
                 columns += [self._lengths[r] for r in range(i, j)]
                 last += range(at, at + j - i)
@@ -366,6 +374,10 @@ class SlotCache(Cache):
         for i, new in enumerate(step.n_new):
             self._lengths[i] += new
         self._step = None
+
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store layer `layer`'s keys and values of the step, [total, kv_heads, head_dim]."""
+        self.layers[layer].write(keys, values)
 
     def attend(self, layer: int, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
         """Attention of the step's packed queries [1, heads, total, head_dim] over their rows' slots, as

@@ -181,7 +181,11 @@ class SlotLinear(nn.Module):
         return self.base_layer.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
+        return self.add_lora(x, self.base_layer(x))
+
+    def add_lora(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Add each row's LoRA of input `x` to `out`, in place, and return `out`. `out` may be a column
+        slice of a wider output (a fused q/k/v matmul's), as long as its leading dims merge into one view."""
         index = self.rows.index
         if index is None:
             return out
@@ -198,11 +202,13 @@ class SlotLinear(nn.Module):
             h = torch.mm(x.reshape(-1, x.shape[-1]), self.slot_A[s, :r].t())
             if self.rows.mask is not None:
                 h.view(n, -1, r).mul_(self.rows.mask)
-            return torch.addmm(out.reshape(-1, out.shape[-1]), h, self.slot_B[s, :r]).view_as(out)
+            out.view(-1, out.shape[-1]).addmm_(h, self.slot_B[s, :r])
+            return out
         a = self.slot_A[:, :r].index_select(0, index)
         b = self.slot_B[:, :r].index_select(0, index)
         h = torch.bmm(x.reshape(n, -1, x.shape[-1]), a.transpose(1, 2))
-        return torch.baddbmm(out.reshape(n, -1, out.shape[-1]), h, b).view_as(out)
+        out.view(n, -1, out.shape[-1]).baddbmm_(h, b)
+        return out
 
     def _packed_rows(self, x: torch.Tensor, out: torch.Tensor, r: int) -> torch.Tensor:
         """Several LoRAs over a packed sequence: one-token rows gather their factors (one batched matmul);

@@ -51,7 +51,7 @@ _SETTING = re.compile(r"--[A-Za-z_]\w*(\.[A-Za-z_]\w*)+(=.*)?", re.DOTALL)  # --
 def _run_args(p: argparse.ArgumentParser, *, new_run: bool) -> None:
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--base", help="base model: the alias smollm2-135m-instruct, a Hub id or a directory"
-                   + (f" (default for a new run: {DEFAULT_BASE})" if new_run else ""))
+                   f" (default for a new run: {DEFAULT_BASE})")
     p.add_argument("--data", help="preference data: a .json/.jsonl file or a Hub data set name")
     p.add_argument("--rows", help="row range START:STOP of the data, e.g. 0:240 (default: all)")
     p.add_argument("--split", help="data set split for Hub data sets (default: train)")
@@ -72,7 +72,7 @@ def _open(args: argparse.Namespace, resume: bool = False):
     from .rundir import RunDir
 
     base = args.base
-    if base is None and args.command == "run" and not RunDir(args.out).run_file.is_file():
+    if base is None and not RunDir(args.out).run_file.is_file():
         base = DEFAULT_BASE  # a new run; an existing one keeps its saved base
     return open_run(args.out, base=base, data=args.data, rows=args.rows, split=args.split,
                     method=args.method, config=args.config, seed=args.seed, resume=resume,

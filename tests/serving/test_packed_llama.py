@@ -1,0 +1,123 @@
+"""The engine's own llama forward: the same tokens and log-probabilities as transformers' forward in the
+same engine, for every kind of row at once; the model it fuses stays the same model for everyone else."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from rahf_serve.engine import Engine
+from rahf_serve.models import load_base
+from rahf_serve.packed_llama import unsupported_reason
+from rahf_serve.registry import AdapterRegistry
+from rahf_serve.request import GenerationRequest, SteeringSpec, StreamEvent
+from rahf_serve.sampling import SamplingParams
+from tests.conftest import build_tiny_model_dir
+from tests.helpers import random_lora_bundle
+from tests.serving.conftest import load_lively
+
+ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, lively_model_dir) -> Path:
+    base = load_lively(lively_model_dir)
+    root = tmp_path_factory.mktemp("packed-bundles")
+    random_lora_bundle(base, root / "every", seed=5, r=4, targets=ALL_LINEARS)  # the shipped Dual's shape
+    random_lora_bundle(base, root / "qv", seed=6, r=2)
+    return root
+
+
+def served(model_dir: Path, bundles: Path, packed: bool) -> Iterator[Engine]:
+    # A small token budget: the long prompt is fed in chunks beside decoding rows.
+    engine = Engine(load_lively(model_dir), max_batch=8, max_new_tokens=64, max_num_batched_tokens=48,
+                    packed_forward=packed)
+    AdapterRegistry(engine, bundles).load_dir()
+    with engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def engines(lively_model_dir, bundles) -> Iterator[tuple[Engine, Engine]]:
+    packed, plain = served(lively_model_dir, bundles, True), served(lively_model_dir, bundles, False)
+    yield next(packed), next(plain)
+    for gen in (packed, plain):
+        next(gen, None)
+
+
+def prompt(length: int, seed: int) -> list[int]:
+    return torch.randint(100, 40_000, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def batch_of_every_kind() -> list[GenerationRequest]:
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+    return [
+        GenerationRequest(prompt(5, 1), greedy, logprobs=2),
+        GenerationRequest(prompt(9, 2), greedy, "every", logprobs=2),
+        GenerationRequest(prompt(7, 3), greedy, "qv", steering=SteeringSpec("every", 2.0), logprobs=2),
+        GenerationRequest(prompt(6, 4), greedy, blend=(("every", 0.5), ("qv", 1.5)), logprobs=2),
+        GenerationRequest(prompt(130, 5), greedy, "every", prompt_logprobs=1, logprobs=2),  # chunked prefill
+        GenerationRequest(prompt(4, 6), SamplingParams(max_tokens=12, temperature=0.9, seed=7), "qv"),
+    ]
+
+
+def run_together(engine: Engine, reqs: list[GenerationRequest]) -> list[list[StreamEvent]]:
+    events: list[list[StreamEvent]] = [[] for _ in reqs]
+    done = [threading.Event() for _ in reqs]
+
+    def sink(i: int):
+        def take(event: StreamEvent) -> None:
+            events[i].append(event)
+            if event.finish_reason:
+                assert event.error is None, event.error
+                done[i].set()
+        return take
+
+    engine.submit_many(reqs, [sink(i) for i in range(len(reqs))])
+    assert all(d.wait(120) for d in done)
+    return events
+
+
+def test_the_packed_forward_serves_exactly_what_transformers_forward_serves(engines):
+    packed, plain = engines
+    assert (packed.forward_impl, plain.forward_impl) == ("packed-llama", "transformers")
+    reqs = batch_of_every_kind()
+    got, want = run_together(packed, reqs), run_together(plain, reqs)
+    for g, w in zip(got, want, strict=True):
+        assert [t for e in g for t in e.token_ids] == [t for e in w for t in e.token_ids]
+        g_lp = [x.logprob for e in g for x in (e.logprobs or [])]
+        w_lp = [x.logprob for e in w for x in (e.logprobs or [])]
+        assert g_lp == pytest.approx(w_lp, abs=1e-4)
+        g_prompt, w_prompt = g[0].prompt_logprobs, w[0].prompt_logprobs
+        assert (g_prompt is None) == (w_prompt is None)
+        if g_prompt is not None:
+            assert [x.logprob for x in g_prompt[1:]] == pytest.approx([x.logprob for x in w_prompt[1:]], abs=1e-4)
+
+
+def test_fused_weights_leave_the_model_the_same_for_other_callers(lively_model_dir, bundles):
+    fresh = load_lively(lively_model_dir).model
+    ids = torch.tensor([prompt(12, 9)])
+    with torch.inference_mode():
+        want = fresh(input_ids=ids).logits
+    engine = next(served(lively_model_dir, bundles, True))
+    attn = engine.model.model.layers[0].self_attn
+    q, k = attn.q_proj.weight, attn.k_proj.weight
+    assert k.data_ptr() == q.data_ptr() + q.numel() * q.element_size()  # views of one q/k/v matrix
+    with torch.inference_mode():
+        got = engine.model(input_ids=ids).logits
+    engine.stop()
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_bases_it_does_not_cover_keep_transformers_forward(tmp_path, tokenizer):
+    biased = build_tiny_model_dir(tmp_path / "biased", tokenizer, attention_bias=True)
+    base = load_base(str(biased), device="cpu", dtype="float32")
+    assert unsupported_reason(base.model) == "Linear biases"
+    with Engine(base, max_batch=2, max_new_tokens=8) as engine:
+        assert engine.forward_impl == "transformers"
+        assert engine.generate(GenerationRequest(prompt(5, 1), SamplingParams(max_tokens=3, temperature=0))
+                               ).completion_tokens == 3

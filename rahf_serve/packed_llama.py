@@ -1,13 +1,15 @@
 """The engine's own forward for llama-family bases: the same math as transformers' LlamaModel, in fewer operators.
 
 A decode step on a small model is bound by operator overhead as much as by weights: transformers' llama
-modules spend about 3,000 small operators a step around the Linear layers (measured in
-benchmarks/own_forward_probe.py). This forward runs over the engine's packed step (`SlotStep`: every row's
+modules spend about 3,000 small operators a step around the Linear layers (a torch.profiler count, in
+docs/serving.md). This forward runs over the engine's packed step (`SlotStep`: every row's
 new tokens in one sequence) with
 
 - q/k/v and gate/up as one matrix each (the Linear modules keep views into them, so nothing is copied and
   every other user of the model sees the same weights), each module's LoRA slots added to its slice of
   the output;
+- activations kept 2-D [tokens, hidden], so each product is one `mm` over a transposed view of the weight
+  (no transpose operator per call), and o_proj and down_proj an `addmm` that adds the residual as well;
 - rotary angles from a table built once, indexed by each token's position;
 - keys and values written straight into the `SlotCache`, attention through its per-row groups;
 - steering added to the residual stream after a block, as `rahf_serve.steering` hooks would.
@@ -74,24 +76,34 @@ def _fuse(modules: list[torch.nn.Linear]) -> tuple[torch.Tensor, list[slice]]:
 
 
 class _Block:
-    """One decoder layer: its norms, fused weights and the modules whose LoRA slots apply to each slice."""
+    """One decoder layer: its norms, its four matrices (transposed views, so each product is one `mm`) and the
+    modules whose LoRA slots apply to each."""
 
     def __init__(self, layer: Any) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.attn, self.mlp = attn, mlp
         self.ln1, self.ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
         with torch.no_grad():
-            self.qkv, self.qkv_slices = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
-            self.gate_up, self.gate_up_slices = _fuse([mlp.gate_proj, mlp.up_proj])
+            qkv, self.qkv_slices = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+            gate_up, self.gate_up_slices = _fuse([mlp.gate_proj, mlp.up_proj])
+        self.qkv_t, self.gate_up_t = qkv.t(), gate_up.t()
+        self.o_t, self.down_t = attn.o_proj.weight.t(), mlp.down_proj.weight.t()
+        self.inter = self.gate_up_slices[0].stop
 
+    # Looked up each step: LoraSlots wraps a module the first time an adapter needs it.
     def qkv_lora(self) -> list[tuple[SlotLinear, slice]]:
-        # Looked up each step: LoraSlots wraps a module the first time an adapter needs it.
         mods = (self.attn.q_proj, self.attn.k_proj, self.attn.v_proj)
         return [(m, s) for m, s in zip(mods, self.qkv_slices, strict=True) if isinstance(m, SlotLinear)]
 
     def gate_up_lora(self) -> list[tuple[SlotLinear, slice]]:
         mods = (self.mlp.gate_proj, self.mlp.up_proj)
         return [(m, s) for m, s in zip(mods, self.gate_up_slices, strict=True) if isinstance(m, SlotLinear)]
+
+
+def _add_lora(module: Any, x: torch.Tensor, out: torch.Tensor) -> None:
+    """Add `module`'s per-row LoRA of `x` [total, in] to `out` [total, out] in place, if it has LoRA slots."""
+    if isinstance(module, SlotLinear):
+        module.add_lora(x[None], out[None])
 
 
 class PackedLlama:
@@ -115,47 +127,55 @@ class PackedLlama:
         angles = torch.cat([angles, angles], dim=-1)
         scale = float(getattr(rotary, "attention_scaling", 1.0))
         self.cos = (angles.cos() * scale).to(weight.dtype)
-        self.sin = (angles.sin() * scale).to(weight.dtype)
+        sin = angles.sin() * scale
+        half = sin.shape[-1] // 2
+        self.sin_signed = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1).to(weight.dtype)
 
     def _norm(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if h.dtype == torch.float32:  # one operator, bit-identical to LlamaRMSNorm in float32 (measured)
+            return F.rms_norm(h, weight.shape, weight, self.eps)
         # LlamaRMSNorm's operations in its order (float32 statistics), so results match it.
         x = h.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * x.to(h.dtype)
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
     def __call__(self, ids: torch.Tensor, step: SlotStep, cache: SlotCache, deltas: dict[int, torch.Tensor],
-                 keep_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 keep_hidden: bool = False, lora: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits [feeding rows, vocab] of each row's last new token, and the final hidden states
         [1, total, hidden] when `keep_hidden`. `ids` [1, total] from `pack_inputs`; `deltas`: steering,
-        hidden_states index -> [1, total, hidden]."""
+        hidden_states index -> [1, total, hidden]; `lora`: False when no row of the step uses a LoRA slot
+        (the slots are not even looked up)."""
         total = ids.shape[1]
-        q_end = self.heads * self.head_dim
-        k_end = q_end + self.kv_heads * self.head_dim
-        cos, sin = self.cos[step.columns][:, None], self.sin[step.columns][:, None]  # [total, 1, head_dim]
-        h = self.embed(ids)
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        q_end = heads * head_dim
+        k_end = q_end + kv_heads * head_dim
+        # [total, 1, head_dim]; rotate_half(x) * sin == the halves of x swapped, times sin with its first half
+        # negated, so one flip replaces transformers' neg and cat.
+        cos, sin = self.cos[step.columns][:, None], self.sin_signed[step.columns][:, None]
+        h = self.embed(ids[0])  # [total, hidden]: every product below is one 2-D matmul
         for i, blk in enumerate(self.blocks):
             x = self._norm(h, blk.ln1)
-            qkv = F.linear(x, blk.qkv)
-            for module, part in blk.qkv_lora():
-                module.add_lora(x, qkv[..., part])
-            # q and k lie side by side in the fused output: one rotation for both.
-            qk = self._rope(qkv[0, :, :k_end].view(total, self.heads + self.kv_heads, self.head_dim), cos, sin)
-            cache.write(i, qk[:, self.heads:], qkv[0, :, k_end:].view(total, self.kv_heads, self.head_dim))
-            o = cache.attend(i, qk[:, :self.heads].transpose(0, 1)[None], self.scaling)
-            h = h + blk.attn.o_proj(o.reshape(1, total, q_end))
+            qkv = torch.mm(x, blk.qkv_t)
+            for module, part in blk.qkv_lora() if lora else ():
+                module.add_lora(x[None], qkv[None, :, part])
+            qk = qkv[:, :k_end].view(total, heads + kv_heads, head_dim)  # q and k side by side: one rotation
+            qk = torch.addcmul(qk * cos, qk.view(total, heads + kv_heads, 2, head_dim // 2).flip(-2).view_as(qk), sin)
+            cache.write(i, qk[:, heads:], qkv[:, k_end:].view(total, kv_heads, head_dim))
+            o = cache.attend_packed(i, qk[:, :heads], self.scaling).view(total, q_end)
+            h = torch.addmm(h, o, blk.o_t)  # the residual add inside the product
+            if lora:  # LoRA is linear: adding it to h adds it to o_proj's output
+                _add_lora(blk.attn.o_proj, o, h)
             x = self._norm(h, blk.ln2)
-            gu = F.linear(x, blk.gate_up)
-            for module, part in blk.gate_up_lora():
-                module.add_lora(x, gu[..., part])
-            inter = blk.gate_up_slices[0].stop
-            h = h + blk.mlp.down_proj(F.silu(gu[..., :inter]) * gu[..., inter:])
+            gu = torch.mm(x, blk.gate_up_t)
+            for module, part in blk.gate_up_lora() if lora else ():
+                module.add_lora(x[None], gu[None, :, part])
+            act = F.silu(gu[:, :blk.inter]).mul_(gu[:, blk.inter:])
+            h = torch.addmm(h, act, blk.down_t)
+            if lora:
+                _add_lora(blk.mlp.down_proj, act, h)
             delta = deltas.get(i + 1)
             if delta is not None:
-                h = h + delta.to(h.dtype)
+                h = h + delta[0].to(h.dtype)
         h = self._norm(h, self.final_norm)
-        logits = self.model.lm_head(h[0, step.logits_to_keep])
-        return logits, (h if keep_hidden else None)
+        logits = self.model.lm_head(h[step.logits_to_keep])
+        return logits, (h[None] if keep_hidden else None)

@@ -24,11 +24,13 @@ DATA_DIR = "../shared/data"
 
 def trained_with(config: TrainConfig, num_layers: int) -> dict:
     """The settings that decide the trained model: defaults resolved (target layers), bookkeeping
-    that does not change a weight (how often phase 3 checkpoints) left out; a sweep point trained
-    with the shipped settings compares equal."""
+    that does not change a weight (how often phase 3 checkpoints, phase 1 validates or saves
+    snapshots) left out; a sweep point trained with the shipped settings compares equal."""
     settings = config.to_dict()
     settings["align"] = {**settings["align"], "target_layers": target_layers(config, num_layers)}
     settings["align"].pop("checkpoint_every")
+    for bookkeeping in ("val_every", "snapshot_every"):  # when phase 1 is watched or saved, not what it learns
+        settings["phase1"].pop(bookkeeping)
     return settings
 
 

@@ -89,10 +89,29 @@ class Phase1Config:
     snapshot_every: int = 0
     """Save each phase-1 adapter every this many steps (snapshots/phase1/<adapter>/step-NNNN, PEFT
     folders), so how long phase 1 trains can be chosen afterwards on accuracy and generation health
-    together (benchmarks/phase1_select.py); 0 = no snapshots."""
+    together (benchmarks/phase1_health.py, then `rahf-train pick-phase1`); 0 = no snapshots."""
+    stop_at: list[str] = field(default_factory=list)
+    """ADAPTER=STEP entries (`--phase1.stop_at good=50`): that adapter's training ends after STEP
+    optimizer steps while its learning-rate schedule still spans all its steps, so it equals the
+    snapshot a full run saves at STEP (what `rahf-train pick-phase1` records); empty = every step."""
     min_separation: float = 0.01
     """Phase 2 refuses a phase 1 whose validation separation (SCIT contrast, Dual good-vs-bad
     margin, nats per token) rose by less than this over training, unless forced."""
+
+    def __post_init__(self) -> None:
+        for entry in self.stop_at:
+            name, sep, step = entry.partition("=")
+            if not name or not sep or not step.isdigit() or int(step) < 1:
+                raise ValueError(f"phase1.stop_at: expected ADAPTER=STEP with STEP >= 1, got {entry!r}")
+
+    def stop_steps(self, adapters: list[str]) -> dict[str, int | None]:
+        """The step `stop_at` ends each of `adapters` at (None: every step of its schedule); an entry
+        naming another adapter is an error, not a silent full run."""
+        steps = {name: int(step) for name, _, step in (entry.partition("=") for entry in self.stop_at)}
+        unknown = sorted(set(steps) - set(adapters))
+        if unknown:
+            raise ValueError(f"phase1.stop_at names {unknown}; this method's phase-1 adapters are {adapters}")
+        return {name: steps.get(name) for name in adapters}
 
     def steps_for(self, method: str, n_pairs: int) -> int:
         """Optimizer steps per phase-1 model: the explicit count, else epochs over `n_pairs`."""

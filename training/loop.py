@@ -73,7 +73,7 @@ def fit(acc: Accelerator, model: torch.nn.Module, *, name: str, n_items: int, co
         schedule: Schedule, ckpt_dir: Path | None = None, checkpoint_every: int = 0,
         log: Callable[[dict], None] | None = None, validate: Callable[[], dict] | None = None,
         validate_every: int = 0, snapshot: Callable[[int], None] | None = None,
-        snapshot_every: int = 0) -> list[float]:
+        snapshot_every: int = 0, stop_at: int | None = None) -> list[float]:
     """Train the parameters of `model` that require grad; returns the loss of every step.
 
     `counts(items)` gives this process's normaliser per loss term (known before any forward),
@@ -83,8 +83,11 @@ def fit(acc: Accelerator, model: torch.nn.Module, *, name: str, n_items: int, co
     `validate()` (main process only, no gradients, dropout off) runs before the first step, every
     `validate_every` steps and after the last; its figures are logged with `"val_step"`.
     `snapshot(step)` (main process only) runs every `snapshot_every` steps and after the last.
+    `stop_at`: end after this many steps; the learning rate still follows the whole schedule, so the
+    weights are those a full run has at that step.
     """
     world, rank = acc.num_processes, acc.process_index
+    last = schedule.steps if stop_at is None else min(stop_at, schedule.steps)
     if schedule.batch_size % world:
         raise ValueError(f"{name}: batch_size {schedule.batch_size} is not divisible by {world} processes")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -115,7 +118,7 @@ def fit(acc: Accelerator, model: torch.nn.Module, *, name: str, n_items: int, co
     if start == 0:
         run_validation(0)
     model.train()
-    bar = tqdm(range(start, schedule.steps), initial=start, total=schedule.steps, desc=name,
+    bar = tqdm(range(start, last), initial=start, total=last, desc=name,
                disable=not acc.is_main_process, dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
@@ -149,12 +152,12 @@ def fit(acc: Accelerator, model: torch.nn.Module, *, name: str, n_items: int, co
                  **({k: float(v) for k, v in zip(keys, terms, strict=True)} if len(keys) > 1 else {}),
                  "seconds": round(time.perf_counter() - t0, 3)})
         done = step + 1
-        if done == schedule.steps or (validate_every and done % validate_every == 0):
+        if done == last or (validate_every and done % validate_every == 0):
             run_validation(done)
         if snapshot is not None and acc.is_main_process and snapshot_every and (
-                done % snapshot_every == 0 or done == schedule.steps):
+                done % snapshot_every == 0 or done == last):
             snapshot(done)
-        if ckpt is not None and checkpoint_every and (done % checkpoint_every == 0 or done == schedule.steps):
+        if ckpt is not None and checkpoint_every and (done % checkpoint_every == 0 or done == last):
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             _save_atomic({"step": done, "trainable": {n: p.detach().cpu() for n, p in named},
                           "optim": optimizer.state_dict(), "rng": torch.get_rng_state(),

@@ -127,13 +127,15 @@ def train_scit(ctx: Context) -> dict[str, list[float]]:
     losses = {"scit": fit(ctx.acc, model, name="phase1/scit", n_items=len(pairs), counts=counts, sums=sums,
                           schedule=_schedule(ctx, p1.steps_for("scit", len(pairs)), p1.lr), log=ctx.log,
                           validate=validate if val_quads else None, validate_every=p1.val_every,
-                          snapshot=_snapshotter(ctx, model, "scit"), snapshot_every=p1.snapshot_every)}
+                          snapshot=_snapshotter(ctx, model, "scit"), snapshot_every=p1.snapshot_every,
+                          stop_at=p1.stop_steps(["scit"])["scit"])}
     _save(ctx, model, ["scit"], losses, history)
     return losses
 
 
 def train_dual(ctx: Context) -> dict[str, list[float]]:
     p1, names = ctx.config.phase1, ["good", "bad"]
+    stops = p1.stop_steps(names)  # before any training: a misnamed adapter fails now
     model, tok = _setup(ctx, "good")
     torch.manual_seed(ctx.config.seed + 1)
     model.add_adapter("bad", lora_config(p1.lora))
@@ -165,7 +167,8 @@ def train_dual(ctx: Context) -> dict[str, list[float]]:
         losses[name] = fit(ctx.acc, model, name=f"phase1/{name}", n_items=len(pairs), counts=counts,
                            sums=sums, schedule=_schedule(ctx, p1.steps_for("dual", len(pairs)), p1.dual_lr),
                            log=ctx.log, validate=validate if val_sides else None, validate_every=p1.val_every,
-                           snapshot=_snapshotter(ctx, model, name), snapshot_every=p1.snapshot_every)
+                           snapshot=_snapshotter(ctx, model, name), snapshot_every=p1.snapshot_every,
+                           stop_at=stops[name])
     _save(ctx, model, names, losses, history)
     return losses
 

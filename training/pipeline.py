@@ -118,7 +118,8 @@ def run_eval(ctx: Context) -> dict | None:
 def adopt_snapshots(ctx: Context, source: RunDir, steps: dict[str, int]) -> dict:
     """Make `ctx`'s phase 1 the snapshots of `source`'s at `steps` (adapter -> step; an adapter not
     named keeps its last), with its validation separation measured again on `phase1.val_rows`,
-    so phases 2 and 3 build on a shorter phase 1 without training it again. Returns the new record."""
+    so phases 2 and 3 build on a shorter phase 1 without training it again; the run's config gets
+    the matching `phase1.stop_at`. Returns the new record."""
     method = get_method(ctx.config.method)
     unknown = sorted(set(steps) - set(method.adapters))
     if unknown or not method.adapters:
@@ -156,6 +157,11 @@ def adopt_snapshots(ctx: Context, source: RunDir, steps: dict[str, int]) -> dict
                 indent=2))
 
     ctx.commit("phase1", write)
+    # The run's config says how its phase 1 was made, so a fresh `rahf-train run` with it trains the same.
+    total = method.phase1_steps(ctx.config, len(ctx.data.pairs))
+    ctx.config.phase1.stop_at = [f"{name}={step}" for name, step in chosen.items() if step < total]
+    if ctx.acc.is_main_process:
+        save_config(ctx.config, ctx.run.config_file)
     ctx.log({"phase": "phase1", "event": "adopted", "source": str(source.root), **record})
     return record
 

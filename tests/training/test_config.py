@@ -125,7 +125,7 @@ def test_every_leaf_field_is_settable():
             continue
         ftype = _field_type(key)
         text = "none" if "None" in str(ftype) else "4,5" if "list[int]" in str(ftype) else \
-            "a,b" if "list[str]" in str(ftype) else samples[ftype]
+            "a=1,b=2" if key == "phase1.stop_at" else "a,b" if "list[str]" in str(ftype) else samples[ftype]
         apply_overrides(TrainConfig(), [f"--{key}", text])
 
 
@@ -171,3 +171,14 @@ def test_a_saved_config_round_trips(tmp_path):
     cfg = apply_overrides(load_config("smollm2-scit"), ["--align.alpha", "10", "--phase1.val_rows", "200:240"])
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_phase1_stop_at_names_an_adapter_and_a_step():
+    config = apply_overrides(TrainConfig(), ["--phase1.stop_at", "good=50"])
+    assert config.phase1.stop_steps(["good", "bad"]) == {"good": 50, "bad": None}
+    with pytest.raises(ValueError, match=r"names \['good'\]; this method's phase-1 adapters are \['scit'\]"):
+        config.phase1.stop_steps(["scit"])
+    for bad in ("good", "good=0", "=5", "good=x"):
+        with pytest.raises(ValueError, match="expected ADAPTER=STEP"):
+            apply_overrides(TrainConfig(), ["--phase1.stop_at", bad])
+    assert apply_overrides(config, ["--phase1.stop_at="]).phase1.stop_at == []

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from rahf_serve.models import load_base
 from training.cli import main
+from training.config import load_config
 from training.data import load_preferences
 from training.encode import encode
 from training.forward import response_logprob
@@ -89,6 +90,17 @@ def test_phase1_snapshots_hold_each_adapter_part_way(tiny_model_dir, tmp_path):
         json.loads((out / "phase1" / "losses.json").read_text())["good"][:4]
     assert main(["run", "--out", str(picked), "--resume", "--force"]) == 0  # phases 2 and 3 on the picked phase 1
     assert (picked / "bundle" / "rahf.json").is_file()
+
+    # The picked run's config says how its phase 1 was made: trained afresh with it, "good" stops at
+    # step 4 of its 6-step schedule and equals the snapshot; "bad" trains every step.
+    assert load_config(picked / "config.yaml").phase1.stop_at == ["good=4"]
+    fresh = tmp_path / "fresh"
+    train(tiny_model_dir, fresh, method="dual", config=picked / "config.yaml", command="phase1")
+    for name, step in (("good", 4), ("bad", 6)):
+        got = load_file(fresh / "phase1" / name / "adapter_model.safetensors")
+        want = load_file(out / "snapshots" / "phase1" / name / f"step-{step:04d}" / "adapter_model.safetensors")
+        assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want), name
+    assert [len(v) for v in json.loads((fresh / "phase1" / "losses.json").read_text()).values()] == [4, 6]
 
 
 def test_pick_phase1_refuses_a_step_without_a_snapshot(tiny_model_dir, tmp_path, capsys):

@@ -151,6 +151,7 @@ def write_run_bundle(ctx: Context, base: BaseModel, adapter_config: dict, state:
         name=ctx.out.resolve().name, base_id=base.hub_id, base_revision=base.revision,
         base_fingerprint=base.fingerprint, method=cfg.method, layers=summary["layers"], alpha=cfg.align.alpha,
         lora=lora, data=ctx.data.describe(), steps={"phase1": method.phase1_steps(cfg, len(ctx.data.pairs)),
+                                                    **({"phase1_stop_at": cfg.phase1.stop_at} if cfg.phase1.stop_at else {}),
                                                     "align": cfg.align.steps},
         metrics=metrics, base_note=base.source_note, command=ctx.command, composition=method.composition,
         vector_norms=summary["norms"], max_res_len=summary["max_res_len"], stimuli=len(summary["stimuli"]),

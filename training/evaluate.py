@@ -133,7 +133,8 @@ def behave(models: Models, prompts: PromptSet, config: TrainConfig,
             continue
         t0 = time.perf_counter()
         with models.use(name):
-            health = measure(models.model, models.tokenizer, ids, config.eval.max_new_tokens, config.eval.batch_size)
+            health = measure(models.model, models.tokenizer, ids, config.eval.max_new_tokens, config.eval.batch_size,
+                             desc=f"answer {prompts.kind} {name}")
         record = {**{k: v for k, v in health.items() if k != "answers"}, "decline": behaviour.decline_rate(health["answers"]),
                   "answers": health["answers"], "seconds": round(time.perf_counter() - t0, 1)}
         if name != BASE:

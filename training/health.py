@@ -13,6 +13,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from .encode import Encoded
 from .forward import response_logprob
@@ -20,11 +21,12 @@ from .forward import response_logprob
 
 @torch.no_grad()
 def greedy(model: torch.nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int,
-           batch: int = 8) -> list[list[int]]:
-    """Greedy answer token ids per prompt (left-padded batches), cut at the first end-of-turn/pad."""
+           batch: int = 8, desc: str | None = None) -> list[list[int]]:
+    """Greedy answer token ids per prompt (left-padded batches), cut at the first end-of-turn/pad;
+    a progress bar per batch with `desc`."""
     out, pad = [], tokenizer.pad_token_id
     device = next(model.parameters()).device
-    for s in range(0, len(prompts), batch):
+    for s in tqdm(range(0, len(prompts), batch), desc=desc, unit="batch", leave=False, disable=desc is None):
         chunk = prompts[s:s + batch]
         width = max(map(len, chunk))
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
@@ -59,9 +61,10 @@ def base_loglik(model: torch.nn.Module, tokenizer, prompts: list[list[int]], ans
 
 
 def measure(model: torch.nn.Module, tokenizer, prompts: list[list[int]], max_new_tokens: int,
-            batch: int = 8) -> dict[str, Any]:
-    """Health figures of the model as it is now (active adapter, if any), with its answers."""
-    answers = greedy(model, tokenizer, prompts, max_new_tokens, batch)
+            batch: int = 8, desc: str | None = None) -> dict[str, Any]:
+    """Health figures of the model as it is now (active adapter, if any), with its answers; `desc`
+    labels a progress bar over the answer batches."""
+    answers = greedy(model, tokenizer, prompts, max_new_tokens, batch, desc)
     return {"distinct2": round(distinct2(answers), 4),
             "mean_length": round(sum(map(len, answers)) / max(1, len(answers)), 2),
             "base_loglik": round(base_loglik(model, tokenizer, prompts, answers, batch), 4),

@@ -92,12 +92,15 @@ class _Block:
 
     # Looked up each step: LoraSlots wraps a module the first time an adapter needs it.
     def qkv_lora(self) -> list[tuple[SlotLinear, slice]]:
-        mods = (self.attn.q_proj, self.attn.k_proj, self.attn.v_proj)
-        return [(m, s) for m, s in zip(mods, self.qkv_slices, strict=True) if isinstance(m, SlotLinear)]
+        return _with_slots((self.attn.q_proj, self.attn.k_proj, self.attn.v_proj), self.qkv_slices)
 
     def gate_up_lora(self) -> list[tuple[SlotLinear, slice]]:
-        mods = (self.mlp.gate_proj, self.mlp.up_proj)
-        return [(m, s) for m, s in zip(mods, self.gate_up_slices, strict=True) if isinstance(m, SlotLinear)]
+        return _with_slots((self.mlp.gate_proj, self.mlp.up_proj), self.gate_up_slices)
+
+
+def _with_slots(modules: tuple[Any, ...], slices: list[slice]) -> list[tuple[SlotLinear, slice]]:
+    """The (module, its slice of the fused output) pairs whose module holds LoRA slots."""
+    return [(m, s) for m, s in zip(modules, slices, strict=True) if isinstance(m, SlotLinear)]
 
 
 def _add_lora(module: Any, x: torch.Tensor, out: torch.Tensor) -> None:

@@ -94,6 +94,12 @@ class Phase1Config:
     """ADAPTER=STEP entries (`--phase1.stop_at good=50`): that adapter's training ends after STEP
     optimizer steps while its learning-rate schedule still spans all its steps, so it equals the
     snapshot a full run saves at STEP (what `rahf-train pick-phase1` records); empty = every step."""
+    kl_to_base: float = 0.0
+    """Weight beta of KL(base || "good") on the response tokens "good" learns (Dual only): the loss
+    becomes (1 + beta) x the cross-entropy to the mixture (data + beta x base) / (1 + beta), so "good"
+    learns the chosen answers while keeping part of the base's next-token distribution at every
+    position, instead of imitating HH's short hedging answers until greedy decoding loops on them.
+    "bad" is never shipped, so it trains without it; 0 = plain SFT."""
     min_separation: float = 0.01
     """Phase 2 refuses a phase 1 whose validation separation (SCIT contrast, Dual good-vs-bad
     margin, nats per token) rose by less than this over training, unless forced."""
@@ -103,6 +109,8 @@ class Phase1Config:
             name, sep, step = entry.partition("=")
             if not name or not sep or not step.isdigit() or int(step) < 1:
                 raise ValueError(f"phase1.stop_at: expected ADAPTER=STEP with STEP >= 1, got {entry!r}")
+        if self.kl_to_base < 0:
+            raise ValueError(f"phase1.kl_to_base must be >= 0, got {self.kl_to_base}")
 
     def stop_steps(self, adapters: list[str]) -> dict[str, int | None]:
         """The step `stop_at` ends each of `adapters` at (None: every step of its schedule); an entry

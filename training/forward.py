@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .encode import Encoded, collate
-from .losses import sequence_logprob
+from .losses import predicting_positions, sequence_logprob, sequence_logprob_kl
 
 
 def _parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -69,6 +69,24 @@ def response_logprob(model: torch.nn.Module, examples: list[Encoded], pad_id: in
     batch, ids, attn = _inputs(model, examples, pad_id)
     hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
     return sequence_logprob(hidden, head, ids, batch.response_mask.to(ids.device))
+
+
+def response_logprob_kl(model: torch.nn.Module, examples: list[Encoded], pad_id: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`response_logprob` plus KL(base || model) summed over each row's response positions [B].
+
+    The base is `model` with its adapters disabled, run without gradients at the same positions.
+    """
+    decoder, head = _parts(model)
+    batch, ids, attn = _inputs(model, examples, pad_id)
+    mask = batch.response_mask.to(ids.device)
+    rows, cols = predicting_positions(mask)
+    with torch.no_grad(), model.disable_adapter():
+        base = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+        reference = torch.log_softmax(head(base[rows, cols]).float(), dim=-1)
+    hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+    ll, kl, _ = sequence_logprob_kl(hidden, head, ids, mask, reference)
+    return ll, kl, mask[:, 1:].sum(-1).to(ll.dtype)
 
 
 def per_token_logprob(model: torch.nn.Module, examples: list[Encoded], pad_id: int, max_tokens: int = 2048,

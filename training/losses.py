@@ -34,6 +34,23 @@ def sequence_logprob(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.
     return sums, response_mask[:, 1:].sum(-1).to(logp.dtype)
 
 
+def sequence_logprob_kl(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], input_ids: torch.Tensor,
+                        response_mask: torch.Tensor, reference: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`sequence_logprob` plus the sum of KL(reference || model) over each row's predicting positions [B].
+
+    `reference` holds the reference model's log-softmax at those positions ([N, V], in
+    `predicting_positions` order), so the KL pulls the whole next-token distribution toward it, not
+    only the probability of the data's token.
+    """
+    rows, cols = predicting_positions(response_mask)
+    logp = F.log_softmax(head(hidden[rows, cols]).float(), dim=-1)
+    token = logp.gather(1, input_ids[rows, cols + 1][:, None]).squeeze(1)
+    kl = (reference.exp() * (reference - logp)).sum(-1)
+    zeros = torch.zeros(input_ids.size(0), dtype=logp.dtype, device=logp.device)
+    return zeros.index_add(0, rows, token), zeros.index_add(0, rows, kl), response_mask[:, 1:].sum(-1).to(logp.dtype)
+
+
 def scit_contrastive(ll_match: torch.Tensor, ll_mismatch: torch.Tensor, label_smoothing: float,
                      scale: float = 1.0) -> torch.Tensor:
     """Per-row loss of a 2-way softmax over scale x length-normalised log-likelihoods, the match as label.

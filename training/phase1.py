@@ -27,7 +27,7 @@ from peft import get_peft_model
 from .context import Context, lora_config, only_trainable
 from .data import Pair, load_preferences
 from .encode import Encoded, encode
-from .forward import per_token_logprob, response_logprob
+from .forward import per_token_logprob, response_logprob, response_logprob_kl
 from .loop import Schedule, fit
 from .losses import scit_contrastive
 from .rundir import RunDir
@@ -101,6 +101,8 @@ def _snapshotter(ctx: Context, model, name: str) -> Callable[[int], None]:
 
 def train_scit(ctx: Context) -> dict[str, list[float]]:
     p1 = ctx.config.phase1
+    if p1.kl_to_base:
+        raise ValueError("phase1.kl_to_base applies to Dual's \"good\" adapter; SCIT has no term for it")
     model, tok = _setup(ctx, "scit")
     pad, pairs = tok.pad_token_id, ctx.data.pairs
     quads = _quads(ctx, tok, pairs)
@@ -149,12 +151,18 @@ def train_dual(ctx: Context) -> dict[str, list[float]]:
         model.set_adapter(name)
         only_trainable(model, name)
 
-        def counts(items: list[int], side=side) -> dict[str, float]:
-            return {"lm": float(sum(side[i].response_len for i in items))}
+        kl = p1.kl_to_base if name == "good" else 0.0
 
-        def sums(items: list[int], side=side) -> dict[str, torch.Tensor]:
-            ll, _ = response_logprob(model, [side[i] for i in items], pad)
-            return {"lm": -ll.sum()}
+        def counts(items: list[int], side=side, kl=kl) -> dict[str, float]:
+            n = float(sum(side[i].response_len for i in items))
+            return {"lm": n, "kl": n} if kl else {"lm": n}
+
+        def sums(items: list[int], side=side, kl=kl) -> dict[str, torch.Tensor]:
+            if not kl:
+                ll, _ = response_logprob(model, [side[i] for i in items], pad)
+                return {"lm": -ll.sum()}
+            ll, div, _ = response_logprob_kl(model, [side[i] for i in items], pad)
+            return {"lm": -ll.sum(), "kl": kl * div.sum()}
 
         def validate(training=name) -> dict:
             # An adapter not trained yet has B = 0: it is the base, so the margin starts at 0.

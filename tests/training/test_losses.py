@@ -4,7 +4,8 @@ import math
 
 import torch
 
-from training.losses import alignment_distance, predicting_positions, scit_contrastive, sequence_logprob
+from training.losses import (alignment_distance, predicting_positions, scit_contrastive, sequence_logprob,
+                             sequence_logprob_kl)
 
 
 def test_scit_contrastive_hand_computed():
@@ -61,3 +62,25 @@ def test_alignment_distance_ignores_padding():
     target[1, 2] = 1e6                                  # a padding position: must not count
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     assert alignment_distance(hidden, target, mask).item() == 5.0
+
+
+def test_sequence_logprob_kl_against_a_direct_sum():
+    torch.manual_seed(1)
+    ids = torch.randint(0, 11, (2, 6))
+    mask = torch.zeros(2, 6, dtype=torch.long)
+    mask[0, 2:6] = 1
+    mask[1, 3:5] = 1
+    logits, ref_logits = torch.randn(2, 6, 11), torch.randn(2, 6, 11)
+    rows, cols = predicting_positions(mask)
+    reference = torch.log_softmax(ref_logits[rows, cols], -1)
+    total, kl, count = sequence_logprob_kl(logits, torch.nn.Identity(), ids, mask, reference)
+    plain, plain_count = sequence_logprob(logits, torch.nn.Identity(), ids, mask)
+    assert torch.allclose(total, plain, atol=1e-5) and torch.equal(count, plain_count)
+    logp, ref = torch.log_softmax(logits, -1), torch.log_softmax(ref_logits, -1)
+    for b in range(2):
+        expected = sum((ref[b, t - 1].exp() * (ref[b, t - 1] - logp[b, t - 1])).sum()
+                       for t in range(6) if mask[b, t])
+        assert torch.allclose(kl[b], expected, atol=1e-5) and kl[b] > 0
+    # against itself the divergence is zero
+    own = torch.log_softmax(logits[rows, cols], -1)
+    assert torch.allclose(sequence_logprob_kl(logits, torch.nn.Identity(), ids, mask, own)[1], torch.zeros(2), atol=1e-6)

@@ -12,7 +12,7 @@ from training.cli import main
 from training.config import load_config
 from training.data import load_preferences
 from training.encode import encode
-from training.forward import response_logprob
+from training.forward import response_logprob, response_logprob_kl
 
 from .conftest import DATA, tiny_config, train
 
@@ -61,6 +61,42 @@ def test_dual_trains_good_on_chosen_and_bad_on_rejected(tiny_model_dir, tmp_path
 
     assert mean_ll("good", "chosen") > mean_ll("bad", "chosen")
     assert mean_ll("bad", "rejected") > mean_ll("good", "rejected")
+
+
+def test_kl_to_base_holds_good_nearer_the_base(tiny_model_dir, tmp_path):
+    phase1 = {"dual_steps": 6, "dual_lr": 0.01}
+    runs = {}
+    for beta in (0.0, 4.0):
+        cfg = tiny_config(tmp_path / f"c{beta}.yaml", {"phase1": {**phase1, "kl_to_base": beta}})
+        runs[beta] = tmp_path / f"run-{beta}"
+        train(tiny_model_dir, runs[beta], method="dual", config=cfg, command="phase1")
+    steps = [r for r in map(json.loads, (runs[4.0] / "metrics.jsonl").read_text().splitlines()) if "step" in r]
+    good = [r for r in steps if r["phase"] == "phase1/good"]
+    assert all("kl" in r for r in good) and not any("kl" in r for r in steps if r["phase"] == "phase1/bad")
+    assert good[0]["kl"] == pytest.approx(0.0, abs=1e-6) and good[-1]["kl"] > 0  # B = 0 at step 1: the base
+    # "bad" does not see the term: the same seed trains it to the same weights
+    bad = [load_file(runs[b] / "phase1" / "bad" / "adapter_model.safetensors") for b in runs]
+    assert all(torch.equal(bad[0][k], bad[1][k]) for k in bad[0])
+
+    base = load_base(str(tiny_model_dir), device="cpu")
+    pairs = load_preferences(str(DATA), "0:8").pairs
+    examples = [encode(base.tokenizer, p.chat(), p.chosen, max_prompt=48, max_response=24) for p in pairs]
+
+    def kl_from_base(run):
+        model = PeftModel.from_pretrained(base.model, str(run / "phase1" / "good"), adapter_name="good")
+        with torch.no_grad():
+            _, kl, n = response_logprob_kl(model, examples, base.tokenizer.pad_token_id)
+        model.unload()
+        return float(kl.sum() / n.sum())
+
+    assert kl_from_base(runs[4.0]) < kl_from_base(runs[0.0])
+
+
+def test_kl_to_base_is_dual_only(tiny_model_dir, tmp_path, capsys):
+    cfg = tiny_config(tmp_path / "c.yaml", {"phase1": {"kl_to_base": 1.0}})
+    assert main(["phase1", "--base", str(tiny_model_dir), "--data", str(DATA), "--rows", "0:8", "--method", "scit",
+                 "--config", str(cfg), "--out", str(tmp_path / "run")]) != 0
+    assert "kl_to_base" in capsys.readouterr().err
 
 
 def test_phase1_snapshots_hold_each_adapter_part_way(tiny_model_dir, tmp_path):

@@ -4,8 +4,13 @@ import math
 
 import torch
 
-from training.losses import (alignment_distance, predicting_positions, scit_contrastive, sequence_logprob,
-                             sequence_logprob_kl)
+from training.losses import (
+    alignment_distance,
+    predicting_positions,
+    scit_contrastive,
+    sequence_logprob,
+    sequence_logprob_kl,
+)
 
 
 def test_scit_contrastive_hand_computed():

@@ -52,7 +52,7 @@ from .logprobs import TokenLogprob, final_hidden, next_token, output_head, promp
 from .lora_slots import LoraSlots, LoraWeights, SlotsExhausted, blend_lora, read_lora
 from .metrics import ServingMetrics
 from .models import BaseModel
-from .pacing import StepPacer
+from .pacing import StepPacer, chunk_keys
 from .packed_llama import PackedLlama, packed_forward_for
 from .request import (
     BASE_SLOT,
@@ -413,13 +413,13 @@ class Engine:
         # A prefilling row may sit a step out (sizes 0, see StepPacer); it comes after every decoding row.
         chunks = [list(r.request.prompt_ids[r.fed:r.fed + sizes[i]]) if i in sizes else [r.last_token]
                   for i, r in enumerate(self._rows)]
-        prompt_work = self._prompt_units(prefill, chunks) if self._pacer is not None else 0.0
+        prompt_work = self._prompt_work(prefill, chunks) if self._pacer is not None else (0, 0)
         started_at = time.perf_counter()
         scored = any(self._rows[i].request.prompt_logprobs is not None for i in prefill)
         try:
             logits, step, hidden = self._forward(chunks, scored)
             if self._pacer is not None:
-                self._pacer.observe(decode, prompt_work, time.perf_counter() - started_at)
+                self._pacer.observe(decode, *prompt_work, time.perf_counter() - started_at)
         except Exception as err:
             if not prefill:
                 raise
@@ -464,14 +464,10 @@ class Engine:
         if not prefill:
             return {}
         lengths = self._kv.lengths
-        room = self.max_num_batched_tokens - decode
-        if self._pacer is not None:
-            allowed = self._pacer.allowance(decode)
-            if allowed <= 0:
-                return {i: 0 for i in prefill}
-            room = min(room, allowed)
-        share = max(1.0, room / len(prefill))
-        return {i: max(1, int(share / (1 + (lengths[i] + share) * self._key_cost))) for i in prefill}
+        share = max(1.0, (self.max_num_batched_tokens - decode) / len(prefill))
+        sizes = {i: max(1, int(share / (1 + (lengths[i] + share) * self._key_cost))) for i in prefill}
+        caps = None if self._pacer is None else self._pacer.caps(decode, [lengths[i] for i in prefill])
+        return sizes if caps is None else {i: min(sizes[i], cap) for i, cap in zip(prefill, caps, strict=True)}
 
     @property
     def max_step_slowdown(self) -> float | None:
@@ -480,16 +476,17 @@ class Engine:
     @max_step_slowdown.setter
     def max_step_slowdown(self, value: float | None) -> None:
         """Set between steps (a fresh pacer learns the step times again)."""
-        self._pacer = None if value is None else StepPacer(value)
+        self._pacer = None if value is None else StepPacer(value, key_cost(self.model.config))
 
     def _decode_units(self, decoding: list[int]) -> float:
         lengths = self._kv.lengths
         return sum(1 + lengths[i] * self._key_cost for i in decoding)
 
-    def _prompt_units(self, prefill: list[int], chunks: list[list[int]]) -> float:
-        """The prompt work of a step's chunks, in the budget's units (read before the step runs)."""
+    def _prompt_work(self, prefill: list[int], chunks: list[list[int]]) -> tuple[int, int]:
+        """(prompt tokens, keys their queries attend to) of a step's chunks (read before the step runs)."""
         lengths = self._kv.lengths
-        return sum(len(chunks[i]) * (1 + (lengths[i] + len(chunks[i])) * self._key_cost) for i in prefill)
+        return (sum(len(chunks[i]) for i in prefill),
+                sum(chunk_keys(lengths[i], len(chunks[i])) for i in prefill))
 
     @property
     def forward_impl(self) -> str:

@@ -3,59 +3,108 @@
 A token budget counts work, but what a running stream feels is time: on a CPU a step of a few decoding
 rows is mostly the fixed cost of reading the weights, so the same budget that is harmless there can
 triple a step once attention over a long prompt joins it, and it costs differently on every machine.
-The pacer learns two figures from the steps the engine runs, the time of a decode-only step and the
-time of one unit of prompt work (a token of Linear work; a query over a long context counts more, see
-`kvcache.key_cost`), and caps a step's prompt work at what keeps the step within `slowdown` x a
-decode-only step. Until it has timed a decode-only step it feeds no prompt next to decoding rows
-(one step, once); until it has timed prompt work it feeds no more than the decoding rows' own work, a
-probe that cannot slow a step much. A step with no decoding row is never capped.
+The pacer learns from the steps the engine runs the time of a decode-only step and what a prompt chunk
+adds to it, as a cost per token (its Linear work) plus a cost per key its queries attend to, and caps
+each chunk at what keeps the step within `slowdown` x a decode-only step.
 
-Chunk sizes then depend on measured time, so the split of a prompt into chunks is not reproducible run
-to run; it changes nothing but float rounding in what a row computes.
+The two costs are a weighted least-squares fit over recent chunked steps, not one average per unit of
+work: the ratio of attention to Linear time differs between machines and from the FLOP count
+(`kvcache.key_cost`, which is only the fit's prior), and a single average learned early in a long prompt,
+where queries see few keys, under-priced every later chunk, so the worst stalls came at its end.
+
+Until it has timed a decode-only step it feeds no prompt next to decoding rows (one step, once); until it
+has timed a chunk it feeds no more than the decoding rows' own work, a probe that cannot slow a step
+much. A step with no decoding row is never capped. Chunk sizes then depend on measured time, so the
+split of a prompt into chunks is not reproducible run to run; it changes nothing but float rounding in
+what a row computes.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from .errors import RahfError
 
 
-class StepPacer:
-    """Exponential moving averages of step times; `allowance` turns them into a prompt-work cap."""
+def chunk_keys(context: int, tokens: int) -> int:
+    """Keys the queries of a `tokens`-token chunk attend to when `context` tokens precede it (each query
+    sees the context, the chunk's earlier tokens and itself)."""
+    return tokens * context + tokens * (tokens + 1) // 2
 
-    def __init__(self, slowdown: float, smoothing: float = 0.25) -> None:
+
+class StepPacer:
+    """Moving statistics of step times; `caps` turns them into the prompt tokens each row may feed."""
+
+    def __init__(self, slowdown: float, key_cost: float, smoothing: float = 0.25) -> None:
         if not slowdown > 1.0:
             raise RahfError(f"--max-step-slowdown must be above 1.0 (got {slowdown}): at 1.0 no prompt could be fed "
                              "while other rows decode")
         self.slowdown = slowdown
+        self.key_cost = key_cost
+        """the prior: a key's cost as a fraction of a token's, used until chunks at different contexts tell them apart"""
         self.smoothing = smoothing
         self.decode_seconds: float | None = None
         """a decode-only step's time"""
-        self.unit_seconds: float | None = None
-        """the time one unit of prompt work adds to a step"""
+        self._moments: tuple[float, float, float, float, float] | None = None
+        """moving averages of tokens², tokens x keys, keys², tokens x extra seconds, keys x extra seconds"""
 
     def _mix(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
 
-    def allowance(self, decode_units: float) -> float:
-        """Units of prompt work the next step may carry next to `decode_units` of decoding (inf: no cap)."""
-        if decode_units <= 0:
-            return math.inf
-        if self.decode_seconds is None:
-            return 0.0
-        if self.unit_seconds is None:
-            return decode_units
-        return max(1.0, (self.slowdown - 1.0) * self.decode_seconds / self.unit_seconds)
-
-    def observe(self, decode_units: float, prompt_units: float, seconds: float) -> None:
-        """Record a finished step: its decoding work, its prompt work and its wall time."""
+    def observe(self, decode_units: float, tokens: int, keys: int, seconds: float) -> None:
+        """Record a finished step: its decoding work (in the budget's units), the prompt tokens it fed and
+        the keys their queries attended to, and its wall time."""
         if decode_units <= 0:
             return
-        if prompt_units <= 0:
+        if tokens <= 0:
             self.decode_seconds = self._mix(self.decode_seconds, seconds)
-        elif self.decode_seconds is not None:
-            # A moving average, not the latest step: reacting to every slow step (a busy machine, a
-            # long context's attention) shrank chunks until each step was mostly its fixed costs.
-            extra = max(seconds - self.decode_seconds, 1e-6) / prompt_units
-            self.unit_seconds = self._mix(self.unit_seconds, extra)
+            return
+        if self.decode_seconds is None:
+            return
+        extra = max(seconds - self.decode_seconds, 1e-6)
+        new = (tokens * tokens, tokens * keys, keys * keys, tokens * extra, keys * extra)
+        old = self._moments
+        # Moving averages, not the latest step: reacting to every slow step (a busy machine) shrank
+        # chunks until each step was mostly its fixed costs.
+        self._moments = new if old is None else tuple(self._mix(o, n) for o, n in zip(old, new, strict=True))
+
+    def costs(self) -> tuple[float, float] | None:
+        """(seconds a prompt token adds, seconds a key adds), or None before any chunk was timed."""
+        if self._moments is None:
+            return None
+        tt, tk, kk, ty, ky = self._moments
+        c = self.key_cost
+        # Ridge toward key = c x token, weak against the data: when every timed chunk had the same ratio
+        # of keys to tokens the data cannot tell the two costs apart and the prior decides.
+        mu = 1e-6 * kk
+        a11, a12, a22 = tt + mu * c * c, tk - mu * c, kk + mu
+        det = a11 * a22 - a12 * a12
+        token = (ty * a22 - ky * a12) / det if det > 0 else -1.0
+        key = (ky * a11 - ty * a12) / det if det > 0 else -1.0
+        if token <= 0 or key <= 0:  # noise pushed one below zero: one cost along the prior's ratio
+            per_unit = (ty + c * ky) / (tt + 2 * c * tk + c * c * kk)
+            token, key = per_unit, per_unit * c
+        return token, key
+
+    def caps(self, decode_units: float, contexts: Sequence[int]) -> list[int] | None:
+        """Prompt tokens each prefilling row (with `contexts[i]` tokens already in its cache) may feed in a
+        step next to `decode_units` of decoding; None: no cap (nothing decodes). Rows share the time
+        equally; a row deep into a long prompt gets fewer tokens, each of its queries attending to more keys."""
+        if decode_units <= 0:
+            return None
+        if self.decode_seconds is None:
+            return [0] * len(contexts)
+        costs = self.costs()
+        if costs is None:  # the probe: the decoding rows' own work, in prior units
+            share = decode_units / len(contexts)
+            return [max(1, int(share / (1 + (ctx + share) * self.key_cost))) for ctx in contexts]
+        token, key = costs
+        budget = (self.slowdown - 1.0) * self.decode_seconds / len(contexts)
+        # the largest n with token x n + key x chunk_keys(ctx, n) <= budget (chunk_keys ~ n ctx + n^2 / 2)
+        out = []
+        for ctx in contexts:
+            lin = token + key * (ctx + 0.5)
+            n = (-lin + math.sqrt(lin * lin + 2 * key * budget)) / key
+            out.append(max(1, int(n)))
+        return out

@@ -15,6 +15,7 @@ from rahf_serve.engine import Engine
 from rahf_serve.errors import RahfError, RequestTooLarge
 from rahf_serve.kvcache import UnsupportedModelError, kv_cache_bytes
 from rahf_serve.models import load_base
+from rahf_serve.pacing import chunk_keys
 from rahf_serve.registry import AdapterRegistry
 from rahf_serve.request import GenerationRequest, SteeringSpec
 from rahf_serve.sampling import SamplingParams
@@ -338,12 +339,13 @@ def test_a_paced_engine_caps_prompt_work_at_its_allowance(runtime, monkeypatch, 
     monkeypatch.setattr(engine, "max_num_batched_tokens", 256)
     monkeypatch.setattr(engine, "max_step_slowdown", 2.0)
     pacer = engine._pacer
-    pacer.decode_seconds, pacer.unit_seconds = 0.010, 0.001  # allowance: 10 units a step
+    cost = engine._key_cost
+    pacer.decode_seconds = 0.010  # allowance: 10 ms a step, a token 1 ms, a key `cost` ms
+    monkeypatch.setattr(pacer, "costs", lambda: (0.001, 0.001 * cost))
     monkeypatch.setattr(pacer, "observe", lambda *args: None)
     steps.clear()
     assert staggered(engine, [stream, long], [None, (0, 2)]) == expected
-    cost = engine._key_cost
     beside = [(n[1], lengths[1]) for n, lengths in steps if len(n) == 2 and n[0] == 1 and n[1] > 1]
     assert beside, "the long prompt was never fed beside the stream"
-    assert all(n * (1 + (have + n) * cost) <= 10 + 1 for n, have in beside)
+    assert all(n + chunk_keys(have, n) * cost <= 10 + 1 for n, have in beside)
     assert sum(n for n, _ in beside) >= 200  # most of the prompt went in beside the stream, <= 10 tokens a step

@@ -2,43 +2,63 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from rahf_serve.errors import RahfError
-from rahf_serve.pacing import StepPacer
+from rahf_serve.pacing import StepPacer, chunk_keys
+
+PRIOR = 1 / 3000  # a key's cost over a token's, as kvcache.key_cost gives for a small model
 
 
 def test_a_slowdown_of_one_or_less_is_refused():
     with pytest.raises(RahfError, match="above 1.0"):
-        StepPacer(1.0)
+        StepPacer(1.0, PRIOR)
 
 
 def test_nothing_decoding_means_no_cap():
-    assert StepPacer(2.0).allowance(0) == math.inf
+    assert StepPacer(2.0, PRIOR).caps(0, [100]) is None
+
+
+def test_chunk_keys_counts_the_context_and_the_causal_triangle():
+    assert chunk_keys(0, 1) == 1 and chunk_keys(10, 1) == 11
+    assert chunk_keys(10, 3) == 11 + 12 + 13
 
 
 def test_it_times_a_decode_only_step_then_probes_then_caps():
-    pacer = StepPacer(2.0, smoothing=0.5)
-    assert pacer.allowance(8) == 0  # no decode-only step timed yet: prompts sit this step out
-    pacer.observe(8, 0, 0.100)
-    assert pacer.allowance(8) == 8  # prompt work not timed yet: as much as the decoding rows' own
-    pacer.observe(8, 8, 0.180)  # 8 units added 80 ms: 10 ms a unit
-    assert pacer.allowance(8) == pytest.approx(10.0)  # (2 - 1) x 100 ms / 10 ms
-    pacer.observe(8, 10, 0.400)  # 30 ms a unit now: averaged with the 10 ms before
-    assert pacer.unit_seconds == pytest.approx(0.020)
-    assert pacer.allowance(8) == pytest.approx(5.0)
+    pacer = StepPacer(2.0, PRIOR, smoothing=0.5)
+    assert pacer.caps(8, [0]) == [0]  # no decode-only step timed yet: prompts sit this step out
+    pacer.observe(8, 0, 0, 0.100)
+    assert pacer.caps(8, [0]) == [7]  # chunk not timed yet: the decoding rows' own work (8 / (1 + 8 x PRIOR))
+    pacer.observe(8, 8, chunk_keys(0, 8), 0.180)  # one chunk: the prior's ratio splits its 80 ms
+    token, key = pacer.costs()
+    assert key / token == pytest.approx(PRIOR, rel=1e-3)
+    assert token * 8 + key * chunk_keys(0, 8) == pytest.approx(0.080, rel=1e-3)
+
+
+def test_it_learns_what_a_key_costs_from_chunks_at_different_contexts():
+    # this machine: 4 ms a token, 2 us a key (a key costs 1/2000 of a token, not the prior's 1/3000)
+    pacer = StepPacer(2.0, PRIOR, smoothing=0.5)
+    pacer.observe(8, 0, 0, 0.100)
+    for ctx, n in ((0, 16), (1000, 12), (2000, 8), (3000, 6)):
+        keys = chunk_keys(ctx, n)
+        pacer.observe(8, n, keys, 0.100 + 0.004 * n + 2e-6 * keys)
+    token, key = pacer.costs()
+    assert token == pytest.approx(0.004, rel=1e-3) and key == pytest.approx(2e-6, rel=1e-3)
+    # each cap is the largest chunk that adds at most (2 - 1) x 100 ms at its context
+    for ctx, cap in zip((0, 4000), pacer.caps(8, [0, 4000]), strict=True):
+        spent = lambda n, ctx=ctx: 0.004 * n + 2e-6 * chunk_keys(ctx, n)  # noqa: E731
+        assert spent(cap) <= 0.050 < spent(cap + 1)  # two rows share the 100 ms
+    assert pacer.caps(8, [4000])[0] < pacer.caps(8, [0])[0]
 
 
 def test_steps_without_decoding_rows_teach_nothing():
-    pacer = StepPacer(3.0)
-    pacer.observe(0, 500, 2.0)
-    assert pacer.decode_seconds is None and pacer.unit_seconds is None
+    pacer = StepPacer(3.0, PRIOR)
+    pacer.observe(0, 500, chunk_keys(0, 500), 2.0)
+    assert pacer.decode_seconds is None and pacer.costs() is None
 
 
-def test_the_cap_never_drops_below_one_unit():
-    pacer = StepPacer(1.5)
-    pacer.observe(4, 0, 0.010)
-    pacer.observe(4, 1, 1.0)
-    assert pacer.allowance(4) == 1.0
+def test_the_cap_never_drops_below_one_token():
+    pacer = StepPacer(1.5, PRIOR)
+    pacer.observe(4, 0, 0, 0.010)
+    pacer.observe(4, 1, chunk_keys(5000, 1), 1.0)
+    assert pacer.caps(4, [5000, 6000]) == [1, 1]

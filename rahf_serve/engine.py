@@ -505,8 +505,7 @@ class Engine:
         self._slots.set_rows([r.lora for r in self._rows], [len(c) for c in chunks])
         try:
             if self._packed is not None:
-                lora = any(r.lora is not None for r in self._rows)
-                logits, hidden = self._packed(ids, step, self._kv, deltas, keep_hidden, lora)
+                logits, hidden = self._packed(ids, step, self._kv, deltas, keep_hidden, self._slots.active)
             else:
                 # logits_to_keep only narrows the LM head; prompt log-probs read the decoder's full output.
                 with self._kv.attending(self.model), _maybe_steer(self.model, deltas), \

@@ -368,6 +368,11 @@ class LoraSlots:
                 self._rows.mask = torch.tensor([float(s is not None) for s in slots], dtype=like.dtype,
                                                device=device).view(-1, 1, 1)
 
+    @property
+    def active(self) -> bool:
+        """Whether a row set by `set_rows` uses an adapter (False: every wrapped layer is its plain Linear)."""
+        return self._rows.rank > 0
+
     def _plan_packed(self, slots: Sequence[int | None], tokens: Sequence[int], device: torch.device) -> None:
         single_tokens, single_slots, at = [], [], 0
         for slot, n in zip(slots, tokens, strict=True):

@@ -135,7 +135,9 @@ def test_packed_rows_equal_each_row_alone(tiny, layout, decode_first):
                 slots.set_rows([slot])
                 torch.testing.assert_close(packed[:, start:start + n], module(x[:, start:start + n]),
                                            atol=1e-5, rtol=1e-5)
+                assert slots.active == (slot is not None)
     slots.clear_rows()
+    assert not slots.active
 
 
 def test_sixty_four_resident_adapters_give_the_same_logits_as_one(tiny):

@@ -106,17 +106,17 @@ def main() -> None:
                     args.health_prompts)
     log = args.out / "phase1.jsonl" if args.out else None
     done = {r["name"]: r for r in map(json.loads, log.read_text().splitlines())} if log and log.exists() else {}
-    rows = []
-    for name, path in models(args):
-        if name not in done:
-            margins, health = scorer(path)
-            done[name] = row(name, margins, health)
-            if log:
-                log.parent.mkdir(parents=True, exist_ok=True)
-                with open(log, "a") as fh:
-                    fh.write(json.dumps(done[name]) + "\n")
-        rows.append(done[name])
-        print(table([rows[-1]])[-1], flush=True)
+    # Listed again after each model: a run still training saves snapshots while earlier ones are scored.
+    while todo := [(name, path) for name, path in models(args) if name not in done]:
+        name, path = todo[0]
+        margins, health = scorer(path)
+        done[name] = row(name, margins, health)
+        if log:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "a") as fh:
+                fh.write(json.dumps(done[name]) + "\n")
+        print(table([done[name]])[-1], flush=True)
+    rows = [done[name] for name, _ in models(args)]
     text = "\n".join(table(rows)) + "\n"
     print(text, flush=True)
     if args.out:

@@ -163,6 +163,28 @@ def pack_inputs(chunks: Sequence[Sequence[int]], device: torch.device | str) -> 
     return torch.tensor([[t for chunk in chunks for t in chunk]], dtype=torch.long, device=device)
 
 
+SPLIT_KEYS = 512
+"""What a separate attention call costs, in key reads of one query (its fixed overhead on a CPU)."""
+
+
+def _decode_run(n_new: Sequence[int], lengths: Sequence[int], start: int) -> int:
+    """The end of the run of decode rows (n_new 1) from `start` that share one attention call.
+
+    Every row of a call reads as many keys as its longest row holds, so a row far longer than the run so
+    far (a prompt fed one token at a time beside short streams, or a long conversation decoding beside
+    short ones) starts its own call: merged, eight rows at 50 tokens and one at 3,300 read 9 x 3,300
+    keys a layer, 8x what they read in two calls.
+    """
+    end, width = start + 1, lengths[start] + 1
+    while end < len(n_new) and n_new[end] == 1:
+        row = lengths[end] + 1
+        rows = end - start
+        if (rows + 1) * max(width, row) > rows * width + row + SPLIT_KEYS:
+            break
+        end, width = end + 1, max(width, row)
+    return end
+
+
 _active = threading.local()
 
 
@@ -328,9 +350,7 @@ class SlotCache(Cache):
                 i += 1
                 continue
             if n == 1:  # a run of decode rows: one query each, one call
-                j = i
-                while j < len(n_new) and n_new[j] == 1:
-                    j += 1
+                j = _decode_run(n_new, self._lengths, i)
                 held = self._lengths[i:j]
                 width = max(held) + 1
                 mask = None

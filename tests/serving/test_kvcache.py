@@ -204,6 +204,26 @@ def test_chunked_prefill_while_other_rows_decode_matches_alone(lively):
     assert len(run.data_ptrs) == 1
 
 
+def test_decode_rows_of_far_apart_lengths_attend_in_separate_calls_and_match_alone(lively):
+    # A row 600 tokens long decodes between short ones (and a prompt is fed one token at a time beside
+    # them): each far-apart length gets its own call, so the short rows do not read 600 keys each.
+    p = prompts(4, [5, 600, 7, 9], _vocab(lively))
+    scripts = [Script(p[0], 6), Script(p[1], 5), Script(p[2], 6), Script(p[3], 3, join=2, chunk=1)]
+    run = run_batched(lively, scripts, max_len=640)
+    assert_matches_alone(lively, run)
+    cache = SlotCache.for_model(lively, 4, 640)
+    cache.add(4)
+    forward(lively, cache, [q[:n] for q, n in zip(p, [5, 600, 7, 9], strict=True)])
+    groups = cache.begin_step([1, 1, 1, 1]).groups
+    assert [(g.rows, g.width) for g in groups] == [(slice(0, 1), 6), (slice(1, 2), 601), (slice(2, 4), 10)]
+    assert all(g.decode for g in groups)
+    cache.end_step()
+    near = SlotCache.for_model(lively, 4, 640)
+    near.add(3)
+    forward(lively, near, [q[:n] for q, n in zip(p[:3], [5, 90, 7], strict=True)])
+    assert len(near.begin_step([1, 1, 1]).groups) == 1  # close enough: one call
+
+
 def test_mixed_adapter_rows_through_lora_slots(lively_model_dir):
     """Rows with different LoRAs (engine slots, packed) against each prompt alone through PEFT."""
     torch.manual_seed(0)

@@ -8,9 +8,9 @@ adds to it, as a cost per token (its Linear work) plus a cost per key its querie
 each chunk at what keeps the step within `slowdown` x a decode-only step.
 
 The two costs are a weighted least-squares fit over recent chunked steps, not one average per unit of
-work: the ratio of attention to Linear time differs between machines and from the FLOP count
-(`kvcache.key_cost`, which is only the fit's prior), and a single average learned early in a long prompt,
-where queries see few keys, under-priced every later chunk, so the worst stalls came at its end.
+work, so the price of a chunk follows its context at the ratio of attention to Linear time this machine
+has; the FLOP ratio (`kvcache.key_cost`) is only the fit's prior (on the project's 2-core CPU the fit
+lands within 15% of it).
 
 Until it has timed a decode-only step it feeds no prompt next to decoding rows (one step, once); until it
 has timed a chunk it feeds no more than the decoding rows' own work, a probe that cannot slow a step

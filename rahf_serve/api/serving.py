@@ -107,7 +107,10 @@ class OpenAIServing:
             return sink
 
         # All or none, and queued together, so the engine prefills the prompts of one request in one batch.
-        handles += self.engine.submit_many(requests, [sink_for(i) for i in range(len(requests))])
+        # Off the event loop: an engine may write files to submit (vLLM's first use of a blend writes its
+        # LoRA folder), and every other stream's tokens wait while the loop is blocked.
+        handles += await asyncio.to_thread(self.engine.submit_many, requests,
+                                           [sink_for(i) for i in range(len(requests))])
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_sse(events, handles, choices, shape, include_usage),

@@ -301,7 +301,8 @@ class VllmEngine:
         return [s.handle for s in streams]
 
     def _stream(self, request: GenerationRequest, sink: Sink, now: float) -> _Stream:
-        """A stream with its blend folder written (here, on the caller's thread: it reads and writes files)."""
+        """A stream with its blend folder written (here, on the caller's thread, which the API keeps off its
+        event loop: it reads and writes files)."""
         loaded = dict(self._loaded)
         uses = {request.adapter} if request.adapter else set()
         stream = _Stream(request, RequestHandle(), sink, now)

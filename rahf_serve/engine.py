@@ -52,7 +52,7 @@ from .logprobs import TokenLogprob, final_hidden, next_token, output_head, promp
 from .lora_slots import LoraSlots, LoraWeights, SlotsExhausted, blend_lora, read_lora
 from .metrics import ServingMetrics
 from .models import BaseModel
-from .pacing import StepPacer, chunk_keys
+from .pacing import StepPacer, chunk_keys, tokens_within
 from .packed_llama import PackedLlama, packed_forward_for
 from .request import (
     BASE_SLOT,
@@ -465,7 +465,7 @@ class Engine:
             return {}
         lengths = self._kv.lengths
         share = max(1.0, (self.max_num_batched_tokens - decode) / len(prefill))
-        sizes = {i: max(1, int(share / (1 + (lengths[i] + share) * self._key_cost))) for i in prefill}
+        sizes = {i: tokens_within(share, lengths[i], self._key_cost) for i in prefill}
         caps = None if self._pacer is None else self._pacer.caps(decode, [lengths[i] for i in prefill])
         return sizes if caps is None else {i: min(sizes[i], cap) for i, cap in zip(prefill, caps, strict=True)}
 

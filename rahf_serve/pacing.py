@@ -33,6 +33,12 @@ def chunk_keys(context: int, tokens: int) -> int:
     return tokens * context + tokens * (tokens + 1) // 2
 
 
+def tokens_within(units: float, context: int, key_cost: float) -> int:
+    """The prompt tokens (at least 1) a row with `context` cached tokens may feed within `units` of work,
+    a query at context L costing 1 + L x key_cost units (the engine's budget unit)."""
+    return max(1, int(units / (1 + (context + units) * key_cost)))
+
+
 class StepPacer:
     """Moving statistics of step times; `caps` turns them into the prompt tokens each row may feed."""
 
@@ -98,7 +104,7 @@ class StepPacer:
         costs = self.costs()
         if costs is None:  # the probe: the decoding rows' own work, in prior units
             share = decode_units / len(contexts)
-            return [max(1, int(share / (1 + (ctx + share) * self.key_cost))) for ctx in contexts]
+            return [tokens_within(share, ctx, self.key_cost) for ctx in contexts]
         token, key = costs
         budget = (self.slowdown - 1.0) * self.decode_seconds / len(contexts)
         # the largest n with token x n + key x chunk_keys(ctx, n) <= budget (chunk_keys ~ n ctx + n^2 / 2)

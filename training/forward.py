@@ -85,8 +85,7 @@ def response_logprob_kl(model: torch.nn.Module, examples: list[Encoded], pad_id:
         base = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
         reference = torch.log_softmax(head(base[rows, cols]).float(), dim=-1)
     hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
-    ll, kl, _ = sequence_logprob_kl(hidden, head, ids, mask, reference)
-    return ll, kl, mask[:, 1:].sum(-1).to(ll.dtype)
+    return sequence_logprob_kl(hidden, head, ids, mask, reference)
 
 
 def per_token_logprob(model: torch.nn.Module, examples: list[Encoded], pad_id: int, max_tokens: int = 2048,

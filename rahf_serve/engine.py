@@ -29,7 +29,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -38,7 +37,7 @@ import torch
 
 from .blend import BlendCache, BlendKey
 from .bundle import Bundle, check_fits
-from .engine_api import ControlQueue, collect, drain, run_control
+from .engine_api import ControlQueue, call_on_engine_thread, collect, drain, run_control
 from .errors import (
     AdapterRemoved,
     EngineStopped,
@@ -261,13 +260,11 @@ class Engine:
 
     def call(self, fn: Callable[[], T], timeout: float | None = 300.0) -> T:
         """Run `fn` on the engine thread between two steps (directly, if the engine is not running)."""
-        if self._thread is None or threading.current_thread() is self._thread:
-            with torch.inference_mode():
+        def inside() -> T:
+            with torch.inference_mode():  # the engine thread runs in it already; a direct call may not
                 return fn()
-        future: Future[T] = Future()
-        self._control.put((fn, future))
-        self._wake.set()
-        return future.result(timeout)
+
+        return call_on_engine_thread(inside, self._thread, self._control, self._wake, timeout)
 
     # ------------------------------------------------------------ requests
 

@@ -9,6 +9,7 @@ choosing vLLM never imports it unless asked, and the built-in engine's imports s
 from __future__ import annotations
 
 import queue
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -91,6 +92,18 @@ T = TypeVar("T")
 
 ControlQueue = queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]]
 """Operations (adapter loads and unloads) that callers hand to an engine's own thread."""
+
+
+def call_on_engine_thread(fn: Callable[[], T], engine_thread: threading.Thread | None, control: ControlQueue,
+                          wake: threading.Event, timeout: float | None) -> T:
+    """Run `fn` on the engine's thread between two steps: directly when the engine is not running or
+    this is its thread, else queued on `control` (the engine runs it with `run_control`)."""
+    if engine_thread is None or threading.current_thread() is engine_thread:
+        return fn()
+    future: Future[T] = Future()
+    control.put((fn, future))
+    wake.set()
+    return future.result(timeout)
 
 
 def run_control(control: ControlQueue) -> None:

@@ -58,7 +58,7 @@ def scit_contrastive(ll_match: torch.Tensor, ll_mismatch: torch.Tensor, label_sm
     Label smoothing follows torch: the target puts 1 - eps + eps/2 on the match, eps/2 on the other.
     `scale` is the softmax's inverse temperature: an instruction moves a per-token log-likelihood by
     hundredths of a nat, so at scale 1 the two logits stay equal, the loss stays at ln 2 and its
-    gradient is lost under the LM term's (issue 7: a whole epoch did not move it).
+    gradient is lost under the LM term's (in an early run a whole epoch did not move it).
     """
     logits = scale * torch.stack([ll_match, ll_mismatch], dim=-1)
     labels = torch.zeros(logits.size(0), dtype=torch.long, device=logits.device)

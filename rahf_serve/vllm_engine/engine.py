@@ -25,7 +25,7 @@ import torch
 
 from ..blend import BlendKey, blend_name
 from ..bundle import Bundle, check_fits
-from ..engine_api import ControlQueue, collect, drain, run_control
+from ..engine_api import ControlQueue, call_on_engine_thread, collect, drain, run_control
 from ..errors import (
     AdapterRemoved,
     BundleError,
@@ -252,12 +252,7 @@ class VllmEngine:
 
     def call(self, fn: Callable[[], T], timeout: float | None = 300.0) -> T:
         """Run `fn` on the engine thread between two steps (directly, if the engine is not running)."""
-        if self._thread is None or threading.current_thread() is self._thread:
-            return fn()
-        future: Future[T] = Future()
-        self._control.put((fn, future))
-        self._wake.set()
-        return future.result(timeout)
+        return call_on_engine_thread(fn, self._thread, self._control, self._wake, timeout)
 
     # ------------------------------------------------------------ requests
 

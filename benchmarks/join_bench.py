@@ -3,6 +3,7 @@
     python benchmarks/join_bench.py --threads 1                       # budgets 64,128,256,512
     python benchmarks/join_bench.py --threads 1 --prompt-tokens 4000 --budgets 96,128 --runs 3
     python benchmarks/join_bench.py --threads 1 --budgets 64 --slowdowns none,2   # the step pacer off / on
+    python benchmarks/join_bench.py --threads 1 --budgets 64 --slowdowns 2 --margins 2,0   # its aim below the bound / at it
 
 Eight mixed-adapter streams run (greedy); once each has produced `--warm` tokens, one request with a
 `--prompt-tokens`-token prompt joins. For each stream, its normal inter-token time is the median gap
@@ -11,7 +12,9 @@ request's first token. Reported per setting (a `max_num_batched_tokens` budget, 
 `max_step_slowdown`), medians over runs (settings run in rounds, one run of each per round, so a busy
 spell on a shared machine hits all alike): the worst, 90th-percentile and median gap / normal gap over
 the eight streams (target: at most 2x), and the joining request's time to first token. A short prompt (the chat prompt of serve_bench.py) joining seven streams is
-measured the same way.
+measured the same way. Each round also measures the eight streams with nothing joining, over as many tokens
+as that round's longest long join lasted: the machine's own noise in the same gap statistics, a floor no
+scheduler can go below.
 """
 
 from __future__ import annotations
@@ -59,7 +62,10 @@ class Join:
                 f"of the normal gap; first token after {self.ttft:.2f} s")
 
 
-def run_join(engine: Engine, background: list[GenerationRequest], joining: GenerationRequest, warm: int) -> Join:
+def run_join(engine: Engine, background: list[GenerationRequest], joining: GenerationRequest | None, warm: int,
+             span: int = 0) -> Join:
+    """`joining` None: the control, the same streams measured over their next `span` tokens with nothing
+    joining (the machine's own step-time noise, which no scheduler can remove)."""
     stamps: list[list[float]] = [[] for _ in background]
     done = [threading.Event() for _ in background]
     submitted: list[float] = []
@@ -81,8 +87,12 @@ def run_join(engine: Engine, background: list[GenerationRequest], joining: Gener
                 stamps[i].append(time.perf_counter())
             if not submitted and all(len(s) >= warm for s in stamps):
                 submitted.append(time.perf_counter())
-                engine.submit(joining, on_join)  # on the engine thread: joins at the next step
+                if joining is not None:
+                    engine.submit(joining, on_join)  # on the engine thread: joins at the next step
                 joined.set()
+            if joining is None and submitted and not first and len(stamps[i]) >= warm + span:
+                first.append(stamps[i][-1])
+                finished.set()
             if first and stamps[i][-1] > first[0]:
                 handles[i].cancel()  # measured: one gap past the join is enough
             if event.finish_reason:
@@ -111,6 +121,9 @@ def main() -> None:
     ap.add_argument("--budgets", default="64,128,256,512", help="max_num_batched_tokens values to compare")
     ap.add_argument("--slowdowns", default="none",
                     help="max_step_slowdown values to combine with each budget (none: the budget alone)")
+    ap.add_argument("--margins", default="2",
+                    help="pacer margins to combine with each slowdown (mean prediction errors kept below the "
+                         "bound; 0: aim at it)")
     ap.add_argument("--streams", type=int, default=8, help="running streams the long prompt joins")
     ap.add_argument("--warm", type=int, default=12, help="tokens each stream produces before the join")
     ap.add_argument("--runs", type=int, default=3, help="runs per budget (medians reported)")
@@ -118,8 +131,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = [(int(b), None if s == "none" else float(s))
-                for b in args.budgets.split(",") for s in args.slowdowns.split(",")]
+    margins = [float(m) for m in args.margins.split(",")]
+    settings = [(int(b), None if s == "none" else float(s), m)
+                for b in args.budgets.split(",") for s in args.slowdowns.split(",")
+                for m in (margins if s != "none" else [0.0])]
 
     base = load_base("smollm2-135m-instruct", device="cpu", dtype="float32")
     tok = base.tokenizer
@@ -150,7 +165,8 @@ def main() -> None:
         "long": (streams(args.streams), GenerationRequest(long_prompt, SamplingParams(max_tokens=1, temperature=0.0),
                                                           "kind")),
     }
-    results: dict[tuple[str, tuple[int, float | None]], list[Join]] = {(c, s): [] for c in cases for s in settings}
+    results: dict[tuple[str, tuple[int, float | None, float]], list[Join]] = {(c, s): [] for c in cases for s in settings}
+    controls: list[Join] = []
     with engine:
         AdapterRegistry(engine, workdir).load_dir()
         engine.max_num_batched_tokens = settings[0][0]
@@ -158,11 +174,18 @@ def main() -> None:
         for r in range(args.runs):
             for setting in settings:
                 # a fresh pacer per run: each learns its step times from the streams it runs beside
-                engine.max_num_batched_tokens, engine.max_step_slowdown = setting
+                engine.max_num_batched_tokens, engine.max_step_slowdown, margin = setting
+                if engine.pacer is not None:
+                    engine.pacer.margin = margin
                 for case, (background, joining) in cases.items():
                     results[(case, setting)].append(run_join(engine, background, joining, args.warm))
                     print(f"run {r + 1}, {setting}, {case}: {results[(case, setting)][-1]}", file=sys.stderr,
                           flush=True)
+            # as many gaps as the longest join of the round had, within what the streams may generate
+            span = min(max(len(results[("long", s)][-1].ratios) // args.streams for s in settings),
+                       greedy.max_tokens - args.warm - 8)
+            controls.append(run_join(engine, cases["long"][0], None, args.warm, span))
+            print(f"run {r + 1}, nothing joins for {span} tokens: {controls[-1]}", file=sys.stderr, flush=True)
 
     print(f"\njoin benchmark: {base.name}, fp32 CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} "
           f"cores ({platform.processor() or platform.machine()}), median of {args.runs}; load average at end "
@@ -170,7 +193,7 @@ def main() -> None:
     print("Gaps between a running stream's tokens while a request joins, over that stream's median gap "
           "before it joined (worst / 90th percentile / median over all streams' gaps), and the joining "
           "request's time to first token.\n")
-    print(f"| max_num_batched_tokens / max_step_slowdown | {args.prompt_tokens}-token prompt joins {args.streams} streams | its first "
+    print(f"| max_num_batched_tokens / max_step_slowdown (pacer margin) | {args.prompt_tokens}-token prompt joins {args.streams} streams | its first "
           f"token | chat prompt joins {args.streams - 1} streams | its first token |")
     print("| ---: | ---: | ---: | ---: | ---: |")
 
@@ -178,9 +201,11 @@ def main() -> None:
         return " / ".join(f"{statistics.median(f(j) for j in joins):.2f}x" for f in (
             lambda j: j.stall_ratio, lambda j: j.quantile(0.9), lambda j: j.quantile(0.5)))
 
+    print(f"| nothing joins (the machine's noise over as long) | {gaps(controls)} | | | |")
     for setting in settings:
         long, short = results[("long", setting)], results[("short", setting)]
-        print(f"| {setting[0]} / {setting[1] or '-'} | {gaps(long)} | {statistics.median(j.ttft for j in long):.1f} s | {gaps(short)} | "
+        label = f"{setting[0]} / {setting[1]} ({setting[2]:g})" if setting[1] else f"{setting[0]} / -"
+        print(f"| {label} | {gaps(long)} | {statistics.median(j.ttft for j in long):.1f} s | {gaps(short)} | "
               f"{statistics.median(j.ttft for j in short) * 1000:.0f} ms |")
 
 

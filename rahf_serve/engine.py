@@ -467,6 +467,11 @@ class Engine:
         return sizes if caps is None else {i: min(sizes[i], cap) for i, cap in zip(prefill, caps, strict=True)}
 
     @property
+    def pacer(self) -> StepPacer | None:
+        """The step pacer (None without `max_step_slowdown`), for benchmarks that tune or read it."""
+        return self._pacer
+
+    @property
     def max_step_slowdown(self) -> float | None:
         return None if self._pacer is None else self._pacer.slowdown
 

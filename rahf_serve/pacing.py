@@ -7,6 +7,11 @@ The pacer learns from the steps the engine runs the time of a decode-only step a
 adds to it, as a cost per token (its Linear work) plus a cost per key its queries attend to, and caps
 each chunk at what keeps the step within `slowdown` x a decode-only step.
 
+`slowdown` is a bound, not an aim: a pacer that aims at it puts half the steps above it by the spread of
+step times. So it also tracks how far its predictions miss (the mean absolute error of a chunked step's
+time, in decode-only steps) and aims `margin` such errors below the bound, never lower than a quarter of
+the way from 1 to it (a noisy machine slows a long prompt but does not stop it).
+
 The two costs are a weighted least-squares fit over recent chunked steps, not one average per unit of
 work, so the price of a chunk follows its context at the ratio of attention to Linear time this machine
 has; the FLOP ratio (`kvcache.key_cost`) is only the fit's prior (on the project's 2-core CPU the fit
@@ -42,7 +47,7 @@ def tokens_within(units: float, context: int, key_cost: float) -> int:
 class StepPacer:
     """Moving statistics of step times; `caps` turns them into the prompt tokens each row may feed."""
 
-    def __init__(self, slowdown: float, key_cost: float, smoothing: float = 0.25) -> None:
+    def __init__(self, slowdown: float, key_cost: float, smoothing: float = 0.25, margin: float = 2.0) -> None:
         if not slowdown > 1.0:
             raise RahfError(f"--max-step-slowdown must be above 1.0 (got {slowdown}): at 1.0 no prompt could be fed "
                              "while other rows decode")
@@ -50,6 +55,10 @@ class StepPacer:
         self.key_cost = key_cost
         """the prior: a key's cost as a fraction of a token's, used until chunks at different contexts tell them apart"""
         self.smoothing = smoothing
+        self.margin = margin
+        """mean absolute errors of the time prediction kept between the aim and the bound (0: aim at the bound)"""
+        self.error = 0.0
+        """moving mean absolute error of the predicted chunked-step time, in decode-only steps (each clipped at 1)"""
         self.decode_seconds: float | None = None
         """a decode-only step's time"""
         self._moments: tuple[float, float, float, float, float] | None = None
@@ -68,6 +77,10 @@ class StepPacer:
             return
         if self.decode_seconds is None:
             return
+        costs = self.costs()
+        if costs is not None:
+            missed = (seconds - self.decode_seconds - costs[0] * tokens - costs[1] * keys) / self.decode_seconds
+            self.error = self._mix(self.error, min(abs(missed), 1.0))
         extra = max(seconds - self.decode_seconds, 1e-6)
         new = (tokens * tokens, tokens * keys, keys * keys, tokens * extra, keys * extra)
         old = self._moments
@@ -106,7 +119,8 @@ class StepPacer:
             share = decode_units / len(contexts)
             return [tokens_within(share, ctx, self.key_cost) for ctx in contexts]
         token, key = costs
-        budget = (self.slowdown - 1.0) * self.decode_seconds / len(contexts)
+        allowance = max(self.slowdown - 1.0 - self.margin * self.error, (self.slowdown - 1.0) / 4)
+        budget = allowance * self.decode_seconds / len(contexts)
         # the largest n with token x n + key x chunk_keys(ctx, n) <= budget (chunk_keys ~ n ctx + n^2 / 2)
         out = []
         for ctx in contexts:

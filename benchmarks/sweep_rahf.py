@@ -1,10 +1,10 @@
 """Phase-3 sweep on validation rows: alpha, target layers, learning rate, steps.
 
     python benchmarks/sweep_rahf.py runs/dual --out runs/sweep-dual --val-rows 1207:1307 \\
-        --alpha 5,10,20 --lr 3e-3 --steps 40 --layers 9,11,13,15,17,19 --layers 9,11,13
+        --alpha 5,10,20 --lr 3e-3 --steps 40 --layers 9,11,13,15,17,19 --layers 9,11,13 --kl 0,10
 
 RUN_DIR is a `rahf-train run` whose phase 1 and collect are done (collect.layers holding every
-layer swept). Each grid point is the run's config with `--align.alpha/lr/steps/target_layers` set
+layer swept). Each grid point is the run's config with `--align.alpha/lr/steps/target_layers/kl_to_phase1` set
 (`training.config.apply_overrides`); phase 3 trains with the run's own code
 (`training.align.run_align`: on top of the phase-1 model, on the run's rows and collected
 differences) in SWEEP_DIR/<point>/, whose phase1/ and collect/ link to RUN_DIR's. Its bundle is
@@ -56,14 +56,16 @@ def ints(text: str) -> list[int]:
 
 
 def point_name(p: dict[str, Any]) -> str:
-    return f"a{p['alpha']:g}_l{'-'.join(map(str, p['layers']))}_lr{p['lr']:g}_s{p['steps']}"
+    kl = f"_kl{p['kl']:g}" if p.get("kl") else ""
+    return f"a{p['alpha']:g}_l{'-'.join(map(str, p['layers']))}_lr{p['lr']:g}_s{p['steps']}{kl}"
 
 
 def point_config(run_config: TrainConfig, p: dict[str, Any]) -> TrainConfig:
     """The run's config with the point's phase-3 settings; no mid-run checkpoints (a point is cheap to redo)."""
     return apply_overrides(run_config, [
         f"--align.alpha={p['alpha']}", f"--align.lr={p['lr']}", f"--align.steps={p['steps']}",
-        f"--align.checkpoint_every={p['steps']}", f"--align.target_layers={','.join(map(str, p['layers']))}"])
+        f"--align.checkpoint_every={p['steps']}", f"--align.target_layers={','.join(map(str, p['layers']))}",
+        f"--align.kl_to_phase1={p.get('kl', 0.0)}"])
 
 
 class Scorer:
@@ -160,6 +162,7 @@ def main() -> None:
     ap.add_argument("--layers", type=ints, action="append",
                     help="one align.target_layers set, comma-separated (repeatable; default: the run's)")
     ap.add_argument("--lr", type=floats, help="align.lr values (default: the run's)")
+    ap.add_argument("--kl", type=floats, help="align.kl_to_phase1 values (default: the run's)")
     ap.add_argument("--steps", type=ints, help="align.steps values (default: the run's)")
     ap.add_argument("--health-prompts", type=int, default=8,
                     help="validation prompts answered greedily for generation health (default 8)")
@@ -184,8 +187,9 @@ def main() -> None:
     not_collected = sorted({layer for s in layer_sets for layer in s} - set(summary["layers"]))
     if not_collected:
         raise SystemExit(f"layers {not_collected} were not collected in {args.run} (it kept {summary['layers']})")
-    points = [{"alpha": a, "layers": s, "lr": lr, "steps": n} for s, a, lr, n in itertools.product(
-        layer_sets, args.alpha or [al.alpha], args.lr or [al.lr], args.steps or [al.steps])]
+    points = [{"alpha": a, "layers": s, "lr": lr, "steps": n, "kl": kl} for s, a, lr, n, kl in itertools.product(
+        layer_sets, args.alpha or [al.alpha], args.lr or [al.lr], args.steps or [al.steps],
+        args.kl or [al.kl_to_phase1])]
 
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "sweep.jsonl"

@@ -27,9 +27,9 @@ from .collect import load_diffs, load_vectors
 from .config import LoraSettings, target_layers
 from .context import Context, lora_config, only_trainable
 from .encode import Encoded, collate
-from .forward import block_outputs
+from .forward import block_outputs, block_outputs_and_logprobs
 from .loop import Schedule, fit
-from .losses import alignment_distance
+from .losses import alignment_distance, position_kl
 from .methods import Method, get_method
 from .phase1 import validation_summary
 
@@ -47,11 +47,17 @@ def align_examples(ctx: Context, tokenizer, method: Method, summary: dict[str, A
 
 
 def alignment_sums(model, examples: list[Encoded], diffs: list[torch.Tensor], layers: list[int],
-                   alpha: float, pad_id: int) -> torch.Tensor:
-    """Sum over target layers and response tokens of ||H_lora - (H_frozen + alpha * v)||."""
+                   alpha: float, pad_id: int, kl: float = 0.0) -> dict[str, torch.Tensor]:
+    """{"align": sum over target layers and response tokens of ||H_lora - (H_frozen + alpha * v)||},
+    plus {"kl": kl x the sum over response tokens of KL(frozen || tuned)} when `kl` > 0."""
+    passes = block_outputs if not kl else block_outputs_and_logprobs
     with torch.no_grad(), model.disable_adapter():
-        frozen = block_outputs(model, examples, pad_id, layers)
-    tuned = block_outputs(model, examples, pad_id, layers)
+        frozen = passes(model, examples, pad_id, layers)
+    tuned = passes(model, examples, pad_id, layers)
+    sums = {}
+    if kl:
+        (frozen, reference), (tuned, logp) = frozen, tuned
+        sums["kl"] = kl * position_kl(reference, logp).sum()
     device = tuned[layers[0]].device
     mask = collate(examples, pad_id).response_mask.to(device, tuned[layers[0]].dtype)
     total = torch.zeros((), device=device)
@@ -60,7 +66,7 @@ def alignment_sums(model, examples: list[Encoded], diffs: list[torch.Tensor], la
         for row, e in enumerate(examples):
             v[row, e.response_start:e.response_start + e.response_len] = diffs[row][li].to(device, v.dtype)
         total = total + alignment_distance(tuned[layer], frozen[layer] + alpha * v, mask)
-    return total
+    return {"align": total, **sums}
 
 
 def phase1_merged(ctx: Context, method: Method) -> BaseModel:
@@ -86,16 +92,19 @@ def run_align(ctx: Context) -> list[float]:
     examples = align_examples(ctx, base.tokenizer, method, summary)
     pad = base.tokenizer.pad_token_id
     torch.manual_seed(cfg.seed)
+    # The LoRA ends below the deepest target: later blocks cannot move a target, and the KL term, if
+    # any, reaches the LoRA through them.
     phase3_layers = list(range(max(layers)))
     model = get_peft_model(base.model, lora_config(al.lora, phase3_layers))
     only_trainable(model, "default")
 
     def counts(items: list[int]) -> dict[str, float]:
-        return {"align": float(len(layers) * sum(examples[i].response_len for i in items))}
+        tokens = float(sum(examples[i].response_len for i in items))
+        return {"align": len(layers) * tokens, **({"kl": tokens} if al.kl_to_phase1 else {})}
 
     def sums(items: list[int]) -> dict[str, torch.Tensor]:
-        return {"align": alignment_sums(model, [examples[i] for i in items], [diffs[i] for i in items],
-                                        layers, al.alpha, pad)}
+        return alignment_sums(model, [examples[i] for i in items], [diffs[i] for i in items], layers, al.alpha,
+                              pad, al.kl_to_phase1)
 
     schedule = Schedule(steps=al.steps, batch_size=al.batch_size, micro_batch_size=al.micro_batch_size, lr=al.lr,
                         warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,

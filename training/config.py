@@ -155,12 +155,21 @@ class AlignConfig:
     """Examples per forward pass on one process."""
     alpha: float = 5.0
     """Scale of the difference vector in the target H_base + alpha * v (paper: 5)."""
+    kl_to_phase1: float = 0.0
+    """Weight of KL(phase-1 model || tuned model) on the stimuli's response tokens, next to the
+    alignment distance: the representations move at the target layers while the next-token
+    distributions are held near the phase-1 model's, the part of the model greedy decoding reads.
+    Costs the rest of the forward in both passes (about 1.6x a step); 0 = the paper's loss alone."""
     target_layers: list[int] | None = None
     """`hidden_states` indices aligned (1..num_layers); None = paper's 10..20 step 2 of 32, scaled."""
     checkpoint_every: int = 10
     """Steps between resumable checkpoints (model + optimizer + RNG + step)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """The shipped LoRA (paper: r 8, alpha 16, dropout 0.05, q_proj + v_proj)."""
+
+    def __post_init__(self) -> None:
+        if self.kl_to_phase1 < 0:
+            raise ValueError(f"align.kl_to_phase1 must be >= 0, got {self.kl_to_phase1}")
 
 
 @dataclass

@@ -38,6 +38,21 @@ def block_outputs(model: torch.nn.Module, examples: list[Encoded], pad_id: int, 
     steering hook on that block adds to. Phase 3 needs layers up to the middle of the stack only,
     so the rest of the forward never runs.
     """
+    return _blocks(model, examples, pad_id, layers, through=False)[0]
+
+
+def block_outputs_and_logprobs(model: torch.nn.Module, examples: list[Encoded], pad_id: int, layers: list[int]
+                               ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """`block_outputs`, the whole forward run, plus the log-softmax at every position that predicts a
+    response token ([N, V], in `predicting_positions` order)."""
+    out, final = _blocks(model, examples, pad_id, layers, through=True)
+    _, head = _parts(model)
+    rows, cols = predicting_positions(collate(examples, pad_id).response_mask.to(final.device))
+    return out, torch.log_softmax(head(final[rows, cols]).float(), dim=-1)
+
+
+def _blocks(model: torch.nn.Module, examples: list[Encoded], pad_id: int, layers: list[int], through: bool
+            ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
     decoder, _ = _parts(model)
     _, ids, attn = _inputs(model, examples, pad_id)
     blocks, last, out = decoder.layers, max(layers), {}
@@ -46,20 +61,21 @@ def block_outputs(model: torch.nn.Module, examples: list[Encoded], pad_id: int, 
     def capture(layer: int):
         def hook(_module, _args, output):
             out[layer] = output[0] if isinstance(output, tuple) else output
-            if layer == last:
+            if layer == last and not through:
                 raise _Stop
         return hook
 
     for layer in layers:
         handles.append(blocks[layer - 1].register_forward_hook(capture(layer)))
+    final = None
     try:
-        decoder(input_ids=ids, attention_mask=attn, use_cache=False)
+        final = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
     except _Stop:
         pass
     finally:
         for h in handles:
             h.remove()
-    return out
+    return out, final
 
 
 def response_logprob(model: torch.nn.Module, examples: list[Encoded], pad_id: int

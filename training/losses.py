@@ -34,6 +34,11 @@ def sequence_logprob(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.
     return sums, response_mask[:, 1:].sum(-1).to(logp.dtype)
 
 
+def position_kl(reference: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(reference || model) at each position [N] from both log-softmaxes [N, V]."""
+    return (reference.exp() * (reference - logp)).sum(-1)
+
+
 def sequence_logprob_kl(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], input_ids: torch.Tensor,
                         response_mask: torch.Tensor, reference: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -46,7 +51,7 @@ def sequence_logprob_kl(hidden: torch.Tensor, head: Callable[[torch.Tensor], tor
     rows, cols = predicting_positions(response_mask)
     logp = F.log_softmax(head(hidden[rows, cols]).float(), dim=-1)
     token = logp.gather(1, input_ids[rows, cols + 1][:, None]).squeeze(1)
-    kl = (reference.exp() * (reference - logp)).sum(-1)
+    kl = position_kl(reference, logp)
     zeros = torch.zeros(input_ids.size(0), dtype=logp.dtype, device=logp.device)
     return zeros.index_add(0, rows, token), zeros.index_add(0, rows, kl), response_mask[:, 1:].sum(-1).to(logp.dtype)
 

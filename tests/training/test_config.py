@@ -103,6 +103,8 @@ def test_bool_overrides(text, value):
     (["--align.alpha", "--align.steps", "3"], r"--align\.alpha: expected a value"),
     (["align.alpha", "3"], r"expected a setting --SECTION\.FIELD, got 'align\.alpha'"),
     (["--method", "ppo"], "method must be one of"),
+    (["--align.kl_to_phase1", "-1"], r"align\.kl_to_phase1 must be >= 0"),
+    (["--phase1.kl_to_base", "-0.5"], r"phase1\.kl_to_base must be >= 0"),
 ])
 def test_bad_override_values_name_the_flag_and_type(tokens, message):
     with pytest.raises(ValueError, match=message):

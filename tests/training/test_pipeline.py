@@ -14,7 +14,7 @@ from training.data import load_preferences
 from training.encode import encode
 from training.forward import response_logprob, response_logprob_kl
 
-from .conftest import DATA, tiny_config, train
+from .conftest import DATA, fork_run, tiny_config, train
 
 
 def events(run, phase):
@@ -97,6 +97,42 @@ def test_kl_to_base_is_dual_only(tiny_model_dir, tmp_path, capsys):
     assert main(["phase1", "--base", str(tiny_model_dir), "--data", str(DATA), "--rows", "0:8", "--method", "scit",
                  "--config", str(cfg), "--out", str(tmp_path / "run")]) != 0
     assert "kl_to_base" in capsys.readouterr().err
+
+
+def test_kl_to_phase1_holds_phase3_near_the_phase1_model(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tmp_path / "c.yaml", {"phase1": {"dual_steps": 6, "dual_lr": 0.01}})
+    first = tmp_path / "run-0"
+    train(tiny_model_dir, first, method="dual", config=cfg, command="phase1")
+    assert main(["collect", "--out", str(first)]) == 0
+    runs = {0.0: first, 10.0: fork_run(first, tmp_path / "run-10")}
+    for beta, run in runs.items():
+        align = tiny_config(tmp_path / f"a{beta}.yaml", {"phase1": {"dual_steps": 6, "dual_lr": 0.01},
+                                                         "align": {"steps": 6, "alpha": 20.0, "kl_to_phase1": beta}})
+        assert main(["align", "--out", str(run), "--config", str(align)]) == 0
+    steps = [r for r in map(json.loads, (runs[10.0] / "metrics.jsonl").read_text().splitlines())
+             if r.get("phase") == "align" and "step" in r]
+    assert all("kl" in r for r in steps) and steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # B = 0: phase 1
+    assert not any("kl" in r for r in map(json.loads, (first / "metrics.jsonl").read_text().splitlines())
+                   if r.get("phase") == "align" and "step" in r)
+
+    base = load_base(str(tiny_model_dir), device="cpu")
+    pairs = load_preferences(str(DATA), "0:8").pairs
+    examples = [encode(base.tokenizer, p.chat(), p.chosen, max_prompt=48, max_response=24) for p in pairs]
+
+    def logprobs(folder):
+        model = PeftModel.from_pretrained(base.model, str(folder))
+        with torch.no_grad():
+            out = torch.cat([torch.log_softmax(model(input_ids=torch.tensor([e.input_ids])).logits[0].float(), -1)
+                             [e.response_start - 1:e.response_start + e.response_len - 1] for e in examples])
+        model.unload()
+        return out
+
+    good = logprobs(first / "phase1" / "good")
+
+    def kl_from_phase1(run):  # the shipped bundle is phase 1 + phase 3 in one LoRA
+        return float((good.exp() * (good - logprobs(run / "bundle"))).sum(-1).mean())
+
+    assert kl_from_phase1(runs[10.0]) < kl_from_phase1(runs[0.0])
 
 
 def test_phase1_snapshots_hold_each_adapter_part_way(tiny_model_dir, tmp_path):

@@ -45,16 +45,17 @@ def block_outputs_and_logprobs(model: torch.nn.Module, examples: list[Encoded], 
                                ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """`block_outputs`, the whole forward run, plus the log-softmax at every position that predicts a
     response token ([N, V], in `predicting_positions` order)."""
-    out, final = _blocks(model, examples, pad_id, layers, through=True)
+    out, final, response_mask = _blocks(model, examples, pad_id, layers, through=True)
     _, head = _parts(model)
-    rows, cols = predicting_positions(collate(examples, pad_id).response_mask.to(final.device))
+    rows, cols = predicting_positions(response_mask.to(final.device))
     return out, torch.log_softmax(head(final[rows, cols]).float(), dim=-1)
 
 
 def _blocks(model: torch.nn.Module, examples: list[Encoded], pad_id: int, layers: list[int], through: bool
-            ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+            ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None, torch.Tensor]:
+    """(the block outputs, the final hidden state or None when stopped early, the batch's response mask)."""
     decoder, _ = _parts(model)
-    _, ids, attn = _inputs(model, examples, pad_id)
+    batch, ids, attn = _inputs(model, examples, pad_id)
     blocks, last, out = decoder.layers, max(layers), {}
     handles = []
 
@@ -75,7 +76,7 @@ def _blocks(model: torch.nn.Module, examples: list[Encoded], pad_id: int, layers
     finally:
         for h in handles:
             h.remove()
-    return out, final
+    return out, final, batch.response_mask
 
 
 def response_logprob(model: torch.nn.Module, examples: list[Encoded], pad_id: int

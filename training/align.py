@@ -146,6 +146,11 @@ def _lora_record(lora: LoraSettings, layers: list[int] | None) -> dict[str, Any]
             "target_modules": list(lora.target_modules), "layers_to_transform": layers}
 
 
+def _data_record(ctx: Context) -> dict[str, Any]:
+    mix = ctx.phase1_mix
+    return {**ctx.data.describe(), **({"phase1_mix": mix.describe()} if mix else {})}
+
+
 def write_run_bundle(ctx: Context, base: BaseModel, adapter_config: dict, state: dict, summary: dict,
                      losses: list[float], phase3_layers: list[int], metrics: dict | None = None) -> Path:
     cfg, method = ctx.config, get_method(ctx.config.method)
@@ -159,7 +164,7 @@ def write_run_bundle(ctx: Context, base: BaseModel, adapter_config: dict, state:
     manifest = new_manifest(
         name=ctx.out.resolve().name, base_id=base.hub_id, base_revision=base.revision,
         base_fingerprint=base.fingerprint, method=cfg.method, layers=summary["layers"], alpha=cfg.align.alpha,
-        lora=lora, data=ctx.data.describe(), steps={"phase1": method.phase1_steps(cfg, len(ctx.data.pairs)),
+        lora=lora, data=_data_record(ctx), steps={"phase1": method.phase1_steps(cfg, len(ctx.phase1_pairs())),
                                                     **({"phase1_stop_at": cfg.phase1.stop_at} if cfg.phase1.stop_at else {}),
                                                     "align": cfg.align.steps},
         metrics=metrics, base_note=base.source_note, command=ctx.command, composition=method.composition,

@@ -100,6 +100,13 @@ class Phase1Config:
     learns the chosen answers while keeping part of the base's next-token distribution at every
     position, instead of imitating HH's short hedging answers until greedy decoding loops on them.
     "bad" is never shipped, so it trains without it; 0 = plain SFT."""
+    mix_data: str | None = None
+    """A second preference set whose pairs phase 1 trains on beside the run's (shuffled together), for
+    phase 1 only: the difference vectors, phase 3 and validation still use the run's data. For preferred
+    answers that read like ordinary chat when the run's are short and hedging (HH-RLHF harmless), so
+    "good" learns the preference without learning to answer everything in that one register."""
+    mix_rows: str | None = None
+    """Row range START:STOP of `mix_data` (default: all)."""
     min_separation: float = 0.01
     """Phase 2 refuses a phase 1 whose validation separation (SCIT contrast, Dual good-vs-bad
     margin, nats per token) rose by less than this over training, unless forced."""
@@ -111,6 +118,8 @@ class Phase1Config:
                 raise ValueError(f"phase1.stop_at: expected ADAPTER=STEP with STEP >= 1, got {entry!r}")
         if self.kl_to_base < 0:
             raise ValueError(f"phase1.kl_to_base must be >= 0, got {self.kl_to_base}")
+        if self.mix_rows is not None and self.mix_data is None:
+            raise ValueError("phase1.mix_rows names rows of phase1.mix_data, which is not set")
 
     def stop_steps(self, adapters: list[str]) -> dict[str, int | None]:
         """The step `stop_at` ends each of `adapters` at (None: every step of its schedule); an entry

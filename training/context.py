@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from peft import LoraConfig
 from rahf_serve.models import BaseModel, load_base
 
 from .config import LoraSettings, TrainConfig
-from .data import PreferenceData
+from .data import DataError, Pair, PreferenceData, count_rows, load_preferences, parse_rows
 from .rundir import RunDir
 
 
@@ -32,6 +33,27 @@ class Context:
     @property
     def run(self) -> RunDir:
         return RunDir(self.out)
+
+    @cached_property
+    def phase1_mix(self) -> PreferenceData | None:
+        """`phase1.mix_data`'s pairs. Rows of the run's own file that validate phase 1 or are held out
+        for evaluation are refused: training on them would make those numbers meaningless."""
+        p1 = self.config.phase1
+        if not p1.mix_data:
+            return None
+        mix = load_preferences(p1.mix_data, p1.mix_rows)
+        if Path(p1.mix_data).expanduser().resolve() == Path(self.data.source).expanduser().resolve():
+            n = count_rows(p1.mix_data)
+            held = {"phase1.val_rows": self.config.phase1.val_rows, "eval.rows": self.config.eval.rows}
+            for name, spec in held.items():
+                if spec and set(parse_rows(spec, n)) & set(parse_rows(p1.mix_rows, n)):
+                    raise DataError(f"phase1.mix_rows {p1.mix_rows or 'all'} overlaps {name} {spec} of the same "
+                                    f"file {p1.mix_data}: phase 1 would train on the rows that judge it")
+        return mix
+
+    def phase1_pairs(self) -> list[Pair]:
+        """What phase 1 trains on: the run's pairs, then `phase1.mix_data`'s."""
+        return self.data.pairs + (self.phase1_mix.pairs if self.phase1_mix else [])
 
     def load_base(self) -> BaseModel:
         """A fresh base per phase: PEFT wraps in place, and dropping it frees the previous phase."""

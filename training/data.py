@@ -95,6 +95,11 @@ def load_preferences(source: str, rows: str | None = None, split: str | None = N
     return data
 
 
+def count_rows(source: str, split: str | None = None) -> int:
+    """Rows in `source`, malformed ones included (what `--rows` ranges index)."""
+    return len(_read_rows(source, split))
+
+
 def _read_rows(source: str, split: str | None) -> list[Any]:
     path = Path(source).expanduser()
     if path.is_file() and path.suffix in (".json", ".jsonl"):

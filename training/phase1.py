@@ -104,7 +104,7 @@ def train_scit(ctx: Context) -> dict[str, list[float]]:
     if p1.kl_to_base:
         raise ValueError("phase1.kl_to_base applies to Dual's \"good\" adapter; SCIT has no term for it")
     model, tok = _setup(ctx, "scit")
-    pad, pairs = tok.pad_token_id, ctx.data.pairs
+    pad, pairs = tok.pad_token_id, ctx.phase1_pairs()
     quads = _quads(ctx, tok, pairs)
     val_quads = scit_val_quads(ctx, tok)
     history: list[dict] = []
@@ -141,7 +141,7 @@ def train_dual(ctx: Context) -> dict[str, list[float]]:
     model, tok = _setup(ctx, "good")
     torch.manual_seed(ctx.config.seed + 1)
     model.add_adapter("bad", lora_config(p1.lora))
-    pad, pairs = tok.pad_token_id, ctx.data.pairs
+    pad, pairs = tok.pad_token_id, ctx.phase1_pairs()
     val_sides = dual_val_sides(ctx, tok)
     losses: dict[str, list[float]] = {}
     history: list[dict] = []

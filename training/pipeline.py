@@ -57,9 +57,12 @@ def open_run(out: Path, *, base: str | None, data: str | None, rows: str | None,
         save_config(cfg, run.config_file)
     acc.wait_for_everyone()
     data_ = load_preferences(settings["data"], settings.get("rows"), settings.get("split"))
+    ctx = Context(acc, cfg, settings["base"], data_, out, command, force=force)
     if acc.is_main_process:
         print(data_.summary(), flush=True)
-    return Context(acc, cfg, settings["base"], data_, out, command, force=force)
+        if ctx.phase1_mix:  # loaded now, so a bad mix fails before any phase runs
+            print(f"phase 1 also trains on {ctx.phase1_mix.summary()}", flush=True)
+    return ctx
 
 
 RUNNERS = {"phase1": lambda ctx: get_method(ctx.config.method).train_phase1(ctx),
@@ -158,7 +161,7 @@ def adopt_snapshots(ctx: Context, source: RunDir, steps: dict[str, int]) -> dict
 
     ctx.commit("phase1", write)
     # The run's config says how its phase 1 was made, so a fresh `rahf-train run` with it trains the same.
-    total = method.phase1_steps(ctx.config, len(ctx.data.pairs))
+    total = method.phase1_steps(ctx.config, len(ctx.phase1_pairs()))
     ctx.config.phase1.stop_at = [f"{name}={step}" for name, step in chosen.items() if step < total]
     if ctx.acc.is_main_process:
         save_config(ctx.config, ctx.run.config_file)

@@ -26,7 +26,12 @@ def render_card(manifest: Mapping[str, Any] | None, adapter_config: Mapping[str,
     data = manifest.get("data") or {}
     if data:
         lines += ["## Data", "", f"`{data.get('name')}`: {data.get('pairs')} preference pairs "
-                  f"(sha256 `{str(data.get('sha256', ''))[:16]}…`).", ""]
+                  f"(sha256 `{str(data.get('sha256', ''))[:16]}…`)."]
+        mix = data.get("phase1_mix")
+        if mix:
+            lines += ["", f"Phase 1 also trained on `{mix.get('name')}` rows {mix.get('rows') or 'all'}: "
+                      f"{mix.get('pairs')} pairs (sha256 `{str(mix.get('sha256', ''))[:16]}…`)."]
+        lines += [""]
     lines += ["## Training", ""]
     if manifest.get("composition"):
         lines += [f"- model: {manifest['composition']}"]

@@ -105,6 +105,7 @@ def test_bool_overrides(text, value):
     (["--method", "ppo"], "method must be one of"),
     (["--align.kl_to_phase1", "-1"], r"align\.kl_to_phase1 must be >= 0"),
     (["--phase1.kl_to_base", "-0.5"], r"phase1\.kl_to_base must be >= 0"),
+    (["--phase1.mix_rows", "0:240"], r"phase1\.mix_rows names rows of phase1\.mix_data, which is not set"),
 ])
 def test_bad_override_values_name_the_flag_and_type(tokens, message):
     with pytest.raises(ValueError, match=message):

@@ -99,6 +99,48 @@ def test_kl_to_base_is_dual_only(tiny_model_dir, tmp_path, capsys):
     assert "kl_to_base" in capsys.readouterr().err
 
 
+def test_mix_data_trains_phase1_only(tiny_model_dir, tmp_path, capsys):
+    phase1 = {"dual_steps": 8, "dual_lr": 0.01}
+    plain = tmp_path / "plain"
+    train(tiny_model_dir, plain, method="dual", config=tiny_config(tmp_path / "p.yaml", {"phase1": phase1}),
+          command="phase1")
+    mixed = tmp_path / "mixed"
+    cfg = tiny_config(tmp_path / "m.yaml", {"phase1": {**phase1, "mix_data": str(DATA), "mix_rows": "100:108"},
+                                           "align": {"steps": 2}})
+    train(tiny_model_dir, mixed, method="dual", config=cfg)
+    assert "phase 1 also trains on 8 pairs from 8 rows" in capsys.readouterr().out
+
+    # phase 1 learned the mixed rows' chosen answers; the stimuli are the run's own 8 pairs only
+    base = load_base(str(tiny_model_dir), device="cpu")
+    extra = load_preferences(str(DATA), "100:108").pairs
+    examples = [encode(base.tokenizer, p.chat(), p.chosen, max_prompt=48, max_response=24) for p in extra]
+
+    def mean_ll(run):
+        model = PeftModel.from_pretrained(base.model, str(run / "phase1" / "good"))
+        with torch.no_grad():
+            total, count = response_logprob(model, examples, base.tokenizer.pad_token_id)
+        model.unload()
+        return float(total.sum() / count.sum())
+
+    assert mean_ll(mixed) > mean_ll(plain)
+    summary = json.loads((mixed / "collect" / "summary.json").read_text())
+    assert {i for i, _ in summary["stimuli"]} == set(range(8))
+    manifest = json.loads((mixed / "bundle" / "rahf.json").read_text())
+    assert manifest["data"]["pairs"] == 8 and manifest["data"]["phase1_mix"]["rows"] == "100:108"
+    assert manifest["steps"]["phase1"] == 8
+    assert "Phase 1 also trained on" in (mixed / "bundle" / "README.md").read_text()
+
+
+def test_mix_rows_may_not_overlap_the_rows_that_judge_phase1(tiny_model_dir, tmp_path, capsys):
+    cfg = tiny_config(tmp_path / "c.yaml", {"phase1": {"mix_data": str(DATA), "mix_rows": "10:20",
+                                                       "val_rows": "16:24"}})
+    assert main(["phase1", "--base", str(tiny_model_dir), "--data", str(DATA), "--rows", "0:8", "--method", "dual",
+                 "--config", str(cfg), "--out", str(tmp_path / "run")]) != 0
+    err = capsys.readouterr().err
+    assert "overlaps phase1.val_rows 16:24" in err
+    assert not (tmp_path / "run" / "phase1").exists()
+
+
 def test_kl_to_phase1_holds_phase3_near_the_phase1_model(tiny_model_dir, tmp_path):
     cfg = tiny_config(tmp_path / "c.yaml", {"phase1": {"dual_steps": 6, "dual_lr": 0.01}})
     first = tmp_path / "run-0"

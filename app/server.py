@@ -56,10 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "prompts being prefilled (a query deep in a long prompt counts more: it attends to more "
                         "keys), so a long prompt delays running streams by one chunk a step (default for the built-in "
                         "engine: 64 on CPU, 512 on GPU; vLLM's own for --engine vllm)")
-    p.add_argument("--max-step-slowdown", type=float, default=None,
+    p.add_argument("--max-step-slowdown", type=_slowdown, default=None, metavar="X|off",
                    help="built-in engine: a step that feeds prompt chunks next to decoding rows takes at most this "
-                        "many times a decode-only step, by measured step times (e.g. 2.0); caps the chunk below "
-                        "--max-num-batched-tokens when the machine is slower than the budget assumes")
+                        "many times a decode-only step, by measured step times; caps the chunk below "
+                        "--max-num-batched-tokens when the machine is slower than the budget assumes. Running "
+                        "streams stall less, a long prompt's first token comes later (default: 2.0 on CPU, off "
+                        "on GPU; off = the token budget alone)")
     p.add_argument("--max-loras", type=int, default=8,
                    help="adapters and blends resident in LoRA slots at once; others wait in host memory and are "
                         "copied in on demand, least recently used out first")
@@ -122,6 +124,32 @@ _VLLM_ONLY = ("tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_util
               "max_cpu_loras", "no_prefix_caching", "vllm_compile", "vllm_arg")
 
 
+OFF = 0.0
+"""`--max-step-slowdown off`, as parsed"""
+
+
+def _slowdown(text: str) -> float:
+    if text.strip().lower() == "off":
+        return OFF
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number above 1.0 or 'off', got {text!r}") from None
+    if value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be above 1.0 (at 1.0 no prompt could be fed next to decoding "
+                                         f"rows) or 'off', got {text}")
+    return value
+
+
+def _resolve_slowdown(given: float | None, device_type: str) -> float | None:
+    """None (not given) = the device's default; OFF = no pacer."""
+    if given is None:
+        from rahf_serve.engine import DEFAULT_MAX_STEP_SLOWDOWN
+
+        return DEFAULT_MAX_STEP_SLOWDOWN.get(device_type)
+    return None if given == OFF else given
+
+
 def build_engine(args: argparse.Namespace) -> ServingEngine:
     """The engine `--engine` names; vLLM is imported only when chosen."""
     if args.engine == "builtin":
@@ -134,8 +162,8 @@ def build_engine(args: argparse.Namespace) -> ServingEngine:
         budget = {"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}
         return Engine(base, max_batch=args.max_batch, max_queue=args.max_queue, max_new_tokens=args.max_new_tokens,
                       max_model_len=args.max_model_len, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-                      max_step_slowdown=args.max_step_slowdown, **budget)
-    if args.max_step_slowdown is not None:
+                      max_step_slowdown=_resolve_slowdown(args.max_step_slowdown, base.device.type), **budget)
+    if args.max_step_slowdown not in (None, OFF):
         raise RahfError("--max-step-slowdown only applies to the built-in engine (vLLM paces with "
                         "--max-num-batched-tokens)")
     from rahf_serve.vllm_engine import VllmEngine, VllmOptions

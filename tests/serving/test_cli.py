@@ -42,6 +42,32 @@ def test_engine_specific_flags_are_refused_for_the_other_engine():
         build_engine(build_parser().parse_args(["--kv-cache-gib", "2"]))
 
 
+def test_step_pacer_is_on_by_default_on_cpu_and_can_be_turned_off(lively_model_dir):
+    from app.server import build_engine
+
+    def slowdown(*flags):
+        engine = build_engine(build_parser().parse_args(["--base", str(lively_model_dir), "--device", "cpu", *flags]))
+        return engine.max_step_slowdown
+
+    assert slowdown() == 2.0
+    assert slowdown("--max-step-slowdown", "off") is None
+    assert slowdown("--max-step-slowdown", "3") == 3.0
+
+
+@pytest.mark.parametrize("value", ["1", "0.5", "fast"])
+def test_bad_step_slowdown_is_a_usage_error(value, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--max-step-slowdown", value])
+    assert "--max-step-slowdown" in capsys.readouterr().err
+
+
+def test_vllm_takes_the_default_slowdown_silently():
+    from app.server import _resolve_slowdown
+
+    assert build_parser().parse_args(["--engine", "vllm"]).max_step_slowdown is None
+    assert _resolve_slowdown(None, "cuda") is None and _resolve_slowdown(None, "cpu") == 2.0
+
+
 def test_serves_adapter_dir_and_named_adapter(lively_model_dir, adapter_dir, tmp_path):
     port = free_port()
     cmd = [sys.executable, "-m", "app.server", "--base", str(lively_model_dir), "--adapter-dir", str(adapter_dir),

@@ -22,6 +22,7 @@ point in SWEEP_DIR.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import itertools
 import json
 import shlex
@@ -53,6 +54,22 @@ def floats(text: str) -> list[float]:
 
 def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
+
+
+def read_points(log: Path) -> dict[str, dict[str, Any]]:
+    return {r["name"]: r for r in map(json.loads, log.read_text().splitlines())} if log.exists() else {}
+
+
+def append_point(log: Path, record: dict[str, Any]) -> None:
+    """One line, under an exclusive lock: two sweeps of one run (say one per alpha, one thread each) may
+    share SWEEP_DIR."""
+    with open(log, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def point_name(p: dict[str, Any]) -> str:
@@ -193,7 +210,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "sweep.jsonl"
-    done = {r["name"]: r for r in map(json.loads, log.read_text().splitlines())} if log.exists() else {}
+    done = read_points(log)
     same = {"run": str(args.run.resolve()), "val_rows": args.val_rows, "health_prompts": args.health_prompts}
     stale = [n for n, r in done.items() if any(r.get(k) != v for k, v in same.items())]
     if stale:
@@ -216,14 +233,13 @@ def main() -> None:
             done[name] = {"name": name, **p, **same, "pairs": len(val.pairs), "base": base,
                           "aligned": stats.compare(base_m, m), "health": health_record(health),
                           "base_health": health_record(base_health), **trained}
-            with open(log, "a") as fh:
-                fh.write(json.dumps(done[name]) + "\n")
+            append_point(log, done[name])
         r = done[name]
         print(f"{name:40s} accuracy {r['aligned']['accuracy']:.3f} {_ci(r['aligned']['accuracy_ci'])} "
               f"(vs base {r['aligned']['vs_base']['accuracy_diff']:+.3f}) margin {r['aligned']['margin']:+.4f} "
               f"base log-lik {r['health']['base_loglik']:+.2f}", flush=True)
 
-    rows = list(done.values())  # the table covers every point in SWEEP_DIR, not only this call's
+    rows = list({**done, **read_points(log)}.values())  # every point in SWEEP_DIR, also another process's
     lines = [f"Phase-3 sweep of `{args.run}` ({method.name}), scored on rows {args.val_rows} of `{info['data']}` "
              f"({len(val.pairs)} pairs; generation health on the first {args.health_prompts} prompts).", "",
              *table(base, base_health, rows)]

@@ -47,8 +47,13 @@ def block_outputs_and_logprobs(model: torch.nn.Module, examples: list[Encoded], 
     response token ([N, V], in `predicting_positions` order)."""
     out, final, response_mask = _blocks(model, examples, pad_id, layers, through=True)
     _, head = _parts(model)
-    rows, cols = predicting_positions(response_mask.to(final.device))
-    return out, torch.log_softmax(head(final[rows, cols]).float(), dim=-1)
+    return out, _predicting_logprobs(head, final, response_mask.to(final.device))
+
+
+def _predicting_logprobs(head: torch.nn.Module, hidden: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Log-softmax [N, V] at the positions that predict a response token, in `predicting_positions` order."""
+    rows, cols = predicting_positions(response_mask)
+    return torch.log_softmax(head(hidden[rows, cols]).float(), dim=-1)
 
 
 def _blocks(model: torch.nn.Module, examples: list[Encoded], pad_id: int, layers: list[int], through: bool
@@ -97,10 +102,9 @@ def response_logprob_kl(model: torch.nn.Module, examples: list[Encoded], pad_id:
     decoder, head = _parts(model)
     batch, ids, attn = _inputs(model, examples, pad_id)
     mask = batch.response_mask.to(ids.device)
-    rows, cols = predicting_positions(mask)
     with torch.no_grad(), model.disable_adapter():
         base = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
-        reference = torch.log_softmax(head(base[rows, cols]).float(), dim=-1)
+        reference = _predicting_logprobs(head, base, mask)
     hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
     return sequence_logprob_kl(hidden, head, ids, mask, reference)
 

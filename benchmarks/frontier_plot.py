@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 
 
 def points(path: Path) -> tuple[str, list[tuple[str, float, float]]]:
-    """(the folder's name, [(label, accuracy, distinct-2)]) from one results file; the base is labelled "base"."""
+    """(the folder's name and what the file holds, [(label, accuracy, distinct-2)]) from one results file; the base is labelled "base"."""
     out = []
     for line in path.read_text().splitlines():
         r = json.loads(line)
@@ -29,7 +29,8 @@ def points(path: Path) -> tuple[str, list[tuple[str, float, float]]]:
             out.append((r["name"], r["aligned"]["accuracy"], r["health"]["distinct2"]))
         else:
             out.append((r["name"], r["accuracy"], r["distinct2"]))
-    return path.parent.name, [p for p in out if p[2] is not None]
+    kind = " (phase 3)" if path.name == "sweep.jsonl" else " (phase 1 alone)"  # a round may have both files
+    return path.parent.name + kind, [p for p in out if p[2] is not None]
 
 
 def short(label: str) -> str:

@@ -2,7 +2,9 @@
 
     python benchmarks/frontier_plot.py docs/results/hh-val-round5/phase1.jsonl \\
         docs/results/hh-val-round6/sweep.jsonl docs/results/hh-val-round7/sweep.jsonl \\
-        docs/results/hh-val-round8/sweep.jsonl --out docs/results/hh-val-frontier.png
+        docs/results/hh-val-round8/sweep.jsonl docs/results/hh-val-round9/phase1.jsonl \\
+        docs/results/hh-val-round9/sweep.jsonl docs/results/hh-val-baselines/phase1.jsonl \\
+        --out docs/results/hh-val-frontier.png
 
 Reads `phase1_health.py` lines (name, accuracy, distinct2) and `sweep_rahf.py` lines (name, aligned
 accuracy, health distinct2; the base from the first sweep line); all must share validation rows and
@@ -29,7 +31,7 @@ def points(path: Path) -> tuple[str, list[tuple[str, float, float]]]:
             out.append((r["name"], r["aligned"]["accuracy"], r["health"]["distinct2"]))
         else:
             out.append((r["name"], r["accuracy"], r["distinct2"]))
-    kind = " (phase 3)" if path.name == "sweep.jsonl" else " (phase 1 alone)"  # a round may have both files
+    kind = " (phase-3 sweep)" if path.name == "sweep.jsonl" else " (adapters as trained)"  # a round may have both
     return path.parent.name + kind, [p for p in out if p[2] is not None]
 
 
@@ -37,6 +39,8 @@ def short(label: str) -> str:
     """A point's name, short enough to print beside it."""
     if "rahf-dual" in label:
         return "shipped Dual"
+    if "dpo" in label:
+        return "DPO"
     if "/" in label:  # a phase-1 adapter folder: which run, which step
         run = next((part for part in label.split("/") if part.startswith("dual-")), "")
         step = label.rsplit("step-", 1)[-1].lstrip("0") if "step-" in label else "last"
@@ -50,7 +54,7 @@ def main() -> None:
     ap.add_argument("files", type=Path, nargs="+")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig, ax = plt.subplots(figsize=(11, 6))
     base = None
     for color, path in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], args.files, strict=False):
         group, rows = points(path)
@@ -65,7 +69,7 @@ def main() -> None:
     ax.set(xlabel="distinct-2 of greedy answers (first 48 validation prompts)",
            ylabel="preference accuracy (validation rows 1207:1307, 99 pairs)",
            title="Every candidate on the same validation rows: accuracy against fluency")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: points fill every corner
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=120)

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rahf_serve.engine import Engine  # noqa: E402
 from rahf_serve.models import load_base  # noqa: E402
+from rahf_serve.pacing import PacedStep  # noqa: E402
 from rahf_serve.registry import AdapterRegistry  # noqa: E402
 from rahf_serve.request import GenerationRequest, SteeringSpec  # noqa: E402
 from rahf_serve.sampling import SamplingParams  # noqa: E402
@@ -115,6 +116,22 @@ def run_join(engine: Engine, background: list[GenerationRequest], joining: Gener
     return Join(max(worst), first[0] - submitted[0], ratios)
 
 
+def over_bound(steps: list[PacedStep], slowdown: float) -> str:
+    """How many chunked steps took longer than `slowdown` decode-only steps, and whether the pacer saw
+    them coming (its prediction) or the machine stalled (predicted under the bound)."""
+    over = [s for s in steps if s.took > slowdown]
+    if not over:
+        return f"{len(steps)} chunked, none over {slowdown:g}x"
+    predicted = [s.predicted for s in over if s.predicted is not None]
+    under = sum(p <= slowdown for p in predicted)
+    worst = max(over, key=lambda s: s.took)
+    return (f"{len(steps)} chunked, {len(over)} over {slowdown:g}x (took median {statistics.median(s.took for s in over):.2f}x; "
+            f"{under} of {len(predicted)} predicted under the bound, median prediction "
+            f"{statistics.median(predicted) if predicted else float('nan'):.2f}x); worst {worst.took:.2f}x "
+            f"predicted {worst.predicted if worst.predicted is not None else float('nan'):.2f}x, "
+            f"{worst.tokens} tokens, {worst.keys} keys")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt-tokens", type=int, default=4000, help="length of the joining prompt")
@@ -178,9 +195,13 @@ def main() -> None:
                 if engine.pacer is not None:
                     engine.pacer.margin = margin
                 for case, (background, joining) in cases.items():
+                    seen = len(engine.pacer.steps) if engine.pacer is not None else 0
                     results[(case, setting)].append(run_join(engine, background, joining, args.warm))
                     print(f"run {r + 1}, {setting}, {case}: {results[(case, setting)][-1]}", file=sys.stderr,
                           flush=True)
+                    if engine.pacer is not None:
+                        print(f"  paced steps: {over_bound(list(engine.pacer.steps)[seen:], engine.pacer.slowdown)}",
+                              file=sys.stderr, flush=True)
             # as many gaps as the longest join of the round had, within what the streams may generate
             span = min(max(len(results[("long", s)][-1].ratios) // args.streams for s in settings),
                        greedy.max_tokens - args.warm - 8)

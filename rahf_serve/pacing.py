@@ -27,7 +27,9 @@ what a row computes.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from .errors import RahfError
 
@@ -42,6 +44,17 @@ def tokens_within(units: float, context: int, key_cost: float) -> int:
     """The prompt tokens (at least 1) a row with `context` cached tokens may feed within `units` of work,
     a query at context L costing 1 + L x key_cost units (the engine's budget unit)."""
     return max(1, int(units / (1 + (context + units) * key_cost)))
+
+
+class PacedStep(NamedTuple):
+    """One timed step that fed prompt chunks next to decoding rows, all times in decode-only steps."""
+
+    took: float
+    """its wall time"""
+    predicted: float | None
+    """what the pacer's fit said it would take (None before any chunk was timed: the probe)"""
+    tokens: int
+    keys: int
 
 
 class StepPacer:
@@ -63,6 +76,9 @@ class StepPacer:
         """a decode-only step's time"""
         self._moments: tuple[float, float, float, float, float] | None = None
         """moving averages of tokens², tokens x keys, keys², tokens x extra seconds, keys x extra seconds"""
+        self.steps: deque[PacedStep] = deque(maxlen=4096)
+        """the latest chunked steps, prediction beside outcome: whether a slow step was mispredicted or the
+        machine stalled (benchmarks/join_bench.py reports them)"""
 
     def _mix(self, old: float | None, new: float) -> float:
         return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
@@ -78,9 +94,12 @@ class StepPacer:
         if self.decode_seconds is None:
             return
         costs = self.costs()
+        predicted = None
         if costs is not None:
-            missed = (seconds - self.decode_seconds - costs[0] * tokens - costs[1] * keys) / self.decode_seconds
+            predicted = 1.0 + (costs[0] * tokens + costs[1] * keys) / self.decode_seconds
+            missed = seconds / self.decode_seconds - predicted
             self.error = self._mix(self.error, min(abs(missed), 1.0))
+        self.steps.append(PacedStep(seconds / self.decode_seconds, predicted, tokens, keys))
         extra = max(seconds - self.decode_seconds, 1e-6)
         new = (tokens * tokens, tokens * keys, keys * keys, tokens * extra, keys * extra)
         old = self._moments

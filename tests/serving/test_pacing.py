@@ -75,6 +75,19 @@ def test_predictions_that_miss_move_the_aim_below_the_bound():
     assert floor == 1 or spent(floor) <= 0.25 * 0.100 < spent(floor + 1)
 
 
+def test_each_chunked_step_is_kept_with_its_prediction():
+    pacer = StepPacer(2.0, PRIOR)
+    pacer.observe(8, 0, 0, 0.100)  # decode-only: not a paced step
+    pacer.observe(8, 20, chunk_keys(0, 20), 0.180)  # the probe: nothing to predict with yet
+    token, key = pacer.costs()
+    pacer.observe(8, 30, chunk_keys(20, 30), 0.250)
+    probe, paced = pacer.steps
+    assert probe.predicted is None and probe.took == pytest.approx(1.8) and probe.tokens == 20
+    assert paced.took == pytest.approx(2.5)
+    assert paced.predicted == pytest.approx(1 + (token * 30 + key * chunk_keys(20, 30)) / 0.100)
+    assert paced.keys == chunk_keys(20, 30)
+
+
 def test_steps_without_decoding_rows_teach_nothing():
     pacer = StepPacer(3.0, PRIOR)
     pacer.observe(0, 500, chunk_keys(0, 500), 2.0)

@@ -239,7 +239,7 @@ def main() -> None:
               f"(vs base {r['aligned']['vs_base']['accuracy_diff']:+.3f}) margin {r['aligned']['margin']:+.4f} "
               f"base log-lik {r['health']['base_loglik']:+.2f}", flush=True)
 
-    rows = list({**done, **read_points(log)}.values())  # every point in SWEEP_DIR, also another process's
+    rows = list(read_points(log).values())  # every point in SWEEP_DIR, also another process's
     lines = [f"Phase-3 sweep of `{args.run}` ({method.name}), scored on rows {args.val_rows} of `{info['data']}` "
              f"({len(val.pairs)} pairs; generation health on the first {args.health_prompts} prompts).", "",
              *table(base, base_health, rows)]

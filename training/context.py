@@ -16,7 +16,7 @@ from peft import LoraConfig
 from rahf_serve.models import BaseModel, load_base
 
 from .config import LoraSettings, TrainConfig
-from .data import DataError, Pair, PreferenceData, count_rows, load_preferences, parse_rows
+from .data import DataError, Pair, PreferenceData, load_preferences, parse_rows
 from .rundir import RunDir
 
 
@@ -43,7 +43,7 @@ class Context:
             return None
         mix = load_preferences(p1.mix_data, p1.mix_rows)
         if Path(p1.mix_data).expanduser().resolve() == Path(self.data.source).expanduser().resolve():
-            n = count_rows(p1.mix_data)
+            n = mix.source_rows
             held = {"phase1.val_rows": self.config.phase1.val_rows, "eval.rows": self.config.eval.rows}
             for name, spec in held.items():
                 if spec and set(parse_rows(spec, n)) & set(parse_rows(p1.mix_rows, n)):

@@ -54,6 +54,8 @@ class PreferenceData:
     total_rows: int
     skipped: Counter = field(default_factory=Counter)
     """reason -> rows skipped (malformed rows and votes without a preference)"""
+    source_rows: int = 0
+    """rows in the whole source, malformed ones included (what `rows` ranges index)"""
 
     @property
     def sha256(self) -> str:
@@ -84,7 +86,7 @@ def load_preferences(source: str, rows: str | None = None, split: str | None = N
     """Pairs from a local file (.json, .jsonl, .parquet, .csv) or folder, or a Hub data set name."""
     raw = _read_rows(source, split)
     selected = parse_rows(rows, len(raw))
-    data = PreferenceData([], source, rows, len(selected))
+    data = PreferenceData([], source, rows, len(selected), source_rows=len(raw))
     for i in selected:
         try:
             data.pairs.append(parse_row(raw[i]))
@@ -93,11 +95,6 @@ def load_preferences(source: str, rows: str | None = None, split: str | None = N
     if not data.pairs:
         raise DataError(f"no usable preference pairs in {source} rows {rows or 'all'}: {data.summary()}")
     return data
-
-
-def count_rows(source: str, split: str | None = None) -> int:
-    """Rows in `source`, malformed ones included (what `--rows` ranges index)."""
-    return len(_read_rows(source, split))
 
 
 def _read_rows(source: str, split: str | None) -> list[Any]:

@@ -4,6 +4,7 @@
     python benchmarks/join_bench.py --threads 1 --prompt-tokens 4000 --budgets 96,128 --runs 3
     python benchmarks/join_bench.py --threads 1 --budgets 64 --slowdowns none,2   # the step pacer off / on
     python benchmarks/join_bench.py --threads 1 --budgets 64 --slowdowns 2 --margins 2,0   # its aim below the bound / at it
+    python benchmarks/join_bench.py --threads 1 --budgets 64 --slowdowns 2 --refresh-every 16,0   # re-timing the streams / not
 
 Eight mixed-adapter streams run (greedy); once each has produced `--warm` tokens, one request with a
 `--prompt-tokens`-token prompt joins. For each stream, its normal inter-token time is the median gap
@@ -14,12 +15,15 @@ spell on a shared machine hits all alike): the worst, 90th-percentile and median
 the eight streams (target: at most 2x), and the joining request's time to first token. A short prompt (the chat prompt of serve_bench.py) joining seven streams is
 measured the same way. Each round also measures the eight streams with nothing joining, over as many tokens
 as that round's longest long join lasted: the machine's own noise in the same gap statistics, a floor no
-scheduler can go below.
+scheduler can go below. The streams are greedy, so the control produces their tokens again; each long
+join's gaps are also reported over the control's gaps near the same token of the same stream, which takes
+out what the streams' own growing contexts cost (their step is ~40% slower 700 tokens on, join or not).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -53,10 +57,31 @@ class Join:
     """seconds from submitting the joining request to its first token"""
     ratios: list[float] = field(default_factory=list)
     """every gap of every stream while the request joined, over that stream's median gap before"""
+    gaps: list[dict[int, float]] = field(default_factory=list)
+    """per stream, its gaps while the request joined in seconds, by the index of the token that opened each"""
 
     def quantile(self, q: float) -> float:
-        ordered = sorted(self.ratios)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        return quantile(self.ratios, q)
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def against_control(join: Join, control: Join, window: int = 8) -> list[float]:
+    """Each gap of `join` over the control's median gap within `window` tokens of it, in the same stream.
+
+    The streams' own contexts grow a token a step, so their steps slow down while a long prompt is fed even
+    if nothing joins; the control ran the same greedy streams (the same tokens) with nothing joining, so
+    this ratio is what the join added at that point of each stream."""
+    out = []
+    for mine, theirs in zip(join.gaps, control.gaps, strict=True):
+        for k, gap in mine.items():
+            near = [theirs[j] for j in range(k - window, k + window + 1) if j in theirs]
+            if near:
+                out.append(gap / statistics.median(near))
+    return out
 
     def __str__(self) -> str:
         return (f"worst {self.stall_ratio:.2f}x, p90 {self.quantile(0.9):.2f}x, median {self.quantile(0.5):.2f}x "
@@ -105,15 +130,20 @@ def run_join(engine: Engine, background: list[GenerationRequest], joining: Gener
         assert event.wait(600), "a background stream did not finish"
     assert finished.wait(600) and joined.is_set() and first, "the joining request did not start in time: raise "\
         "the background streams' max_tokens"
-    worst, ratios = [], []
+    worst, ratios, gaps = [], [], []
     for s in stamps:
         before = [b - a for a, b in zip(s, s[1:], strict=False) if b <= submitted[0]][2:]  # skip the prefill
-        during = [b - a for a, b in zip(s, s[1:], strict=False) if b > submitted[0] and a <= first[0]]
+        during = {k: b - a for k, (a, b) in enumerate(zip(s, s[1:], strict=False)) if b > submitted[0] and a <= first[0]}
         assert during, "a background stream ended before the joining request started: raise its max_tokens"
         normal = statistics.median(before)
-        worst.append(max(during) / normal)
-        ratios += [gap / normal for gap in during]
-    return Join(max(worst), first[0] - submitted[0], ratios)
+        worst.append(max(during.values()) / normal)
+        ratios += [gap / normal for gap in during.values()]
+        gaps.append(during)
+    return Join(max(worst), first[0] - submitted[0], ratios, gaps)
+
+
+def summary(ratios: list[float]) -> str:
+    return f"worst {max(ratios):.2f}x, p90 {quantile(ratios, 0.9):.2f}x, median {quantile(ratios, 0.5):.2f}x"
 
 
 def over_bound(steps: list[PacedStep], slowdown: float) -> str:
@@ -132,6 +162,13 @@ def over_bound(steps: list[PacedStep], slowdown: float) -> str:
             f"{worst.tokens} tokens, {worst.keys} keys")
 
 
+def write_trace(path: Path, run: int, setting: tuple, steps: list[PacedStep], decode_seconds: float | None) -> None:
+    with path.open("a") as f:
+        for s in steps:
+            f.write(json.dumps({"run": run, "setting": list(setting), **s._asdict(),
+                                "decode_seconds": decode_seconds}) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt-tokens", type=int, default=4000, help="length of the joining prompt")
@@ -141,17 +178,24 @@ def main() -> None:
     ap.add_argument("--margins", default="2",
                     help="pacer margins to combine with each slowdown (mean prediction errors kept below the "
                          "bound; 0: aim at it)")
+    ap.add_argument("--refresh-every", default="16",
+                    help="pacer refresh_every values to combine with each slowdown (chunked steps between two "
+                         "decode-only steps that re-time the streams; 0: never)")
     ap.add_argument("--streams", type=int, default=8, help="running streams the long prompt joins")
     ap.add_argument("--warm", type=int, default=12, help="tokens each stream produces before the join")
     ap.add_argument("--runs", type=int, default=3, help="runs per budget (medians reported)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--trace", type=Path, default=None,
+                    help="write every paced step of the long joins here (JSON lines: run, setting, took, "
+                         "predicted, tokens, keys, decode_seconds)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     margins = [float(m) for m in args.margins.split(",")]
-    settings = [(int(b), None if s == "none" else float(s), m)
+    refreshes = [int(n) for n in args.refresh_every.split(",")]
+    settings = [(int(b), None if s == "none" else float(s), m, n)
                 for b in args.budgets.split(",") for s in args.slowdowns.split(",")
-                for m in (margins if s != "none" else [0.0])]
+                for m in (margins if s != "none" else [0.0]) for n in (refreshes if s != "none" else [0])]
 
     base = load_base("smollm2-135m-instruct", device="cpu", dtype="float32")
     tok = base.tokenizer
@@ -159,12 +203,12 @@ def main() -> None:
                add_special_tokens=False)["input_ids"]
     g = torch.Generator().manual_seed(0)
     long_prompt = torch.randint(100, 40_000, (args.prompt_tokens,), generator=g).tolist()
-    engine = Engine(base, max_batch=args.streams + 1, max_model_len=max(args.prompt_tokens, 32) + 1024,
-                    max_new_tokens=1024)
+    engine = Engine(base, max_batch=args.streams + 1, max_model_len=max(args.prompt_tokens, 32) + 2048,
+                    max_new_tokens=2048)
     workdir = Path(tempfile.mkdtemp(prefix="join-bench-"))
     for i, name in enumerate(("kind", "terse")):
         random_lora_bundle(base, workdir / name, seed=i, r=8)
-    greedy = SamplingParams(max_tokens=1024, temperature=0.0)
+    greedy = SamplingParams(max_tokens=2048, temperature=0.0)
 
     def streams(n: int) -> list[GenerationRequest]:
         """Mixed rows (base, two adapters, steered) on random 32-token prompts, which rarely end early;
@@ -182,8 +226,9 @@ def main() -> None:
         "long": (streams(args.streams), GenerationRequest(long_prompt, SamplingParams(max_tokens=1, temperature=0.0),
                                                           "kind")),
     }
-    results: dict[tuple[str, tuple[int, float | None, float]], list[Join]] = {(c, s): [] for c in cases for s in settings}
+    results: dict[tuple[str, tuple[int, float | None, float, int]], list[Join]] = {(c, s): [] for c in cases for s in settings}
     controls: list[Join] = []
+    versus: dict[tuple[int, float | None, float, int], list[list[float]]] = {s: [] for s in settings}
     with engine:
         AdapterRegistry(engine, workdir).load_dir()
         engine.max_num_batched_tokens = settings[0][0]
@@ -191,42 +236,56 @@ def main() -> None:
         for r in range(args.runs):
             for setting in settings:
                 # a fresh pacer per run: each learns its step times from the streams it runs beside
-                engine.max_num_batched_tokens, engine.max_step_slowdown, margin = setting
+                engine.max_num_batched_tokens, engine.max_step_slowdown, margin, refresh = setting
                 if engine.pacer is not None:
-                    engine.pacer.margin = margin
+                    engine.pacer.margin, engine.pacer.refresh_every = margin, refresh
                 for case, (background, joining) in cases.items():
                     seen = len(engine.pacer.steps) if engine.pacer is not None else 0
                     results[(case, setting)].append(run_join(engine, background, joining, args.warm))
                     print(f"run {r + 1}, {setting}, {case}: {results[(case, setting)][-1]}", file=sys.stderr,
                           flush=True)
                     if engine.pacer is not None:
-                        print(f"  paced steps: {over_bound(list(engine.pacer.steps)[seen:], engine.pacer.slowdown)}",
-                              file=sys.stderr, flush=True)
+                        steps = list(engine.pacer.steps)[seen:]
+                        print(f"  paced steps: {over_bound(steps, engine.pacer.slowdown)}", file=sys.stderr, flush=True)
+                        if args.trace is not None and case == "long":
+                            write_trace(args.trace, r + 1, setting, steps, engine.pacer.decode_seconds)
             # as many gaps as the longest join of the round had, within what the streams may generate
             span = min(max(len(results[("long", s)][-1].ratios) // args.streams for s in settings),
                        greedy.max_tokens - args.warm - 8)
             controls.append(run_join(engine, cases["long"][0], None, args.warm, span))
             print(f"run {r + 1}, nothing joins for {span} tokens: {controls[-1]}", file=sys.stderr, flush=True)
+            for setting in settings:
+                relative = against_control(results[("long", setting)][-1], controls[-1])
+                versus[setting].append(relative)
+                print(f"run {r + 1}, {setting}, long, against nothing joining at the same token: "
+                      f"{summary(relative)}", file=sys.stderr, flush=True)
 
     print(f"\njoin benchmark: {base.name}, fp32 CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} "
           f"cores ({platform.processor() or platform.machine()}), median of {args.runs}; load average at end "
           f"{os.getloadavg()[0]:.1f}\n")
     print("Gaps between a running stream's tokens while a request joins, over that stream's median gap "
           "before it joined (worst / 90th percentile / median over all streams' gaps), and the joining "
-          "request's time to first token.\n")
-    print(f"| max_num_batched_tokens / max_step_slowdown (pacer margin) | {args.prompt_tokens}-token prompt joins {args.streams} streams | its first "
-          f"token | chat prompt joins {args.streams - 1} streams | its first token |")
-    print("| ---: | ---: | ---: | ---: | ---: |")
+          "request's time to first token. *Against nothing joining*: each gap over the same stream's gaps "
+          "near the same token in the control round (the streams slow as their contexts grow, join or not).\n")
+    print(f"| max_num_batched_tokens / max_step_slowdown (pacer margin, refresh_every) | {args.prompt_tokens}-token prompt joins "
+          f"{args.streams} streams | against nothing joining | its first token | chat prompt joins "
+          f"{args.streams - 1} streams | its first token |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
 
     def gaps(joins: list[Join]) -> str:
         return " / ".join(f"{statistics.median(f(j) for j in joins):.2f}x" for f in (
             lambda j: j.stall_ratio, lambda j: j.quantile(0.9), lambda j: j.quantile(0.5)))
 
-    print(f"| nothing joins (the machine's noise over as long) | {gaps(controls)} | | | |")
+    def relative(runs: list[list[float]]) -> str:
+        return " / ".join(f"{statistics.median(f(r) for r in runs):.2f}x" for f in (
+            max, lambda r: quantile(r, 0.9), lambda r: quantile(r, 0.5)))
+
+    print(f"| nothing joins (the machine's noise over as long) | {gaps(controls)} | | | | |")
     for setting in settings:
         long, short = results[("long", setting)], results[("short", setting)]
-        label = f"{setting[0]} / {setting[1]} ({setting[2]:g})" if setting[1] else f"{setting[0]} / -"
-        print(f"| {label} | {gaps(long)} | {statistics.median(j.ttft for j in long):.1f} s | {gaps(short)} | "
+        label = f"{setting[0]} / {setting[1]} ({setting[2]:g}, {setting[3]})" if setting[1] else f"{setting[0]} / -"
+        print(f"| {label} | {gaps(long)} | {relative(versus[setting])} | "
+              f"{statistics.median(j.ttft for j in long):.1f} s | {gaps(short)} | "
               f"{statistics.median(j.ttft for j in short) * 1000:.0f} ms |")
 
 

@@ -17,6 +17,13 @@ work, so the price of a chunk follows its context at the ratio of attention to L
 has; the FLOP ratio (`kvcache.key_cost`) is only the fit's prior (on the project's 2-core CPU the fit
 lands within 15% of it).
 
+A decode-only step does not stay the same while a long prompt is fed: the running streams' own contexts
+grow a token a step, and on the project's CPU eight streams' step is 40% slower 700 tokens on. Timed once
+before the join, it goes stale, and the pacer then blames the streams' growth on the prompt's chunks,
+shrinking them to a token a step. So every `refresh_every` chunked steps the prompt sits one step out, and
+that decode-only step refreshes the time the chunks are measured against (the prompt loses one step in
+`refresh_every` + 1).
+
 Until it has timed a decode-only step it feeds no prompt next to decoding rows (one step, once); until it
 has timed a chunk it feeds no more than the decoding rows' own work, a probe that cannot slow a step
 much. A step with no decoding row is never capped. Chunk sizes then depend on measured time, so the
@@ -60,7 +67,8 @@ class PacedStep(NamedTuple):
 class StepPacer:
     """Moving statistics of step times; `caps` turns them into the prompt tokens each row may feed."""
 
-    def __init__(self, slowdown: float, key_cost: float, smoothing: float = 0.25, margin: float = 2.0) -> None:
+    def __init__(self, slowdown: float, key_cost: float, smoothing: float = 0.25, margin: float = 2.0,
+                 refresh_every: int = 16) -> None:
         if not slowdown > 1.0:
             raise RahfError(f"--max-step-slowdown must be above 1.0 (got {slowdown}): at 1.0 no prompt could be fed "
                              "while other rows decode")
@@ -72,8 +80,11 @@ class StepPacer:
         """mean absolute errors of the time prediction kept between the aim and the bound (0: aim at the bound)"""
         self.error = 0.0
         """moving mean absolute error of the predicted chunked-step time, in decode-only steps (each clipped at 1)"""
+        self.refresh_every = refresh_every
+        """chunked steps after which the prompts sit a step out to time a decode-only step again (0: never)"""
         self.decode_seconds: float | None = None
         """a decode-only step's time"""
+        self._chunked_since_refresh = 0
         self._moments: tuple[float, float, float, float, float] | None = None
         """moving averages of tokens², tokens x keys, keys², tokens x extra seconds, keys x extra seconds"""
         self.steps: deque[PacedStep] = deque(maxlen=4096)
@@ -90,9 +101,11 @@ class StepPacer:
             return
         if tokens <= 0:
             self.decode_seconds = self._mix(self.decode_seconds, seconds)
+            self._chunked_since_refresh = 0
             return
         if self.decode_seconds is None:
             return
+        self._chunked_since_refresh += 1
         costs = self.costs()
         predicted = None
         if costs is not None:
@@ -131,7 +144,7 @@ class StepPacer:
         equally; a row deep into a long prompt gets fewer tokens, each of its queries attending to more keys."""
         if decode_units <= 0:
             return None
-        if self.decode_seconds is None:
+        if self.decode_seconds is None or 0 < self.refresh_every <= self._chunked_since_refresh:
             return [0] * len(contexts)
         costs = self.costs()
         if costs is None:  # the probe: the decoding rows' own work, in prior units

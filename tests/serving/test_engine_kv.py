@@ -349,3 +349,22 @@ def test_a_paced_engine_caps_prompt_work_at_its_allowance(runtime, monkeypatch, 
     assert beside, "the long prompt was never fed beside the stream"
     assert all(n + chunk_keys(have, n) * cost <= 10 + 1 for n, have in beside)
     assert sum(n for n, _ in beside) >= 200  # most of the prompt went in beside the stream, <= 10 tokens a step
+
+
+def test_a_paced_prompt_sits_a_step_out_to_retime_the_streams(runtime, monkeypatch, steps):
+    """Every `refresh_every` chunked steps the prompt feeds nothing for one step, so the pacer times the
+    running streams alone again; outputs are those of each request alone."""
+    engine, _ = runtime
+    stream, long = GenerationRequest(prompt(5, 64), greedy(40)), GenerationRequest(prompt(300, 65), greedy(2))
+    expected = alone(engine, [stream, long])
+    monkeypatch.setattr(engine, "max_step_slowdown", 2.0)
+    pacer = engine._pacer
+    pacer.refresh_every = 4
+    pacer.decode_seconds = 0.010
+    monkeypatch.setattr(pacer, "costs", lambda: (0.0005, 0.0005 * engine._key_cost))  # ~10-20 tokens a step
+    steps.clear()
+    assert staggered(engine, [stream, long], [None, (0, 2)]) == expected
+    # beside the stream, while the prompt is fed: "c" a chunk, "-" the prompt sat out
+    fed = "".join("c" if n[1] else "-" for n, lengths in steps
+                  if len(n) == 2 and n[0] == 1 and lengths[1] + n[1] < len(long.prompt_ids))
+    assert fed.count("c") >= 8 and "ccccc" not in fed and "-cccc-" in fed, fed

@@ -52,7 +52,7 @@ def test_it_learns_what_a_key_costs_from_chunks_at_different_contexts():
 
 
 def test_predictions_that_miss_move_the_aim_below_the_bound():
-    pacer = StepPacer(2.0, PRIOR, smoothing=0.5, margin=2.0)
+    pacer = StepPacer(2.0, PRIOR, smoothing=0.5, margin=2.0, refresh_every=0)  # the aim alone
     pacer.observe(8, 0, 0, 0.100)
     pacer.observe(8, 20, chunk_keys(0, 20), 0.180)  # the first chunk sets the costs; nothing was predicted yet
     assert pacer.error == 0.0
@@ -73,6 +73,22 @@ def test_predictions_that_miss_move_the_aim_below_the_bound():
     floor = pacer.caps(8, [100])[0]
     spent = lambda n: token * n + key * chunk_keys(100, n)  # noqa: E731
     assert floor == 1 or spent(floor) <= 0.25 * 0.100 < spent(floor + 1)
+
+
+def test_prompts_sit_a_step_out_to_time_the_decode_only_step_again():
+    pacer = StepPacer(2.0, PRIOR, smoothing=0.5, refresh_every=3)
+    pacer.observe(8, 0, 0, 0.100)
+    for _ in range(3):
+        assert pacer.caps(8, [100, 200]) != [0, 0]
+        pacer.observe(8, 10, chunk_keys(100, 10), 0.150)
+    assert pacer.caps(8, [100, 200]) == [0, 0]  # due: this step decodes only
+    # the streams' contexts grew: a decode-only step now takes 140 ms, and the chunks are measured against it
+    pacer.observe(8, 0, 0, 0.180)
+    assert pacer.decode_seconds == pytest.approx(0.140)
+    assert pacer.caps(8, [100, 200]) != [0, 0]
+    pacer.observe(8, 10, chunk_keys(100, 10), 0.190)
+    assert pacer.steps[-1].took == pytest.approx(0.190 / 0.140)
+    assert pacer.caps(0, [100]) is None  # nothing decodes: no step to time, no sitting out
 
 
 def test_each_chunked_step_is_kept_with_its_prediction():

@@ -63,6 +63,10 @@ class Join:
     def quantile(self, q: float) -> float:
         return quantile(self.ratios, q)
 
+    def __str__(self) -> str:
+        return (f"worst {self.stall_ratio:.2f}x, p90 {self.quantile(0.9):.2f}x, median {self.quantile(0.5):.2f}x "
+                f"of the normal gap; first token after {self.ttft:.2f} s")
+
 
 def quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
@@ -82,10 +86,6 @@ def against_control(join: Join, control: Join, window: int = 8) -> list[float]:
             if near:
                 out.append(gap / statistics.median(near))
     return out
-
-    def __str__(self) -> str:
-        return (f"worst {self.stall_ratio:.2f}x, p90 {self.quantile(0.9):.2f}x, median {self.quantile(0.5):.2f}x "
-                f"of the normal gap; first token after {self.ttft:.2f} s")
 
 
 def run_join(engine: Engine, background: list[GenerationRequest], joining: GenerationRequest | None, warm: int,

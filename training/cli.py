@@ -61,8 +61,12 @@ def _run_args(p: argparse.ArgumentParser, *, new_run: bool) -> None:
     p.add_argument("--seed", type=int, help="override the config's seed")
     if new_run:
         p.add_argument("--resume", action="store_true",
-                       help="continue the run in --out: finished phases are skipped, phase 3 resumes "
-                            "from its last checkpoint")
+                       help="continue the run in --out: finished phases are skipped, phases 1 and 3 resume "
+                            "from their last checkpoints")
+    else:
+        p.add_argument("--resume", action="store_true",
+                       help="continue this phase from its last checkpoint in --out (phases 1 and 3 keep "
+                            "them); without it an earlier attempt's checkpoints are discarded")
     p.epilog = SETTINGS_HELP
     p.set_defaults(overrides=[])  # marks a subcommand that takes --SECTION.FIELD settings
 
@@ -113,9 +117,9 @@ def cmd_push(args: argparse.Namespace) -> None:
 def cmd_phase(args: argparse.Namespace) -> None:
     from .pipeline import require, run_phase
 
-    ctx = _open(args)
+    ctx = _open(args, args.resume)
     require(ctx, args.phase)
-    run_phase(ctx, args.phase)
+    run_phase(ctx, args.phase, args.resume)
     ctx.acc.end_training()
 
 

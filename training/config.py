@@ -86,6 +86,9 @@ class Phase1Config:
     chosen-over-rejected accuracy under p+, Dual's good-vs-bad margin. None = no validation."""
     val_every: int = 25
     """Steps between two validation passes (also run before the first step and after the last)."""
+    checkpoint_every: int = 10
+    """Steps between resumable checkpoints of the adapter in training (weights + optimizer + RNG + step +
+    validation so far); `rahf-train phase1 --resume` or `run --resume` continues from the last. 0: none."""
     snapshot_every: int = 0
     """Save each phase-1 adapter every this many steps (snapshots/phase1/<adapter>/step-NNNN, PEFT
     folders), so how long phase 1 trains can be chosen afterwards on accuracy and generation health

@@ -10,6 +10,7 @@ around a fixed set of trainable parameters does not follow; LoRA gradients are s
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -72,8 +73,9 @@ def _save_atomic(obj: object, path: Path) -> None:
 def fit(acc: Accelerator, model: torch.nn.Module, *, name: str, n_items: int, counts: Counts, sums: Sums,
         schedule: Schedule, ckpt_dir: Path | None = None, checkpoint_every: int = 0,
         log: Callable[[dict], None] | None = None, validate: Callable[[], dict] | None = None,
-        validate_every: int = 0, snapshot: Callable[[int], None] | None = None,
-        snapshot_every: int = 0, stop_at: int | None = None) -> list[float]:
+        validate_every: int = 0, history: list[dict] | None = None,
+        snapshot: Callable[[int], None] | None = None, snapshot_every: int = 0,
+        stop_at: int | None = None) -> list[float]:
     """Train the parameters of `model` that require grad; returns the loss of every step.
 
     `counts(items)` gives this process's normaliser per loss term (known before any forward),
@@ -81,7 +83,9 @@ def fit(acc: Accelerator, model: torch.nn.Module, *, name: str, n_items: int, co
     weights, optimizer, RNG, step, losses) is saved every `checkpoint_every` steps and picked up
     again when the directory holds a checkpoint, so a killed phase continues where it stopped.
     `validate()` (main process only, no gradients, dropout off) runs before the first step, every
-    `validate_every` steps and after the last; its figures are logged with `"val_step"`.
+    `validate_every` steps and after the last; its figures are logged with `"val_step"` and appended to
+    `history`, which the checkpoint holds whole (a list shared by several `fit` calls is restored as the
+    latest of them saved it), so a resumed phase reports every validation since its start.
     `snapshot(step)` (main process only) runs every `snapshot_every` steps and after the last.
     `stop_at`: end after this many steps; the learning rate still follows the whole schedule, so the
     weights are those a full run has at that step.
@@ -104,6 +108,8 @@ def fit(acc: Accelerator, model: torch.nn.Module, *, name: str, n_items: int, co
         optimizer.load_state_dict(state["optim"])
         torch.set_rng_state(state["rng"])
         start, losses = int(state["step"]), state["losses"].tolist()
+        if history is not None:
+            history[:] = json.loads(state.get("history", "[]"))
 
     def run_validation(step: int) -> None:
         if validate is None or not acc.is_main_process:
@@ -112,6 +118,8 @@ def fit(acc: Accelerator, model: torch.nn.Module, *, name: str, n_items: int, co
         with torch.no_grad():
             figures = validate()
         model.train()
+        if history is not None:
+            history.append(figures)
         if log is not None:
             log({"phase": name, "val_step": step, **figures})
 
@@ -161,7 +169,8 @@ def fit(acc: Accelerator, model: torch.nn.Module, *, name: str, n_items: int, co
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             _save_atomic({"step": done, "trainable": {n: p.detach().cpu() for n, p in named},
                           "optim": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                          "losses": torch.tensor(losses, dtype=torch.float64)}, ckpt)
+                          "losses": torch.tensor(losses, dtype=torch.float64),
+                          "history": json.dumps(history or [])}, ckpt)
     bar.close()
     model.eval()
     return losses

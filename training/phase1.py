@@ -121,15 +121,14 @@ def train_scit(ctx: Context) -> dict[str, list[float]]:
         return {"lm": -(ll[:, 0] + ll[:, 2]).sum(), "contrast": p1.contrastive_weight * contrast.sum()}
 
     def validate() -> dict:
-        record = scit_separation(model, val_quads, pad)
-        history.append(record)
-        return record
+        return scit_separation(model, val_quads, pad)
 
     only_trainable(model, "scit")
     losses = {"scit": fit(ctx.acc, model, name="phase1/scit", n_items=len(pairs), counts=counts, sums=sums,
                           schedule=_schedule(ctx, p1.steps_for("scit", len(pairs)), p1.lr), log=ctx.log,
-                          validate=validate if val_quads else None, validate_every=p1.val_every,
+                          validate=validate if val_quads else None, validate_every=p1.val_every, history=history,
                           snapshot=_snapshotter(ctx, model, "scit"), snapshot_every=p1.snapshot_every,
+                          ckpt_dir=ctx.run.checkpoints(PHASE) / "scit", checkpoint_every=p1.checkpoint_every,
                           stop_at=p1.stop_steps(["scit"])["scit"])}
     _save(ctx, model, ["scit"], losses, history)
     return losses
@@ -169,13 +168,14 @@ def train_dual(ctx: Context) -> dict[str, list[float]]:
             record = {"training": training, **dual_separation(model, val_sides, pad)}
             model.set_adapter(training)
             only_trainable(model, training)
-            history.append(record)
             return record
 
         losses[name] = fit(ctx.acc, model, name=f"phase1/{name}", n_items=len(pairs), counts=counts,
                            sums=sums, schedule=_schedule(ctx, p1.steps_for("dual", len(pairs)), p1.dual_lr),
                            log=ctx.log, validate=validate if val_sides else None, validate_every=p1.val_every,
-                           snapshot=_snapshotter(ctx, model, name), snapshot_every=p1.snapshot_every,
+                           history=history, snapshot=_snapshotter(ctx, model, name),
+                           snapshot_every=p1.snapshot_every, ckpt_dir=ctx.run.checkpoints(PHASE) / name,
+                           checkpoint_every=p1.checkpoint_every,
                            stop_at=stops[name])
     _save(ctx, model, names, losses, history)
     return losses

@@ -3,7 +3,7 @@
     python benchmarks/join_bench.py --threads 1                       # budgets 64,128,256,512
     python benchmarks/join_bench.py --threads 1 --prompt-tokens 4000 --budgets 96,128 --runs 3
     python benchmarks/join_bench.py --threads 1 --budgets 64 --slowdowns none,2   # the step pacer off / on
-    python benchmarks/join_bench.py --threads 1 --budgets 64 --slowdowns 2 --margins 2,0   # its aim below the bound / at it
+    python benchmarks/join_bench.py --threads 1 --budgets 64 --slowdowns 2 --quantiles 0.95,0   # its aim below the bound / at it
     python benchmarks/join_bench.py --threads 1 --budgets 64 --slowdowns 2 --refresh-every 16,0   # re-timing the streams / not
 
 Eight mixed-adapter streams run (greedy); once each has produced `--warm` tokens, one request with a
@@ -175,9 +175,9 @@ def main() -> None:
     ap.add_argument("--budgets", default="64,128,256,512", help="max_num_batched_tokens values to compare")
     ap.add_argument("--slowdowns", default="none",
                     help="max_step_slowdown values to combine with each budget (none: the budget alone)")
-    ap.add_argument("--margins", default="2",
-                    help="pacer margins to combine with each slowdown (mean prediction errors kept below the "
-                         "bound; 0: aim at it)")
+    ap.add_argument("--quantiles", default="0.95",
+                    help="pacer quantiles to combine with each slowdown (the share of recent prediction misses "
+                         "the aim leaves room for; 0: aim at the bound)")
     ap.add_argument("--refresh-every", default="16",
                     help="pacer refresh_every values to combine with each slowdown (chunked steps between two "
                          "decode-only steps that re-time the streams; 0: never)")
@@ -191,11 +191,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    margins = [float(m) for m in args.margins.split(",")]
+    quantiles = [float(q) for q in args.quantiles.split(",")]
     refreshes = [int(n) for n in args.refresh_every.split(",")]
     settings = [(int(b), None if s == "none" else float(s), m, n)
                 for b in args.budgets.split(",") for s in args.slowdowns.split(",")
-                for m in (margins if s != "none" else [0.0]) for n in (refreshes if s != "none" else [0])]
+                for m in (quantiles if s != "none" else [0.0]) for n in (refreshes if s != "none" else [0])]
 
     base = load_base("smollm2-135m-instruct", device="cpu", dtype="float32")
     tok = base.tokenizer
@@ -236,9 +236,9 @@ def main() -> None:
         for r in range(args.runs):
             for setting in settings:
                 # a fresh pacer per run: each learns its step times from the streams it runs beside
-                engine.max_num_batched_tokens, engine.max_step_slowdown, margin, refresh = setting
+                engine.max_num_batched_tokens, engine.max_step_slowdown, quantile, refresh = setting
                 if engine.pacer is not None:
-                    engine.pacer.margin, engine.pacer.refresh_every = margin, refresh
+                    engine.pacer.quantile, engine.pacer.refresh_every = quantile, refresh
                 for case, (background, joining) in cases.items():
                     seen = len(engine.pacer.steps) if engine.pacer is not None else 0
                     results[(case, setting)].append(run_join(engine, background, joining, args.warm))
@@ -267,7 +267,7 @@ def main() -> None:
           "before it joined (worst / 90th percentile / median over all streams' gaps), and the joining "
           "request's time to first token. *Against nothing joining*: each gap over the same stream's gaps "
           "near the same token in the control round (the streams slow as their contexts grow, join or not).\n")
-    print(f"| max_num_batched_tokens / max_step_slowdown (pacer margin, refresh_every) | {args.prompt_tokens}-token prompt joins "
+    print(f"| max_num_batched_tokens / max_step_slowdown (pacer quantile, refresh_every) | {args.prompt_tokens}-token prompt joins "
           f"{args.streams} streams | against nothing joining | its first token | chat prompt joins "
           f"{args.streams - 1} streams | its first token |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")

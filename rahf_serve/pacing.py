@@ -8,9 +8,11 @@ adds to it, as a cost per token (its Linear work) plus a cost per key its querie
 each chunk at what keeps the step within `slowdown` x a decode-only step.
 
 `slowdown` is a bound, not an aim: a pacer that aims at it puts half the steps above it by the spread of
-step times. So it also tracks how far its predictions miss (the mean absolute error of a chunked step's
-time, in decode-only steps) and aims `margin` such errors below the bound, never lower than a quarter of
-the way from 1 to it (a noisy machine slows a long prompt but does not stop it).
+step times. So it also keeps how far recent predictions missed, each chunked step's time over its
+prediction, and aims at the bound divided by the `quantile` of those ratios (0.95: were the coming steps
+to miss as the recent ones did, 95% of them would stay under the bound), never lower than a quarter of
+the way from 1 to it (a noisy machine slows a long prompt but does not stop it). The step times' tail is
+longer than their mean error says: aiming two mean errors below the bound left 4-6% of steps above it.
 
 The two costs are a weighted least-squares fit over recent chunked steps, not one average per unit of
 work, so the price of a chunk follows its context at the ratio of attention to Linear time this machine
@@ -67,8 +69,8 @@ class PacedStep(NamedTuple):
 class StepPacer:
     """Moving statistics of step times; `caps` turns them into the prompt tokens each row may feed."""
 
-    def __init__(self, slowdown: float, key_cost: float, smoothing: float = 0.25, margin: float = 2.0,
-                 refresh_every: int = 16) -> None:
+    def __init__(self, slowdown: float, key_cost: float, smoothing: float = 0.25, quantile: float = 0.95,
+                 refresh_every: int = 16, window: int = 128) -> None:
         if not slowdown > 1.0:
             raise RahfError(f"--max-step-slowdown must be above 1.0 (got {slowdown}): at 1.0 no prompt could be fed "
                              "while other rows decode")
@@ -76,10 +78,12 @@ class StepPacer:
         self.key_cost = key_cost
         """the prior: a key's cost as a fraction of a token's, used until chunks at different contexts tell them apart"""
         self.smoothing = smoothing
-        self.margin = margin
-        """mean absolute errors of the time prediction kept between the aim and the bound (0: aim at the bound)"""
-        self.error = 0.0
-        """moving mean absolute error of the predicted chunked-step time, in decode-only steps (each clipped at 1)"""
+        if not 0.0 <= quantile <= 1.0:
+            raise RahfError(f"the pacer's quantile must be within [0, 1] (got {quantile})")
+        self.quantile = quantile
+        """the quantile of recent misses (time over prediction) the aim leaves room for (0: aim at the bound)"""
+        self.misses: deque[float] = deque(maxlen=window)
+        """the latest chunked steps' time over their predicted time"""
         self.refresh_every = refresh_every
         """chunked steps after which the prompts sit a step out to time a decode-only step again (0: never)"""
         self.decode_seconds: float | None = None
@@ -110,8 +114,7 @@ class StepPacer:
         predicted = None
         if costs is not None:
             predicted = 1.0 + (costs[0] * tokens + costs[1] * keys) / self.decode_seconds
-            missed = seconds / self.decode_seconds - predicted
-            self.error = self._mix(self.error, min(abs(missed), 1.0))
+            self.misses.append(seconds / self.decode_seconds / predicted)
         self.steps.append(PacedStep(seconds / self.decode_seconds, predicted, tokens, keys))
         extra = max(seconds - self.decode_seconds, 1e-6)
         new = (tokens * tokens, tokens * keys, keys * keys, tokens * extra, keys * extra)
@@ -119,6 +122,13 @@ class StepPacer:
         # Moving averages, not the latest step: reacting to every slow step (a busy machine) shrank
         # chunks until each step was mostly its fixed costs.
         self._moments = new if old is None else tuple(self._mix(o, n) for o, n in zip(old, new, strict=True))
+
+    def miss_factor(self) -> float:
+        """How much longer than predicted a step may take: the `quantile` of recent misses, at least 1."""
+        if not self.quantile or not self.misses:
+            return 1.0
+        ordered = sorted(self.misses)
+        return max(1.0, ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))])
 
     def costs(self) -> tuple[float, float] | None:
         """(seconds a prompt token adds, seconds a key adds), or None before any chunk was timed."""
@@ -151,7 +161,7 @@ class StepPacer:
             share = decode_units / len(contexts)
             return [tokens_within(share, ctx, self.key_cost) for ctx in contexts]
         token, key = costs
-        allowance = max(self.slowdown - 1.0 - self.margin * self.error, (self.slowdown - 1.0) / 4)
+        allowance = max(self.slowdown / self.miss_factor() - 1.0, (self.slowdown - 1.0) / 4)
         budget = allowance * self.decode_seconds / len(contexts)
         # the largest n with token x n + key x chunk_keys(ctx, n) <= budget (chunk_keys ~ n ctx + n^2 / 2)
         out = []

@@ -37,7 +37,7 @@ def test_it_times_a_decode_only_step_then_probes_then_caps():
 
 def test_it_learns_what_a_key_costs_from_chunks_at_different_contexts():
     # this machine: 4 ms a token, 2 us a key (a key costs 1/2000 of a token, not the prior's 1/3000)
-    pacer = StepPacer(2.0, PRIOR, smoothing=0.5, margin=0.0)  # aim at the bound: the fit alone
+    pacer = StepPacer(2.0, PRIOR, smoothing=0.5, quantile=0.0)  # aim at the bound: the fit alone
     pacer.observe(8, 0, 0, 0.100)
     for ctx, n in ((0, 16), (1000, 12), (2000, 8), (3000, 6)):
         keys = chunk_keys(ctx, n)
@@ -52,27 +52,35 @@ def test_it_learns_what_a_key_costs_from_chunks_at_different_contexts():
 
 
 def test_predictions_that_miss_move_the_aim_below_the_bound():
-    pacer = StepPacer(2.0, PRIOR, smoothing=0.5, margin=2.0, refresh_every=0)  # the aim alone
+    pacer = StepPacer(2.0, PRIOR, smoothing=0.5, quantile=0.9, refresh_every=0)  # the aim alone
     pacer.observe(8, 0, 0, 0.100)
     pacer.observe(8, 20, chunk_keys(0, 20), 0.180)  # the first chunk sets the costs; nothing was predicted yet
-    assert pacer.error == 0.0
+    assert not pacer.misses and pacer.miss_factor() == 1.0
     steady = pacer.caps(8, [100])[0]
-    # the same chunk, alternately 10 ms faster and slower than predicted: a tenth of a decode-only step
-    for seconds in (0.170, 0.190) * 10:
-        pacer.observe(8, 20, chunk_keys(0, 20), seconds)
-    assert 0.1 <= pacer.error < 0.2  # at least the noise; more, since the fit chases each step a little
+    # nine steps as predicted, then one 20% over, ten times: the 90% quantile of the misses is the slow ones'
+    keys = chunk_keys(0, 20)
+    for _ in range(10):
+        for miss in (1.0,) * 9 + (1.2,):
+            token, key = pacer.costs()
+            pacer.observe(8, 20, keys, 0.100 * (1 + (token * 20 + key * keys) / pacer.decode_seconds) * miss)
+    assert pacer.miss_factor() == pytest.approx(1.2, rel=0.02)
     token, key = pacer.costs()
     aimed = pacer.caps(8, [100])[0]
     assert aimed < steady
     spent = lambda n: token * n + key * chunk_keys(100, n)  # noqa: E731
-    assert spent(aimed) <= (1.0 - 2 * pacer.error) * 0.100 < spent(aimed + 1)
+    assert spent(aimed) <= (2.0 / pacer.miss_factor() - 1.0) * 0.100 < spent(aimed + 1)
     for seconds in (0.180, 1.0) * 20:  # a wild spell: the aim stops at a quarter of the allowance
         pacer.observe(8, 20, chunk_keys(0, 20), seconds)
-    assert pacer.error > 0.5
+    assert pacer.miss_factor() > 2
     token, key = pacer.costs()
     floor = pacer.caps(8, [100])[0]
     spent = lambda n: token * n + key * chunk_keys(100, n)  # noqa: E731
     assert floor == 1 or spent(floor) <= 0.25 * 0.100 < spent(floor + 1)
+
+
+def test_a_quantile_outside_zero_to_one_is_refused():
+    with pytest.raises(RahfError, match="quantile"):
+        StepPacer(2.0, PRIOR, quantile=1.5)
 
 
 def test_prompts_sit_a_step_out_to_time_the_decode_only_step_again():

@@ -236,9 +236,9 @@ def main() -> None:
         for r in range(args.runs):
             for setting in settings:
                 # a fresh pacer per run: each learns its step times from the streams it runs beside
-                engine.max_num_batched_tokens, engine.max_step_slowdown, quantile, refresh = setting
+                engine.max_num_batched_tokens, engine.max_step_slowdown, aim, refresh = setting
                 if engine.pacer is not None:
-                    engine.pacer.quantile, engine.pacer.refresh_every = quantile, refresh
+                    engine.pacer.quantile, engine.pacer.refresh_every = aim, refresh
                 for case, (background, joining) in cases.items():
                     seen = len(engine.pacer.steps) if engine.pacer is not None else 0
                     results[(case, setting)].append(run_join(engine, background, joining, args.warm))

@@ -79,8 +79,8 @@ as much as 30 tokens of Linear work, so 64 keeps a running stream's token gaps n
 length while a 4,000-token prompt is fed (docs/serving.md); a GPU has compute to spare."""
 DEFAULT_MAX_STEP_SLOWDOWN = {"cpu": 2.0}
 """What `rahf-serve` paces steps to, by device type, when --max-step-slowdown is not given: on the 2-core
-CPU a paced 4,000-token prompt joining 8 streams leaves their worst gap at 2.2-2.8x of its normal length
-against 4.1-4.8x unpaced (docs/serving.md), for a later first token of the long prompt.
+CPU a paced 4,000-token prompt joining 8 streams leaves their worst gap at ~2x of the same streams' gap with
+nothing joining, against ~3.2x unpaced, for a first token of the long prompt ~1.9x later (docs/serving.md).
 Not measured on a GPU, so off there. `Engine` itself defaults to no pacer: chunk sizes then depend on token
 counts only, not on timings, which keeps library runs and tests reproducible to the last bit."""
 

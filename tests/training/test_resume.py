@@ -18,6 +18,25 @@ from .conftest import DATA, ROOT, fork_run, tiny_config
 ALIGN = {"align": {"steps": 30, "checkpoint_every": 2, "lora": {"dropout": 0.1}}}
 
 
+def run_then_kill(cmd: list[str], ckpt) -> int:
+    """Start `rahf-train` as `cmd`, SIGKILL it as soon as `ckpt` exists; the checkpoint's step."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert ckpt.exists()
+    return int(torch.load(ckpt, weights_only=True)["step"])
+
+
+def resume(cmd: list[str]) -> None:
+    subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+
+
 def test_kill_mid_phase3_then_resume_gives_the_same_adapter(scit_run, tmp_path):
     cfg = tiny_config(tmp_path / "c.yaml", ALIGN)   # dropout on: the RNG state must be restored too
     reference = fork_run(scit_run, tmp_path / "reference")
@@ -25,20 +44,10 @@ def test_kill_mid_phase3_then_resume_gives_the_same_adapter(scit_run, tmp_path):
 
     killed = fork_run(scit_run, tmp_path / "killed")
     cmd = [sys.executable, "-m", "training.cli", "run", "--out", str(killed), "--resume", "--config", str(cfg)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = killed / "checkpoints" / "align" / "rank0.pt"
-    deadline = time.monotonic() + 120
-    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert ckpt.exists() and not (killed / "bundle").exists()
-    step = torch.load(ckpt, weights_only=True)["step"]
-    assert 0 < step < 30
+    assert 0 < run_then_kill(cmd, killed / "checkpoints" / "align" / "rank0.pt") < 30
+    assert not (killed / "bundle").exists()
 
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resume(cmd)
     ours = load_file(killed / "bundle" / "adapter_model.safetensors")
     theirs = load_file(reference / "bundle" / "adapter_model.safetensors")
     assert ours.keys() == theirs.keys()
@@ -61,18 +70,10 @@ def test_kill_mid_dual_phase1_then_resume_gives_the_same_adapters_and_validation
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "training.cli", "phase1", "--out", str(killed), *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = killed / "checkpoints" / "phase1" / "bad" / "rank0.pt"
-    deadline = time.monotonic() + 120
-    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "phase 1 finished before it could be killed"
-    assert 0 < torch.load(ckpt, weights_only=True)["step"] < 12 and not (killed / "phase1").exists()
+    assert 0 < run_then_kill(cmd, killed / "checkpoints" / "phase1" / "bad" / "rank0.pt") < 12
+    assert not (killed / "phase1").exists()
 
-    subprocess.run([*cmd, "--resume"], env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resume([*cmd, "--resume"])
     for name in ("good", "bad"):
         ours = load_file(killed / "phase1" / name / "adapter_model.safetensors")
         theirs = load_file(reference / "phase1" / name / "adapter_model.safetensors")

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="built-in engine: a step that feeds prompt chunks next to decoding rows takes at most this "
                         "many times a decode-only step, by measured step times; caps the chunk below "
                         "--max-num-batched-tokens when the machine is slower than the budget assumes. Running "
-                        "streams stall less, a long prompt's first token comes later (default: 2.0 on CPU, off "
+                        "streams stall less, a long prompt's first token comes later (default: 1.8 on CPU, off "
                         "on GPU; off = the token budget alone)")
     p.add_argument("--max-loras", type=int, default=8,
                    help="adapters and blends resident in LoRA slots at once; others wait in host memory and are "

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rahf_serve.engine import Engine  # noqa: E402
 from rahf_serve.models import load_base  # noqa: E402
-from rahf_serve.pacing import PacedStep  # noqa: E402
+from rahf_serve.pacing import PacedStep, quantile  # noqa: E402
 from rahf_serve.registry import AdapterRegistry  # noqa: E402
 from rahf_serve.request import GenerationRequest, SteeringSpec  # noqa: E402
 from rahf_serve.sampling import SamplingParams  # noqa: E402
@@ -51,8 +51,6 @@ CHAT = [{"role": "user", "content": "Write a long, detailed story about a dragon
 
 @dataclass
 class Join:
-    stall_ratio: float
-    """worst over the running streams of (longest gap while the request joined) / (median gap before)"""
     ttft: float
     """seconds from submitting the joining request to its first token"""
     ratios: list[float] = field(default_factory=list)
@@ -60,17 +58,16 @@ class Join:
     gaps: list[dict[int, float]] = field(default_factory=list)
     """per stream, its gaps while the request joined in seconds, by the index of the token that opened each"""
 
+    @property
+    def stall_ratio(self) -> float:
+        """worst over the running streams of (longest gap while the request joined) / (median gap before)"""
+        return max(self.ratios)
+
     def quantile(self, q: float) -> float:
         return quantile(self.ratios, q)
 
     def __str__(self) -> str:
-        return (f"worst {self.stall_ratio:.2f}x, p90 {self.quantile(0.9):.2f}x, median {self.quantile(0.5):.2f}x "
-                f"of the normal gap; first token after {self.ttft:.2f} s")
-
-
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        return f"{summary(self.ratios)} of the normal gap; first token after {self.ttft:.2f} s"
 
 
 def against_control(join: Join, control: Join, window: int = 8) -> list[float]:
@@ -130,16 +127,15 @@ def run_join(engine: Engine, background: list[GenerationRequest], joining: Gener
         assert event.wait(600), "a background stream did not finish"
     assert finished.wait(600) and joined.is_set() and first, "the joining request did not start in time: raise "\
         "the background streams' max_tokens"
-    worst, ratios, gaps = [], [], []
+    ratios, gaps = [], []
     for s in stamps:
         before = [b - a for a, b in zip(s, s[1:], strict=False) if b <= submitted[0]][2:]  # skip the prefill
         during = {k: b - a for k, (a, b) in enumerate(zip(s, s[1:], strict=False)) if b > submitted[0] and a <= first[0]}
         assert during, "a background stream ended before the joining request started: raise its max_tokens"
         normal = statistics.median(before)
-        worst.append(max(during.values()) / normal)
         ratios += [gap / normal for gap in during.values()]
         gaps.append(during)
-    return Join(max(worst), first[0] - submitted[0], ratios, gaps)
+    return Join(first[0] - submitted[0], ratios, gaps)
 
 
 def summary(ratios: list[float]) -> str:

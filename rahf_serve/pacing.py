@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 from .errors import RahfError
@@ -53,6 +53,12 @@ def tokens_within(units: float, context: int, key_cost: float) -> int:
     """The prompt tokens (at least 1) a row with `context` cached tokens may feed within `units` of work,
     a query at context L costing 1 + L x key_cost units (the engine's budget unit)."""
     return max(1, int(units / (1 + (context + units) * key_cost)))
+
+
+def quantile(values: Iterable[float], q: float) -> float:
+    """The `q` quantile of `values` (one of them: the lower of two neighbours; at least one value)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 class PacedStep(NamedTuple):
@@ -127,8 +133,7 @@ class StepPacer:
         """How much longer than predicted a step may take: the `quantile` of recent misses, at least 1."""
         if not self.quantile or not self.misses:
             return 1.0
-        ordered = sorted(self.misses)
-        return max(1.0, ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))])
+        return max(1.0, quantile(self.misses, self.quantile))
 
     def costs(self) -> tuple[float, float] | None:
         """(seconds a prompt token adds, seconds a key adds), or None before any chunk was timed."""

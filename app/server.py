@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from rahf_serve.engine import DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_STEP_SLOWDOWN
 from rahf_serve.engine_api import ServingEngine
 from rahf_serve.errors import RahfError
 from rahf_serve.models import EMBEDDED_ALIAS, load_base, load_base_skeleton
@@ -55,13 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute of one engine step, in tokens: about one per decoding row, the rest shared by "
                         "prompts being prefilled (a query deep in a long prompt counts more: it attends to more "
                         "keys), so a long prompt delays running streams by one chunk a step (default for the built-in "
-                        "engine: 64 on CPU, 512 on GPU; vLLM's own for --engine vllm)")
+                        f"engine: {DEFAULT_MAX_NUM_BATCHED_TOKENS['cpu']} on CPU, {DEFAULT_MAX_NUM_BATCHED_TOKENS['cuda']} on "
+                        "GPU; vLLM's own for --engine vllm)")
     p.add_argument("--max-step-slowdown", type=_slowdown, default=None, metavar="X|off",
                    help="built-in engine: a step that feeds prompt chunks next to decoding rows takes at most this "
                         "many times a decode-only step, by measured step times; caps the chunk below "
                         "--max-num-batched-tokens when the machine is slower than the budget assumes. Running "
-                        "streams stall less, a long prompt's first token comes later (default: 1.8 on CPU, off "
-                        "on GPU; off = the token budget alone)")
+                        "streams stall less, a long prompt's first token comes later (default: "
+                        f"{DEFAULT_MAX_STEP_SLOWDOWN['cpu']} on CPU, off on GPU; off = the token budget alone)")
     p.add_argument("--max-loras", type=int, default=8,
                    help="adapters and blends resident in LoRA slots at once; others wait in host memory and are "
                         "copied in on demand, least recently used out first")
@@ -144,8 +146,6 @@ def _slowdown(text: str) -> float:
 def _resolve_slowdown(given: float | None, device_type: str) -> float | None:
     """None (not given) = the device's default; OFF = no pacer."""
     if given is None:
-        from rahf_serve.engine import DEFAULT_MAX_STEP_SLOWDOWN
-
         return DEFAULT_MAX_STEP_SLOWDOWN.get(device_type)
     return None if given == OFF else given
 

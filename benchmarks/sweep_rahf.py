@@ -196,7 +196,7 @@ def main() -> None:
     val = load_preferences(info["data"], args.val_rows, info.get("split"))
     used = {"the run's rows": info.get("rows"), "eval.rows": run_config.eval.rows}
     for what, rows in used.items():
-        if rows is not None and set(parse_rows(rows, data.total_rows)) & set(parse_rows(args.val_rows, data.total_rows)):
+        if rows is not None and set(parse_rows(rows, data.source_rows)) & set(parse_rows(args.val_rows, data.source_rows)):
             raise SystemExit(f"--val-rows {args.val_rows} overlap {what} {rows}")
 
     al = run_config.align

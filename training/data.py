@@ -72,14 +72,20 @@ class PreferenceData:
 
 
 def parse_rows(spec: str | None, n: int) -> range:
-    """'a:b' (Python slice semantics, either side optional) as a range over n rows."""
+    """'a:b' (Python slice semantics, either side optional) as a range over n rows. A bound past the
+    end is an error, not clipped: rows a user names and silently does not get (a validation slice
+    that comes back short or empty) are worse than a refusal."""
     if spec is None:
         return range(n)
     try:
         start, _, stop = spec.partition(":")
-        return range(n)[slice(int(start) if start else None, int(stop) if stop else None)]
+        bounds = (int(start) if start else None, int(stop) if stop else None)
     except ValueError as err:
         raise DataError(f"--rows {spec!r}: expected START:STOP, e.g. 0:240") from err
+    past = [b for b in bounds if b is not None and b > n]
+    if past:
+        raise DataError(f"--rows {spec!r}: the data has {n} rows (0:{n})")
+    return range(n)[slice(*bounds)]
 
 
 def load_preferences(source: str, rows: str | None = None, split: str | None = None) -> PreferenceData:

@@ -29,7 +29,6 @@ def open_run(out: Path, *, base: str | None, data: str | None, rows: str | None,
     """Create or reopen a run directory. Settings given now must agree with a resumed run's;
     `overrides` (`--align.alpha 10` tokens) apply on top of the config and are saved with it."""
     acc = Accelerator()
-    out.mkdir(parents=True, exist_ok=True)
     run = RunDir(out)
     saved = json.loads(run.run_file.read_text()) if run.run_file.is_file() else None
     given = {"base": base, "data": data, "rows": rows, "split": split, "method": method}
@@ -52,11 +51,13 @@ def open_run(out: Path, *, base: str | None, data: str | None, rows: str | None,
     settings["method"] = cfg.method
     if seed is not None:
         cfg.seed = seed
+    # Read before anything is written: bad --data or --rows must leave no run behind (or a saved one unchanged).
+    data_ = load_preferences(settings["data"], settings.get("rows"), settings.get("split"))
     if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
         run.run_file.write_text(json.dumps(settings, indent=2))
         save_config(cfg, run.config_file)
     acc.wait_for_everyone()
-    data_ = load_preferences(settings["data"], settings.get("rows"), settings.get("split"))
     ctx = Context(acc, cfg, settings["base"], data_, out, command, force=force)
     if acc.is_main_process:
         print(data_.summary(), flush=True)

@@ -9,6 +9,7 @@ import yaml
 
 from training import cli
 from training.cli import DEFAULT_BASE, main, parse_args
+from training.data import DataError
 
 from .conftest import DATA
 
@@ -83,3 +84,16 @@ def test_an_existing_run_keeps_its_base(tmp_path):
     ctx = cli._open(parse_args(["run", "--out", str(out), "--resume", "--align.steps", "2"]), resume=True)
     assert ctx.base_spec == "some/base" and not ctx.force and ctx.config.align.steps == 2
     assert yaml.safe_load((out / "config.yaml").read_text())["align"]["steps"] == 2
+
+
+def test_bad_data_leaves_no_run_behind(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match="the data has 300 rows"):
+        cli._open(parse_args(["run", "--data", str(DATA), "--rows", "0:100000", "--out", str(out)]))
+    assert not out.exists()
+    cli._open(parse_args(["run", "--data", str(DATA), "--rows", "0:4", "--config", "tiny", "--out", str(out)]))
+    saved = (out / "run.json").read_text(), (out / "config.yaml").read_text()
+    with pytest.raises(DataError, match="cannot load preference data"):
+        cli._open(parse_args(["run", "--data", str(tmp_path / "missing.jsonl"), "--out", str(out),
+                              "--align.steps", "99"]))
+    assert ((out / "run.json").read_text(), (out / "config.yaml").read_text()) == saved

@@ -86,3 +86,8 @@ def test_row_ranges():
     assert list(parse_rows(":2", 5)) == [0, 1] and list(parse_rows("3:", 5)) == [3, 4]
     with pytest.raises(DataError, match="START:STOP"):
         parse_rows("a-b", 5)
+    assert list(parse_rows("-2:", 5)) == [3, 4] and list(parse_rows("0:5", 5)) == [0, 1, 2, 3, 4]
+    with pytest.raises(DataError, match=r"the data has 5 rows \(0:5\)"):
+        parse_rows("3:8", 5)
+    with pytest.raises(DataError, match="the data has 5 rows"):
+        parse_rows("6:", 5)

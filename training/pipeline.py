@@ -51,18 +51,19 @@ def open_run(out: Path, *, base: str | None, data: str | None, rows: str | None,
     settings["method"] = cfg.method
     if seed is not None:
         cfg.seed = seed
-    # Read before anything is written: bad --data or --rows must leave no run behind (or a saved one unchanged).
+    # Read before anything is written: bad --data, --rows or phase1.mix_data must leave no run behind
+    # (or a saved one unchanged).
     data_ = load_preferences(settings["data"], settings.get("rows"), settings.get("split"))
+    ctx = Context(acc, cfg, settings["base"], data_, out, command, force=force)
+    mix = ctx.phase1_mix
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         run.run_file.write_text(json.dumps(settings, indent=2))
         save_config(cfg, run.config_file)
-    acc.wait_for_everyone()
-    ctx = Context(acc, cfg, settings["base"], data_, out, command, force=force)
-    if acc.is_main_process:
         print(data_.summary(), flush=True)
-        if ctx.phase1_mix:  # loaded now, so a bad mix fails before any phase runs
-            print(f"phase 1 also trains on {ctx.phase1_mix.summary()}", flush=True)
+        if mix:
+            print(f"phase 1 also trains on {mix.summary()}", flush=True)
+    acc.wait_for_everyone()
     return ctx
 
 

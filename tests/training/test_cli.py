@@ -91,6 +91,10 @@ def test_bad_data_leaves_no_run_behind(tmp_path):
     with pytest.raises(DataError, match="the data has 300 rows"):
         cli._open(parse_args(["run", "--data", str(DATA), "--rows", "0:100000", "--out", str(out)]))
     assert not out.exists()
+    with pytest.raises(DataError, match="cannot load preference data"):  # phase 1's mix is read up front too
+        cli._open(parse_args(["run", "--data", str(DATA), "--rows", "0:4", "--out", str(out),
+                              "--phase1.mix_data", str(tmp_path / "missing.jsonl")]))
+    assert not out.exists()
     cli._open(parse_args(["run", "--data", str(DATA), "--rows", "0:4", "--config", "tiny", "--out", str(out)]))
     saved = (out / "run.json").read_text(), (out / "config.yaml").read_text()
     with pytest.raises(DataError, match="cannot load preference data"):

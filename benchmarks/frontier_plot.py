@@ -42,7 +42,10 @@ def short(label: str) -> str:
     if "dpo" in label:
         return "DPO"
     if "/" in label:  # a phase-1 adapter folder: which run, which step
-        run = next((part for part in label.split("/") if part.startswith("dual-")), "")
+        folders = label.split("/")
+        run = next((part for part in folders if part.startswith(("dual-", "full-"))), "")
+        if "@" in folders[-1]:  # full_ft_probe.py names its snapshots adapter@step
+            return f"{run} {folders[-1]}"
         step = label.rsplit("step-", 1)[-1].lstrip("0") if "step-" in label else "last"
         return f"{run} good@{step}"
     parts = label.split("_")  # a sweep point: alpha and KL weight

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sweep_rahf import Scorer  # noqa: E402
 
+from rahf_serve.bundle import DEFAULT_MAX_RANK  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.data import load_preferences  # noqa: E402
 from training.phase1 import snapshot_steps  # noqa: E402
@@ -98,12 +99,14 @@ def main() -> None:
     ap.add_argument("--health-prompts", type=int, default=16)
     ap.add_argument("--base", default="smollm2-135m-instruct")
     ap.add_argument("--out", type=Path, help="folder for phase1.jsonl, phase1.md and phase1.png")
+    ap.add_argument("--max-rank", type=int, default=DEFAULT_MAX_RANK,
+                    help="rank limit of the folders read (full_ft_probe.py's exact LoRAs have rank 576 on SmolLM2)")
     args = ap.parse_args()
     config = args.config or (RunDir(args.snapshots).config_file if args.snapshots else None)
     if config is None:
         ap.error("give --config (or --snapshots, whose config is used)")
     scorer = Scorer(args.base, "cpu", load_config(config), load_preferences(args.data, args.val_rows),
-                    args.health_prompts)
+                    args.health_prompts, max_rank=args.max_rank)
     log = args.out / "phase1.jsonl" if args.out else None
     done = {r["name"]: r for r in map(json.loads, log.read_text().splitlines())} if log and log.exists() else {}
     # Listed again after each model: a run still training saves snapshots while earlier ones are scored.

@@ -35,6 +35,7 @@ import matplotlib.pyplot as plt
 import torch
 from accelerate import Accelerator
 
+from rahf_serve.bundle import DEFAULT_MAX_RANK
 from rahf_serve.models import load_base
 from training import stats
 from training.align import run_align
@@ -88,14 +89,15 @@ def point_config(run_config: TrainConfig, p: dict[str, Any]) -> TrainConfig:
 class Scorer:
     """Scores a model (the base, or the base with one bundle) on the validation rows."""
 
-    def __init__(self, base_spec: str, device: str, config: TrainConfig, val: PreferenceData, n_health: int):
+    def __init__(self, base_spec: str, device: str, config: TrainConfig, val: PreferenceData, n_health: int,
+                 max_rank: int = DEFAULT_MAX_RANK):
         self.base_spec, self.device, self.config, self.val = base_spec, device, config, val
-        self.n_health = n_health
+        self.n_health, self.max_rank = n_health, max_rank
 
     def __call__(self, bundle: Path | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
         """(per-pair margins, generation health) of the base, or of the base with `bundle` attached."""
         base = load_base(self.base_spec, device=self.device, dtype="auto")  # fresh: PEFT wraps in place
-        models = Models(base, {} if bundle is None else {"point": str(bundle)})
+        models = Models(base, {} if bundle is None else {"point": str(bundle)}, max_rank=self.max_rank)
         name = models.names[-1]
         e = self.config.eval
         prompts = [prompt_ids(models.tokenizer, p.chat(), e.max_prompt_tokens) for p in self.val.pairs[:self.n_health]]

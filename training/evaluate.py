@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rahf_serve.bundle import attach, read_bundle, rewrite_manifest
+from rahf_serve.bundle import DEFAULT_MAX_RANK, attach, read_bundle, rewrite_manifest
 from rahf_serve.models import BaseModel
 from rahf_serve.sources import resolve_source
 
@@ -71,14 +71,17 @@ def scores(m: torch.Tensor) -> dict[str, Any]:
 
 
 class Models:
-    """The base with every adapter attached once; `use(name)` makes one of them (or the base) active."""
+    """The base with every adapter attached once; `use(name)` makes one of them (or the base) active.
+    `max_rank` lifts the bundle reader's rank limit for trusted local folders (an exact LoRA of a full
+    fine-tune has the rank of its widest weight)."""
 
-    def __init__(self, base: BaseModel, adapters: dict[str, str]) -> None:
+    def __init__(self, base: BaseModel, adapters: dict[str, str], *, max_rank: int = DEFAULT_MAX_RANK) -> None:
         self.tokenizer = base.tokenizer
         self.names = [BASE, *adapters]
         model: Any = base.model
         for name, source in adapters.items():
-            model = attach(model, read_bundle(resolve_source(source)), name, base.fingerprint, base.name)
+            model = attach(model, read_bundle(resolve_source(source), max_rank=max_rank), name, base.fingerprint,
+                           base.name)
         model.eval()
         self.model = model
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from peft import PeftModel
 
+from rahf_serve.errors import LimitExceeded
 from rahf_serve.models import load_base
+from training.evaluate import Models
 
 from .conftest import DATA
 
@@ -46,3 +50,11 @@ def test_snapshots_are_loras_equal_to_the_fine_tuned_weights(tiny_model_dir, tmp
     for path, w in after.items():
         assert not torch.allclose(w, before[path], atol=1e-4)  # it trained
         torch.testing.assert_close(w, last[path], atol=1e-5, rtol=1e-4)
+
+    # The scorers read it like any adapter folder; the reader's rank limit is theirs to set (full rank
+    # on SmolLM2 is 576, above the serving limit).
+    rank = json.loads((out / "good@2" / "adapter_config.json").read_text())["r"]
+    tiny = load_base(str(tiny_model_dir), device="cpu", dtype="float32")
+    with pytest.raises(LimitExceeded, match=f"rank {rank} is above the limit of {rank - 1}"):
+        Models(tiny, {"full": str(out / "good@2")}, max_rank=rank - 1)
+    assert Models(tiny, {"full": str(out / "good@2")}, max_rank=rank).names == ["base", "full"]

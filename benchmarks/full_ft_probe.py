@@ -30,11 +30,12 @@ from peft import LoraConfig, get_peft_model
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rahf_serve.models import load_base  # noqa: E402
+from training import phase1  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.data import load_preferences  # noqa: E402
 from training.encode import encode  # noqa: E402
 from training.forward import response_logprob  # noqa: E402
-from training.loop import Schedule, fit  # noqa: E402
+from training.loop import fit  # noqa: E402
 
 
 def lora_of_change(before: torch.Tensor, after: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,12 +111,10 @@ def main() -> None:
     (args.out / "probe.json").write_text(json.dumps({**vars(args), "out": str(args.out), "target_modules": names,
                                                      "trainable": sum(m.weight.numel() for m in targets.values()),
                                                      "batch_size": p1.batch_size}, indent=2))
-    schedule = Schedule(steps=args.steps, batch_size=p1.batch_size, micro_batch_size=p1.micro_batch_size,
-                        lr=args.lr, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
-                        max_grad_norm=cfg.max_grad_norm, seed=cfg.seed)
     t0 = time.perf_counter()
     losses = fit(Accelerator(), model, name="full/good", n_items=len(pairs), counts=counts, sums=sums,
-                 schedule=schedule, snapshot=snapshot, snapshot_every=args.snapshot_every,
+                 schedule=phase1.schedule(cfg, args.steps, args.lr), snapshot=snapshot,
+                 snapshot_every=args.snapshot_every,
                  ckpt_dir=args.out / "checkpoint", checkpoint_every=args.snapshot_every)
     (args.out / "losses.json").write_text(json.dumps({"good": losses, "seconds": round(time.perf_counter() - t0)}))
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from peft import get_peft_model
 
+from .config import TrainConfig
 from .context import Context, lora_config, only_trainable
 from .data import Pair, load_preferences
 from .encode import Encoded, encode
@@ -125,7 +126,7 @@ def train_scit(ctx: Context) -> dict[str, list[float]]:
 
     only_trainable(model, "scit")
     losses = {"scit": fit(ctx.acc, model, name="phase1/scit", n_items=len(pairs), counts=counts, sums=sums,
-                          schedule=_schedule(ctx, p1.steps_for("scit", len(pairs)), p1.lr), log=ctx.log,
+                          schedule=schedule(ctx.config, p1.steps_for("scit", len(pairs)), p1.lr), log=ctx.log,
                           validate=validate if val_quads else None, validate_every=p1.val_every, history=history,
                           snapshot=_snapshotter(ctx, model, "scit"), snapshot_every=p1.snapshot_every,
                           ckpt_dir=ctx.run.checkpoints(PHASE) / "scit", checkpoint_every=p1.checkpoint_every,
@@ -171,7 +172,7 @@ def train_dual(ctx: Context) -> dict[str, list[float]]:
             return record
 
         losses[name] = fit(ctx.acc, model, name=f"phase1/{name}", n_items=len(pairs), counts=counts,
-                           sums=sums, schedule=_schedule(ctx, p1.steps_for("dual", len(pairs)), p1.dual_lr),
+                           sums=sums, schedule=schedule(ctx.config, p1.steps_for("dual", len(pairs)), p1.dual_lr),
                            log=ctx.log, validate=validate if val_sides else None, validate_every=p1.val_every,
                            history=history, snapshot=_snapshotter(ctx, model, name),
                            snapshot_every=p1.snapshot_every, ckpt_dir=ctx.run.checkpoints(PHASE) / name,
@@ -240,8 +241,9 @@ def check_separated(run: RunDir, min_separation: float) -> dict | None:
     return summary
 
 
-def _schedule(ctx: Context, steps: int, lr: float) -> Schedule:
-    cfg, p1 = ctx.config, ctx.config.phase1
+def schedule(cfg: TrainConfig, steps: int, lr: float) -> Schedule:
+    """Phase 1's optimisation schedule (batch, warmup, decay, clipping) for `steps` steps at peak `lr`."""
+    p1 = cfg.phase1
     return Schedule(steps=steps, batch_size=p1.batch_size, micro_batch_size=p1.micro_batch_size, lr=lr,
                     warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
                     max_grad_norm=cfg.max_grad_norm, seed=cfg.seed)

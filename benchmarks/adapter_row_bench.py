@@ -1,13 +1,22 @@
-"""What an adapter row costs against a base row on the engine's own decode path, on the real default model.
+"""What an adapter row costs against a base row on the engine's own decode path, and what it must cost at least.
 
-    OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py            # 8 rows, 7 runs of 5 steps
-    python benchmarks/adapter_row_bench.py --rows 1 8 16 --runs 9
+    OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py                      # the embedded SmolLM2-135M
+    OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --shape llama-1b     # random weights, TinyLlama's shape
 
-The engine's path: a packed decode step (one token per row) through a `SlotCache` with `LoraSlots`,
-exactly as `Engine._forward` runs it. The shipped bundles (r16; Dual on every Linear, SCIT on q/k/v/o) are loaded under eight names,
-alternating. Layouts per batch size: every row the base, every row one adapter ("same"), row i adapter
-i % 8 ("mixed"). The three alternate within every run, so load swings on a shared machine hit them
-alike; each cell is the median over runs of the mean step time. Rows start with 256 tokens of context.
+The engine's path: a packed decode step (one token per row) through a `SlotCache` with `LoraSlots`, on the
+forward `Engine._forward` runs (`PackedLlama` for llama bases), with the slots set once per step as the
+engine does. Adapters, eight names alternating between two r16 shapes like the shipped bundles': on every
+Linear (Dual's) and on q/k/v/o (SCIT's); on SmolLM2 the shipped bundles themselves, on a synthetic shape
+random factors of those shapes (speed does not depend on the values). Layouts per batch size: every row
+the base, every row one adapter ("same"), row i adapter i % 8 ("mixed"). The layouts alternate within
+every run, so load swings on a shared machine hit them alike; each cell is the median over runs of the
+mean step time. Rows start with 256 tokens of context.
+
+The floor, measured in the same runs: a step cannot read the LoRA factors its rows use faster than this
+machine streams memory. Each run also times one matrix-vector product over a buffer of as many float32
+as the layout's factors (each distinct slot's A and B, in each module where it has weights): what those
+bytes cost at best. The floor is (base step + that) / base step; a layout gets below it only as far as
+its reads overlap with compute, which a memory-bound decode step leaves little room for.
 """
 
 from __future__ import annotations
@@ -25,15 +34,53 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rahf_serve.bundle import read_bundle  # noqa: E402
 from rahf_serve.kvcache import SlotCache, pack_inputs  # noqa: E402
-from rahf_serve.lora_slots import LoraSlots, read_lora  # noqa: E402
+from rahf_serve.lora_slots import LoraSlots, LoraWeights, read_lora  # noqa: E402
 from rahf_serve.models import load_base  # noqa: E402
+from rahf_serve.packed_llama import PackedLlama, packed_forward_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = [ROOT / "adapters" / "smollm2-135m-rahf-dual", ROOT / "adapters" / "smollm2-135m-rahf-scit"]
 CONTEXT = 256
+RANK = 16
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SHAPES = {
+    # TinyLlama-1.1B's shape (hidden 2048, 22 layers, 4 key/value heads): 4.4 GB of float32 weights.
+    "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                     num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
+}
 
 
-def decode(model: torch.nn.Module, cache: SlotCache, slots: LoraSlots, layout: list[int | None], steps: int) -> float:
+def synthetic(shape: str) -> torch.nn.Module:
+    """A llama of `shape` with random weights (no download; what is timed does not depend on the values)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.uniform_(-0.02, 0.02, generator=g)
+        model.model.rotary_emb.inv_freq.copy_(model.model.rotary_emb.original_inv_freq)
+    return model.eval().requires_grad_(False)
+
+
+def random_lora(model: torch.nn.Module, targets: tuple[str, ...], seed: int) -> LoraWeights:
+    g = torch.Generator().manual_seed(seed)
+    modules = {}
+    for path, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and path.rsplit(".", 1)[-1] in targets:
+            modules[path] = (torch.randn(RANK, m.in_features, generator=g) * 0.01,
+                             torch.randn(m.out_features, RANK, generator=g) * 0.01)
+    return LoraWeights(modules)
+
+
+def decode(model: torch.nn.Module, packed: PackedLlama | None, cache: SlotCache, slots: LoraSlots,
+           layout: list[int | None], steps: int) -> float:
     """Mean time of `steps` packed decode steps, one token per row, row i on LoRA slot layout[i]."""
     rows = len(layout)
     ids = pack_inputs([[1]] * rows, "cpu")
@@ -41,12 +88,28 @@ def decode(model: torch.nn.Module, cache: SlotCache, slots: LoraSlots, layout: l
     for _ in range(steps):
         step = cache.begin_step([1] * rows)
         slots.set_rows(layout, [1] * rows)  # as the engine does, once per step
-        with cache.attending(model):
-            model(input_ids=ids, attention_mask=step.attention_mask, position_ids=step.position_ids, cache=cache,
-                  use_cache=True, logits_to_keep=step.logits_to_keep)
+        if packed is not None:
+            packed(ids, step, cache, {}, False, slots.active)
+        else:
+            with cache.attending(model):
+                model(input_ids=ids, attention_mask=step.attention_mask, position_ids=step.position_ids,
+                      cache=cache, use_cache=True, logits_to_keep=step.logits_to_keep)
+        slots.clear_rows()
         cache.end_step()
-    slots.clear_rows()
     return (time.perf_counter() - start) / steps
+
+
+def factor_count(adapters: list[LoraWeights]) -> int:
+    """How many float32 factors a step whose rows use `adapters` (each once) must read: their A and B."""
+    return sum(a.numel() + b.numel() for lora in adapters for a, b in lora.modules.values())
+
+
+def stream(buffer: torch.Tensor) -> float:
+    """Seconds to read `buffer` [n, 1024] once (a matrix-vector product: this machine's streaming rate)."""
+    ones = torch.ones(buffer.shape[1])
+    start = time.perf_counter()
+    torch.mv(buffer, ones)
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -54,33 +117,53 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[8])
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--shape", choices=["smollm2-135m", *SHAPES], default="smollm2-135m",
+                    help="the embedded SmolLM2-135M with the shipped bundles, or a random llama of a larger shape")
     args = ap.parse_args()
-    model = load_base("smollm2-135m-instruct", device="cpu", dtype="float32").model.eval()
-    slots = LoraSlots(model, max_loras=8, max_rank=16)
-    weights = [read_lora(read_bundle(p)) for p in SHIPPED]
+    if args.shape == "smollm2-135m":
+        model = load_base("smollm2-135m-instruct", device="cpu", dtype="float32").model.eval()
+        weights = [read_lora(read_bundle(p)) for p in SHIPPED]
+        label = "SmolLM2-135M, the shipped Dual (every Linear) and SCIT (q/k/v/o) bundles"
+    else:
+        model = synthetic(args.shape)
+        weights = [random_lora(model, ALL, 0), random_lora(model, ALL[:4], 1)]
+        label = f"random {args.shape} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters), " \
+                "random r16 LoRAs on every Linear and on q/k/v/o"
+    slots = LoraSlots(model, max_loras=8, max_rank=RANK)
     for i in range(8):
         slots.load_weights(f"a{i}", weights[i % 2])
-    print(f"# {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); SmolLM2-135M "
-          f"fp32; packed decode steps at {CONTEXT}+ tokens of context; median of {args.runs} runs x {args.steps} steps")
-    print(f"{'rows':>4} {'base ms':>8} {'same ms':>8} {'mixed ms':>9} {'same/base':>9} {'mixed/base':>10}")
+    max_len = CONTEXT + 2 * args.runs * args.steps * 3 + 8
+    packed = packed_forward_for(model, max_len)
+    forward = "transformers" if packed is None else "packed-llama"
+    print(f"# {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); {label}; fp32; "
+          f"{forward} forward; packed decode steps at {CONTEXT}+ tokens of context; median of {args.runs} runs x "
+          f"{args.steps} steps")
+    print(f"{'rows':>4} {'base ms':>8} {'same ms':>8} {'mixed ms':>9} {'same/base':>9} {'mixed/base':>10} "
+          f"{'floor same':>10} {'floor mixed':>11}")
     with torch.inference_mode():
         for rows in args.rows:
-            cache = SlotCache.for_model(model, rows, CONTEXT + 2 * args.runs * args.steps * 3 + 8)
+            cache = SlotCache.for_model(model, rows, max_len)
             cache.add(rows)
             cache.begin_step([CONTEXT] * rows)  # counts CONTEXT (zero) tokens into every row, no forward
             cache.end_step()
             layouts = {"base": [None] * rows, "same": [slots.slot_of("a0")] * rows,
                        "mixed": [slots.slot_of(f"a{i % 8}") for i in range(rows)]}
-
             for layout in layouts.values():  # warm-up
-                decode(model, cache, slots, layout, 1)
+                decode(model, packed, cache, slots, layout, 1)
             times: dict[str, list[float]] = {k: [] for k in layouts}
+            floors: dict[str, list[float]] = {"same": [], "mixed": []}
+            used = {"same": [weights[0]], "mixed": [weights[i % 2] for i in range(min(rows, 8))]}
+            buffers = {k: torch.ones(factor_count(used[k]) // 1024, 1024) for k in floors}
             for _ in range(args.runs):
                 for kind, layout in layouts.items():
-                    times[kind].append(decode(model, cache, slots, layout, args.steps))
+                    times[kind].append(decode(model, packed, cache, slots, layout, args.steps))
+                for kind in floors:  # the bytes' cost over the base step of the same run
+                    floors[kind].append(1 + stream(buffers[kind]) / times["base"][-1])
             med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            floor = {k: statistics.median(v) for k, v in floors.items()}
             print(f"{rows:>4} {med['base']:>8.1f} {med['same']:>8.1f} {med['mixed']:>9.1f} "
-                  f"{med['same'] / med['base']:>9.3f} {med['mixed'] / med['base']:>10.3f}")
+                  f"{med['same'] / med['base']:>9.3f} {med['mixed'] / med['base']:>10.3f} "
+                  f"{floor['same']:>10.3f} {floor['mixed']:>11.3f}")
 
 
 if __name__ == "__main__":

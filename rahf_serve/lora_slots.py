@@ -8,6 +8,11 @@ once per step (`set_rows`); a wrapped layer gathers its rows' factors and adds B
 batched matmuls. Nothing is registered per forward (PEFT's mixed-batch path hooks every LoRA layer on
 every call), and the cost follows the batch, never the number of resident adapters.
 
+A row whose adapter has no weights in a module costs that module nothing: modules are grouped by the set
+of slots that have weights in them, and each group gets its own row plan per step, in which such rows are
+base rows. Adapters with different targets (PEFT's default q/v beside one on every Linear) then read
+only the factors that are there: on a memory-bound decode step, bytes are time.
+
 PEFT still trains, writes and validates bundles; this module only reads their state dict and config.
 Slots beyond `max_loras` are taken back least recently used first, never from a pinned (running) name.
 """
@@ -132,8 +137,47 @@ def blend_rank(components: Sequence[tuple[LoraWeights, float]]) -> int:
     return max(ranks.values(), default=0)
 
 
+@dataclass(frozen=True)
+class _Band:
+    """One-token rows whose slots lie in a short range, so their factors are read where they lie.
+
+    A batched matmul over the slots lo .. lo+count-1, batch entry j of slot lo + j holding up to `depth`
+    rows (zeros elsewhere). A gather copies each row's factors (read, write, read again); a band reads the
+    range once, slots in it that no row uses included, so it is used while count <= 2 x rows."""
+
+    lo: int
+    count: int
+    depth: int
+    """the most rows on one slot"""
+    tokens: torch.Tensor | int
+    """the rows' token positions, or k when they are the first k"""
+    place: torch.Tensor | None
+    """each row's index in the [count * depth] batch; None when the rows are that batch as they are
+    (depth 1, one row per slot of the range, in slot order)"""
+
+
+def _band(tokens: list[int], slots: list[int], device: torch.device) -> _Band | None:
+    """The band of one-token rows at `tokens` on `slots`, or None when their slots are too spread out."""
+    lo = min(slots)
+    count = max(slots) - lo + 1
+    if count > 2 * len(slots):
+        return None
+    seen: Counter[int] = Counter()
+    order = []
+    for slot in slots:
+        order.append((slot - lo, seen[slot]))
+        seen[slot] += 1
+    depth = max(seen.values())
+    first = tokens == list(range(len(tokens)))
+    positions: torch.Tensor | int = len(tokens) if first else torch.tensor(tokens, device=device)
+    if depth == 1 and count == len(slots) and slots == sorted(slots):
+        return _Band(lo, count, 1, positions, None)
+    place = torch.tensor([j * depth + k for j, k in order], device=device)
+    return _Band(lo, count, depth, positions, place)
+
+
 class _Rows:
-    """The step's row -> slot map, shared by every SlotLinear of one model."""
+    """The step's row -> slot map, shared by every SlotLinear whose module the same slots have weights in."""
 
     def __init__(self) -> None:
         self.index: torch.Tensor | None = None
@@ -149,6 +193,8 @@ class _Rows:
         self.gather: tuple[torch.Tensor | int, torch.Tensor] | None = None
         """packed, several LoRAs: (token positions, their slots) of the rows that feed one token; the
         positions as a count k when they are the first k"""
+        self.band: _Band | None = None
+        """packed, several LoRAs, instead of `gather` when the one-token rows' slots lie close together"""
         self.segments: list[tuple[int, int, int]] = []
         """packed, several LoRAs: (start, end, slot) of each LoRA row that feeds several tokens"""
 
@@ -160,6 +206,9 @@ class SlotLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.rows = rows
+        """the plan of this module's group (LoraSlots regroups modules when an adapter comes or goes)"""
+        self._views: dict[tuple[int | None, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        """factor views by (slot, rank, count), see `_factors`"""
         w = base_layer.weight
         # One extra, never written slot: base rows of a mixed batch gather zeros from it.
         with torch.inference_mode(False):
@@ -186,47 +235,117 @@ class SlotLinear(nn.Module):
     def add_lora(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Add each row's LoRA of input `x` to `out`, in place, and return `out`. `out` may be a column
         slice of a wider output (a fused q/k/v matmul's), as long as its leading dims merge into one view."""
-        index = self.rows.index
-        if index is None:
+        plan = self.rows
+        if plan.index is None:
             return out
-        n = index.shape[0]
-        if (x.shape[0] * x.shape[1] if self.rows.packed else x.shape[0]) != n:
-            raise RuntimeError(f"LoRA slots were set for {n} {'tokens' if self.rows.packed else 'rows'} but the "
-                               f"input is {list(x.shape[:-1])}")
-        r = self.rows.rank
-        if self.rows.packed and self.rows.single is None:
-            return self._packed_rows(x, out, r)
-        if self.rows.single is not None:
-            # Gathering copies each row's factors; with one LoRA in the batch they are used where they lie.
-            s = self.rows.single
-            h = torch.mm(x.reshape(-1, x.shape[-1]), self.slot_A[s, :r].t())
-            if self.rows.mask is not None:
-                h.view(n, -1, r).mul_(self.rows.mask)
-            out.view(-1, out.shape[-1]).addmm_(h, self.slot_B[s, :r])
+        if plan.packed:
+            self.add_packed(x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1]))
             return out
-        a = self.slot_A[:, :r].index_select(0, index)
-        b = self.slot_B[:, :r].index_select(0, index)
-        h = torch.bmm(x.reshape(n, -1, x.shape[-1]), a.transpose(1, 2))
-        out.view(n, -1, out.shape[-1]).baddbmm_(h, b)
+        n = plan.index.shape[0]
+        if x.shape[0] != n:
+            raise RuntimeError(f"LoRA slots were set for {n} rows but the input is {list(x.shape[:-1])}")
+        r = plan.rank
+        if plan.single is not None:
+            self._add_single(x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1]), n, plan)
+            return out
+        a_t, b = self._factors(None, r)
+        h = torch.bmm(x.reshape(n, -1, x.shape[-1]), a_t.index_select(0, plan.index))
+        out.view(n, -1, out.shape[-1]).baddbmm_(h, b.index_select(0, plan.index))
         return out
 
-    def _packed_rows(self, x: torch.Tensor, out: torch.Tensor, r: int) -> torch.Tensor:
-        """Several LoRAs over a packed sequence: one-token rows gather their factors (one batched matmul);
-        a prompt chunk uses its slot's factors in place (gathering them per token would copy them)."""
-        x2, o2 = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
-        if self.rows.gather is not None:
-            tokens, slots = self.rows.gather
-            a = self.slot_A[:, :r].index_select(0, slots)
-            b = self.slot_B[:, :r].index_select(0, slots)
+    def add_packed(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """`add_lora` for a packed step's 2-D input [tokens, in] and output [tokens, out] (the engine's
+        forward calls this once per module and step, so it does no more than the plan asks)."""
+        plan = self.rows
+        if plan.index is None:
+            return
+        n = plan.index.shape[0]
+        if x.shape[0] != n:
+            raise RuntimeError(f"LoRA slots were set for {n} tokens but the input is {list(x.shape[:-1])}")
+        if plan.single is not None:
+            self._add_single(x, out, n, plan)
+            return
+        r = plan.rank
+        if plan.band is not None:
+            self._band_rows(x, out, r, plan.band)
+        if plan.gather is not None:
+            tokens, slots = plan.gather
+            a_t, b = self._factors(None, r)
+            a_t, b = a_t.index_select(0, slots), b.index_select(0, slots)
             if isinstance(tokens, int):  # the first `tokens` positions: read and written in place
-                h = torch.bmm(x2[:tokens, None], a.transpose(1, 2))
-                o2[:tokens, None].baddbmm_(h, b)
+                out[:tokens].add_(torch.bmm(torch.bmm(x[:tokens, None], a_t), b)[:, 0])
             else:
-                h = torch.bmm(x2.index_select(0, tokens)[:, None], a.transpose(1, 2))
-                o2.index_add_(0, tokens, torch.bmm(h, b)[:, 0])
-        for start, end, slot in self.rows.segments:
-            o2[start:end].addmm_(torch.mm(x2[start:end], self.slot_A[slot, :r].t()), self.slot_B[slot, :r])
-        return out
+                h = torch.bmm(x.index_select(0, tokens)[:, None], a_t)
+                out.index_add_(0, tokens, torch.bmm(h, b)[:, 0])
+        for start, end, slot in plan.segments:
+            a_t, b = self._factors(slot, r)
+            out[start:end].addmm_(torch.mm(x[start:end], a_t), b)
+
+    def _factors(self, slot: int | None, r: int, count: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A transposed, B) of the first r ranks: of `slot`, [in, r] and [r, out]; of every slot when
+        `slot` is None, [slots, in, r] and [slots, r, out]; of the `count` slots from `slot` when `count`
+        is given, [count, in, r] and [count, r, out]. Views, each made once: the slot tensors are never
+        reallocated, so a view stays valid, and a dict lookup replaces the four indexing calls that would
+        otherwise dominate a one-row step's LoRA cost on a small model."""
+        key = (slot, r, count)
+        views = self._views.get(key)
+        if views is None:
+            if slot is None:
+                views = (self.slot_A[:, :r].transpose(1, 2), self.slot_B[:, :r])
+            elif count:
+                views = (self.slot_A[slot:slot + count, :r].transpose(1, 2), self.slot_B[slot:slot + count, :r])
+            else:
+                views = (self.slot_A[slot, :r].t(), self.slot_B[slot, :r])
+            self._views[key] = views
+        return views
+
+    def _add_single(self, x: torch.Tensor, out: torch.Tensor, n: int, plan: _Rows) -> None:
+        # Gathering copies each row's factors; with one LoRA in the batch they are used where they lie.
+        a_t, b = self._factors(plan.single, plan.rank)
+        h = torch.mm(x, a_t)
+        if plan.mask is not None:
+            h.view(n, -1, plan.rank).mul_(plan.mask)
+        out.addmm_(h, b)
+
+    def _band_rows(self, x: torch.Tensor, out: torch.Tensor, r: int, band: _Band) -> None:
+        a_t, b = self._factors(band.lo, r, band.count)
+        first = isinstance(band.tokens, int)
+        rows = x[:band.tokens] if first else x.index_select(0, band.tokens)  # type: ignore[misc]
+        if band.place is None:
+            y = torch.bmm(torch.bmm(rows[:, None], a_t), b)[:, 0]
+        else:
+            batch = rows.new_zeros(band.count * band.depth, rows.shape[1]).index_copy_(0, band.place, rows)
+            y = torch.bmm(torch.bmm(batch.view(band.count, band.depth, -1), a_t), b)
+            y = y.view(band.count * band.depth, -1).index_select(0, band.place)
+        if first:  # a bmm and an add: baddbmm_ into a strided output loops over the rows
+            out[:band.tokens].add_(y)  # type: ignore[misc]
+        else:
+            out.index_add_(0, band.tokens, y)  # type: ignore[arg-type]
+
+
+def _plan_packed(plan: _Rows, slots: Sequence[int | None], tokens: Sequence[int], device: torch.device) -> None:
+    single_tokens, single_slots, at = [], [], 0
+    for slot, n in zip(slots, tokens, strict=True):
+        if slot is not None and n == 1:
+            single_tokens.append(at)
+            single_slots.append(slot)
+        elif slot is not None and n > 1:
+            plan.segments.append((at, at + n, slot))
+        at += n
+    if single_tokens:
+        plan.band = _band(single_tokens, single_slots, device)
+        if plan.band is None:
+            # The engine keeps decoding rows first, so their tokens are usually the first positions.
+            first = single_tokens == list(range(len(single_tokens)))
+            plan.gather = (len(single_tokens) if first else torch.tensor(single_tokens, device=device),
+                           torch.tensor(single_slots, device=device))
+
+
+def _copy_plan(source: _Rows, target: _Rows) -> None:
+    """Give `target` (another group's plan object, which its modules hold) the plan of `source`."""
+    target.index, target.rank, target.single, target.mask = source.index, source.rank, source.single, source.mask
+    target.packed, target.gather, target.segments = source.packed, source.gather, list(source.segments)
+    target.band = source.band
 
 
 class LoraSlots:
@@ -247,7 +366,12 @@ class LoraSlots:
         self.max_loras = max_loras
         self.max_rank = max_rank
         self.loader = loader
-        self._rows = _Rows()
+        self._groups: dict[frozenset[int], _Rows] = {frozenset(): _Rows()}
+        """slots with weights in a module -> the row plan shared by the modules they have weights in"""
+        self._touched: dict[str, set[int]] = {}
+        """wrapped module path -> the slots that have weights in it"""
+        self._set: tuple[list[int | None], list[int] | None] | None = None
+        """the last `set_rows` arguments, planned again when a load or an unload regroups the modules"""
         self._linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         self._wrapped: dict[str, SlotLinear] = {}
         self._lru: OrderedDict[str, int] = OrderedDict()
@@ -300,9 +424,11 @@ class LoraSlots:
                 a, b = weights.modules[path]
                 module.slot_A[slot, :a.shape[0]].copy_(a)
                 module.slot_B[slot, :a.shape[0]].copy_(b.t())
+                self._touched[path].add(slot)
         self._free.remove(slot)
         self._lru[name] = slot
         self._ranks[slot] = weights.rank
+        self._regroup()
         return slot
 
     def ensure(self, name: str, *, pin: bool = False) -> int:
@@ -331,12 +457,14 @@ class LoraSlots:
         slot = self.slot_of(name)
         if self._pins[name] > 0:
             raise RahfError(f"LoRA {name!r} is used by {self._pins[name]} running row(s); end them first")
-        for module in self._wrapped.values():
+        for path, module in self._wrapped.items():
             module.slot_A[slot].zero_()
             module.slot_B[slot].zero_()
+            self._touched[path].discard(slot)
         del self._lru[name], self._pins[name]
         self._ranks[slot] = 0
         self._free.append(slot)
+        self._regroup()
 
     def set_rows(self, slots: Sequence[int | None], tokens: Sequence[int] | None = None) -> None:
         """The slot of each row of the next forward passes (None: the base model alone).
@@ -347,61 +475,61 @@ class LoraSlots:
         stray = [s for s in slots if s is not None and s not in occupied]
         if stray:
             raise RahfError(f"LoRA slots {stray} hold no adapter")
-        rank = max((self._ranks[s] for s in slots if s is not None), default=0)
+        if tokens is not None and len(tokens) != len(slots):
+            raise RahfError(f"{len(slots)} slots for {len(tokens)} rows")
         self.clear_rows()
+        self._set = (list(slots), None if tokens is None else list(tokens))
+        planned: dict[tuple[int | None, ...], _Rows] = {}
+        for touched, rows in self._groups.items():
+            # A row whose slot has no weights in this group's modules is a base row there.
+            mine = tuple(s if s in touched else None for s in slots)
+            if mine in planned:
+                _copy_plan(planned[mine], rows)
+            else:
+                self._plan(rows, mine, tokens)
+                planned[mine] = rows
+
+    def _plan(self, plan: _Rows, slots: Sequence[int | None], tokens: Sequence[int] | None) -> None:
+        rank = max((self._ranks[s] for s in slots if s is not None), default=0)
         if rank == 0:
             return
         like = next(iter(self._wrapped.values())).slot_A
         device = like.device
         used = {s for s in slots if s is not None}
         if tokens is not None:  # from here on, a "row" is one token of the packed sequence
-            if len(tokens) != len(slots):
-                raise RahfError(f"{len(slots)} slots for {len(tokens)} rows")
-            self._rows.packed = True
-            self._plan_packed(slots, tokens, device)
+            plan.packed = True
+            _plan_packed(plan, slots, tokens, device)
             slots = [s for s, n in zip(slots, tokens, strict=True) for _ in range(n)]
-        self._rows.index = torch.tensor([self.max_loras if s is None else s for s in slots], device=device)
-        self._rows.rank = rank
+        plan.index = torch.tensor([self.max_loras if s is None else s for s in slots], device=device)
+        plan.rank = rank
         if len(used) == 1:
-            self._rows.single = used.pop()
+            plan.single = used.pop()
             if None in slots:
-                self._rows.mask = torch.tensor([float(s is not None) for s in slots], dtype=like.dtype,
-                                               device=device).view(-1, 1, 1)
+                plan.mask = torch.tensor([float(s is not None) for s in slots], dtype=like.dtype,
+                                         device=device).view(-1, 1, 1)
 
     @property
     def active(self) -> bool:
         """Whether a row set by `set_rows` uses an adapter (False: every wrapped layer is its plain Linear)."""
-        return self._rows.rank > 0
-
-    def _plan_packed(self, slots: Sequence[int | None], tokens: Sequence[int], device: torch.device) -> None:
-        single_tokens, single_slots, at = [], [], 0
-        for slot, n in zip(slots, tokens, strict=True):
-            if slot is not None and n == 1:
-                single_tokens.append(at)
-                single_slots.append(slot)
-            elif slot is not None and n > 1:
-                self._rows.segments.append((at, at + n, slot))
-            at += n
-        if single_tokens:
-            # The engine keeps decoding rows first, so their tokens are usually the first positions.
-            first = single_tokens == list(range(len(single_tokens)))
-            self._rows.gather = (len(single_tokens) if first else torch.tensor(single_tokens, device=device),
-                                 torch.tensor(single_slots, device=device))
+        return any(rows.rank > 0 for rows in self._groups.values())
 
     def clear_rows(self) -> None:
         """Back to the base model for every row."""
-        self._rows.index, self._rows.rank, self._rows.single, self._rows.mask = None, 0, None, None
-        self._rows.packed, self._rows.gather, self._rows.segments = False, None, []
+        self._set = None
+        for rows in self._groups.values():
+            _copy_plan(_Rows(), rows)
 
     def unwrap(self) -> nn.Module:
         """Put the original Linear modules back (the base weights were never touched); returns the model."""
         for path, module in self._wrapped.items():
             parent, _, leaf = path.rpartition(".")
             setattr(self.model.get_submodule(parent), leaf, module.base_layer)
+        self.clear_rows()
         self._wrapped.clear()
+        self._touched.clear()
         self._lru.clear()
         self._free = list(range(self.max_loras))
-        self.clear_rows()
+        self._regroup()
         return self.model
 
     def _check(self, name: str, weights: LoraWeights) -> None:
@@ -428,6 +556,21 @@ class LoraSlots:
 
     def _wrap(self, path: str) -> None:
         parent, _, leaf = path.rpartition(".")
-        module = SlotLinear(self._linears[path], self._rows, self.max_loras, self.max_rank)
+        module = SlotLinear(self._linears[path], self._groups[frozenset()], self.max_loras, self.max_rank)
         setattr(self.model.get_submodule(parent), leaf, module)
         self._wrapped[path] = module
+        self._touched[path] = set()
+
+    def _regroup(self) -> None:
+        """Point each wrapped module at the plan of the slots that have weights in it (after a load or an
+        unload), and plan the rows already set again for the new groups."""
+        groups: dict[frozenset[int], _Rows] = {frozenset(): self._groups[frozenset()]}
+        for path, module in self._wrapped.items():
+            touched = frozenset(self._touched[path])
+            module.rows = groups.setdefault(touched, self._groups.get(touched) or _Rows())
+        self._groups = groups
+        if self._set is not None:
+            slots, tokens = self._set
+            occupied = set(self._lru.values())
+            # A row on a slot unloaded since reads its zeroed factors, i.e. it is a base row.
+            self.set_rows([s if s in occupied else None for s in slots], tokens)

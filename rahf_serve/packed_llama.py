@@ -106,7 +106,7 @@ def _with_slots(modules: tuple[Any, ...], slices: list[slice]) -> list[tuple[Slo
 def _add_lora(module: Any, x: torch.Tensor, out: torch.Tensor) -> None:
     """Add `module`'s per-row LoRA of `x` [total, in] to `out` [total, out] in place, if it has LoRA slots."""
     if isinstance(module, SlotLinear):
-        module.add_lora(x[None], out[None])
+        module.add_packed(x, out)
 
 
 class PackedLlama:
@@ -160,7 +160,7 @@ class PackedLlama:
             x = self._norm(h, blk.ln1)
             qkv = torch.mm(x, blk.qkv_t)
             for module, part in blk.qkv_lora() if lora else ():
-                module.add_lora(x[None], qkv[None, :, part])
+                module.add_packed(x, qkv[:, part])
             qk = qkv[:, :k_end].view(total, heads + kv_heads, head_dim)  # q and k side by side: one rotation
             qk = torch.addcmul(qk * cos, qk.view(total, heads + kv_heads, 2, head_dim // 2).flip(-2).view_as(qk), sin)
             cache.write(i, qk[:, heads:], qkv[:, k_end:].view(total, kv_heads, head_dim))
@@ -171,7 +171,7 @@ class PackedLlama:
             x = self._norm(h, blk.ln2)
             gu = torch.mm(x, blk.gate_up_t)
             for module, part in blk.gate_up_lora() if lora else ():
-                module.add_lora(x[None], gu[None, :, part])
+                module.add_packed(x, gu[:, part])
             act = F.silu(gu[:, :blk.inter]).mul_(gu[:, blk.inter:])
             h = torch.addmm(h, act, blk.down_t)
             if lora:

@@ -199,7 +199,7 @@ def test_rows_name_their_slot_and_release_it(runtime):
     kind, terse = engine._slots.slot_of("kind"), engine._slots.slot_of("terse")
     assert kind != terse
     assert any(sorted(s, key=str) == sorted([None, kind, terse, kind], key=str) for s in seen)
-    assert engine._slots._pins.total() == 0 and engine._slots._rows.index is None
+    assert engine._slots._pins.total() == 0 and not engine._slots.active
 
 def test_engine_thread_runs_in_inference_mode(runtime):
     """Inference mode is per thread: ask the engine thread itself, between two of its steps."""

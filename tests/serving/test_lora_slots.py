@@ -140,6 +140,35 @@ def test_packed_rows_equal_each_row_alone(tiny, layout, decode_first):
     assert not slots.active
 
 
+@pytest.mark.parametrize("layout", [[0, 1, 2, 3], [2, 0, 3, 1], [0, 0, 2, None, 2, 1], [0, 7], [7, 0, 0]],
+                         ids=["in-slot-order", "shuffled", "shared-slots-and-a-gap", "spread", "spread-shared"])
+@pytest.mark.parametrize("decode_first", [True, False], ids=["decoding-rows-first", "after-a-prompt"])
+def test_one_token_rows_on_many_slots_equal_each_row_alone(tiny, layout, decode_first):
+    """One-token rows on several slots read their factors in place when the slots lie close together
+    (in order, shuffled, shared, with an unused slot between) and gather them when they are spread out:
+    every token gets what its row alone gets, in every wrapped module."""
+    base, bundles = tiny
+    slots = LoraSlots(copy.deepcopy(base.model).eval(), max_loras=8, max_rank=16)
+    weights = {name: read_lora(read_bundle(path), name) for name, path in bundles.items()}
+    for i in range(8):
+        slots.load_weights(f"a{i}", blend_lora([(weights["wide" if i % 2 else "kind"], 1.0 + i / 8)]))
+    rows = [None if s is None else slots.slot_of(f"a{s}") for s in layout]
+    tokens = [1] * len(rows)
+    if not decode_first:  # a prompt chunk first: the one-token rows are not the first positions
+        rows, tokens = [slots.slot_of("a5"), *rows], [3, *tokens]
+    starts = [sum(tokens[:i]) for i in range(len(tokens))]
+    g = torch.Generator().manual_seed(4)
+    for module in slots._wrapped.values():
+        x = torch.randn(1, sum(tokens), module.in_features, generator=g)
+        with torch.no_grad():
+            slots.set_rows(rows, tokens)
+            packed = module(x)
+            for slot, start, n in zip(rows, starts, tokens, strict=True):
+                slots.set_rows([slot])
+                torch.testing.assert_close(packed[:, start:start + n], module(x[:, start:start + n]),
+                                           atol=1e-5, rtol=1e-5)
+
+
 def test_sixty_four_resident_adapters_give_the_same_logits_as_one(tiny):
     base, bundles = tiny
     model = copy.deepcopy(base.model).eval()
@@ -262,6 +291,37 @@ def test_slot_tensors_are_allocated_once(tiny):
     # "kind" now sits where "wide" (higher rank, every module) was: nothing of "wide" may be left there.
     assert torch.equal(slot_rows(slots, ids, ["kind", None]), fresh)
     assert [(m.slot_A.data_ptr(), m.slot_B.data_ptr()) for m in wrapped] == ptrs
+
+
+def test_a_row_reads_no_factors_in_modules_its_adapter_leaves_alone(tiny):
+    """"kind" has weights in q/v only, "wide" in every Linear: in k_proj a "kind" row is a base row (only
+    "wide"'s factors are read, in place), in q_proj both are gathered; the logits stay PEFT's. Loading or
+    unloading an adapter regroups the modules and plans the rows already set again."""
+    base, bundles = tiny
+    plain = copy.deepcopy(base.model).eval()
+    ids = ids_for(plain, 3)
+    names = ["kind", "wide", None]
+    want = peft_per_row(plain, bundles, ids, names)
+    slots = LoraSlots(copy.deepcopy(plain), max_loras=4, max_rank=16)
+    weights = {name: read_lora(read_bundle(path), name) for name, path in bundles.items()}
+    slots.load_weights("kind", weights["kind"])
+    slots.set_rows([slots.slot_of("kind"), None, None])
+    slots.load_weights("wide", weights["wide"])  # after set_rows: the new groups are planned too
+    with torch.no_grad():
+        assert torch.equal(slots.model(ids).logits[0], slot_rows(slots, ids, ["kind", None, None])[0])
+    got = slot_rows(slots, ids, names)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+    layer = "model.layers.1.self_attn."
+    q, k = slots._wrapped[layer + "q_proj"], slots._wrapped[layer + "k_proj"]
+    assert q.rows.single is None and q.rows.index.tolist() == [slots.slot_of("kind"), slots.slot_of("wide"), 4]
+    assert k.rows.single == slots.slot_of("wide") and k.rows.mask.flatten().tolist() == [0.0, 1.0, 0.0]
+
+    slots.unload("wide")  # the rows stay set: "wide"'s row is now a base row everywhere
+    assert k.rows.index is None and q.rows.single == slots.slot_of("kind")
+    with torch.no_grad():
+        alone = slots.model(ids).logits
+    torch.testing.assert_close(alone, peft_per_row(plain, bundles, ids, ["kind", None, None]), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow

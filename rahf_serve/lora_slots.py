@@ -248,8 +248,8 @@ class SlotLinear(nn.Module):
         if plan.single is not None:
             self._add_single(x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1]), n, plan)
             return out
-        a_t, b = self._factors(None, r)
-        h = torch.bmm(x.reshape(n, -1, x.shape[-1]), a_t.index_select(0, plan.index))
+        a, b = self._factors(None, r)
+        h = torch.bmm(x.reshape(n, -1, x.shape[-1]), a.index_select(0, plan.index).transpose(1, 2))
         out.view(n, -1, out.shape[-1]).baddbmm_(h, b.index_select(0, plan.index))
         return out
 
@@ -270,8 +270,8 @@ class SlotLinear(nn.Module):
             self._band_rows(x, out, r, plan.band)
         if plan.gather is not None:
             tokens, slots = plan.gather
-            a_t, b = self._factors(None, r)
-            a_t, b = a_t.index_select(0, slots), b.index_select(0, slots)
+            a, b = self._factors(None, r)  # copied row by row as stored, then transposed as a view
+            a_t, b = a.index_select(0, slots).transpose(1, 2), b.index_select(0, slots)
             if isinstance(tokens, int):  # the first `tokens` positions: read and written in place
                 out[:tokens].add_(torch.bmm(torch.bmm(x[:tokens, None], a_t), b)[:, 0])
             else:
@@ -282,16 +282,16 @@ class SlotLinear(nn.Module):
             out[start:end].addmm_(torch.mm(x[start:end], a_t), b)
 
     def _factors(self, slot: int | None, r: int, count: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A transposed, B) of the first r ranks: of `slot`, [in, r] and [r, out]; of every slot when
-        `slot` is None, [slots, in, r] and [slots, r, out]; of the `count` slots from `slot` when `count`
-        is given, [count, in, r] and [count, r, out]. Views, each made once: the slot tensors are never
-        reallocated, so a view stays valid, and a dict lookup replaces the four indexing calls that would
-        otherwise dominate a one-row step's LoRA cost on a small model."""
+        """(A transposed, B) of the first r ranks: of `slot`, [in, r] and [r, out]; of the `count` slots
+        from `slot` when `count` is given, [count, in, r] and [count, r, out]; (A, B) of every slot, for
+        gathering, when `slot` is None: [slots, r, in] and [slots, r, out]. Views, each made once: the
+        slot tensors are never reallocated, so a view stays valid, and a dict lookup replaces the four
+        indexing calls that would otherwise dominate a one-row step's LoRA cost on a small model."""
         key = (slot, r, count)
         views = self._views.get(key)
         if views is None:
             if slot is None:
-                views = (self.slot_A[:, :r].transpose(1, 2), self.slot_B[:, :r])
+                views = (self.slot_A[:, :r], self.slot_B[:, :r])
             elif count:
                 views = (self.slot_A[slot:slot + count, :r].transpose(1, 2), self.slot_B[slot:slot + count, :r])
             else:

@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py                      # the embedded SmolLM2-135M
     OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --shape llama-1b     # random weights, TinyLlama's shape
+    OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --loaded 64          # also with 56 more adapters resident
 
 The engine's path: a packed decode step (one token per row) through a `SlotCache` with `LoraSlots`, on the
 forward `Engine._forward` runs (`PackedLlama` for llama bases), with the slots set once per step as the
@@ -17,6 +18,10 @@ machine streams memory. Each run also times one matrix-vector product over a buf
 as the layout's factors (each distinct slot's A and B, in each module where it has weights): what those
 bytes cost at best. The floor is (base step + that) / base step; a layout gets below it only as far as
 its reads overlap with compute, which a memory-bound decode step leaves little room for.
+
+`--loaded N`: every run also loads N - 8 more adapters (slots the layouts do not use), times the three
+layouts again and unloads them, so "N loaded / 8 loaded" compares the same work, interleaved, with only
+the number of resident adapters changed.
 """
 
 from __future__ import annotations
@@ -117,6 +122,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[8])
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--loaded", type=int, default=8,
+                    help="also time every layout with this many adapters resident (more than 8), in the same runs")
     ap.add_argument("--shape", choices=["smollm2-135m", *SHAPES], default="smollm2-135m",
                     help="the embedded SmolLM2-135M with the shipped bundles, or a random llama of a larger shape")
     args = ap.parse_args()
@@ -129,17 +136,19 @@ def main() -> None:
         weights = [random_lora(model, ALL, 0), random_lora(model, ALL[:4], 1)]
         label = f"random {args.shape} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters), " \
                 "random r16 LoRAs on every Linear and on q/k/v/o"
-    slots = LoraSlots(model, max_loras=8, max_rank=RANK)
+    slots = LoraSlots(model, max_loras=max(8, args.loaded), max_rank=RANK)
     for i in range(8):
         slots.load_weights(f"a{i}", weights[i % 2])
-    max_len = CONTEXT + 2 * args.runs * args.steps * 3 + 8
+    fillers = [f"f{i}" for i in range(8, args.loaded)]
+    max_len = CONTEXT + 2 * args.runs * args.steps * 3 * (2 if fillers else 1) + 8
     packed = packed_forward_for(model, max_len)
     forward = "transformers" if packed is None else "packed-llama"
     print(f"# {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); {label}; fp32; "
           f"{forward} forward; packed decode steps at {CONTEXT}+ tokens of context; median of {args.runs} runs x "
           f"{args.steps} steps")
+    extra = f" {'base, same, mixed: ' + str(args.loaded) + ' loaded / 8':>34}" if fillers else ""
     print(f"{'rows':>4} {'base ms':>8} {'same ms':>8} {'mixed ms':>9} {'same/base':>9} {'mixed/base':>10} "
-          f"{'floor same':>10} {'floor mixed':>11}")
+          f"{'floor same':>10} {'floor mixed':>11}{extra}")
     with torch.inference_mode():
         for rows in args.rows:
             cache = SlotCache.for_model(model, rows, max_len)
@@ -151,6 +160,7 @@ def main() -> None:
             for layout in layouts.values():  # warm-up
                 decode(model, packed, cache, slots, layout, 1)
             times: dict[str, list[float]] = {k: [] for k in layouts}
+            crowded: dict[str, list[float]] = {k: [] for k in layouts}
             floors: dict[str, list[float]] = {"same": [], "mixed": []}
             used = {"same": [weights[0]], "mixed": [weights[i % 2] for i in range(min(rows, 8))]}
             buffers = {k: torch.ones(factor_count(used[k]) // 1024, 1024) for k in floors}
@@ -159,11 +169,22 @@ def main() -> None:
                     times[kind].append(decode(model, packed, cache, slots, layout, args.steps))
                 for kind in floors:  # the bytes' cost over the base step of the same run
                     floors[kind].append(1 + stream(buffers[kind]) / times["base"][-1])
+                if fillers:
+                    for i, name in enumerate(fillers):
+                        slots.load_weights(name, weights[i % 2])
+                    for kind, layout in layouts.items():
+                        crowded[kind].append(decode(model, packed, cache, slots, layout, args.steps))
+                    for name in fillers:
+                        slots.unload(name)
             med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
             floor = {k: statistics.median(v) for k, v in floors.items()}
             print(f"{rows:>4} {med['base']:>8.1f} {med['same']:>8.1f} {med['mixed']:>9.1f} "
                   f"{med['same'] / med['base']:>9.3f} {med['mixed'] / med['base']:>10.3f} "
-                  f"{floor['same']:>10.3f} {floor['mixed']:>11.3f}")
+                  f"{floor['same']:>10.3f} {floor['mixed']:>11.3f}", end="")
+            if fillers:  # per run, then the median: both counts ran in the same run
+                ratio = {k: statistics.median(c / t for c, t in zip(crowded[k], times[k], strict=True)) for k in layouts}
+                print(f" {ratio['base']:>12.3f} {ratio['same']:>6.3f} {ratio['mixed']:>6.3f}", end="")
+            print()
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from .lora_slots import SlotLinear
 log = logging.getLogger(__name__)
 
 _ROPE_TYPES = ("default", "linear", "llama3")
+_NO_LORA: tuple[None, ...] = (None,) * 7
 """Rotary types whose angles depend on the position alone (a table built once is exact)."""
 
 
@@ -90,23 +91,27 @@ class _Block:
         self.o_t, self.down_t = attn.o_proj.weight.t(), mlp.down_proj.weight.t()
         self.inter = self.gate_up_slices[0].stop
 
-    # Looked up each step: LoraSlots wraps a module the first time an adapter needs it.
-    def qkv_lora(self) -> list[tuple[SlotLinear, slice]]:
-        return _with_slots((self.attn.q_proj, self.attn.k_proj, self.attn.v_proj), self.qkv_slices)
+        self._seen: tuple[Any, ...] = ()
+        self._slotted: tuple[SlotLinear | None, ...] = (None,) * 7
 
-    def gate_up_lora(self) -> list[tuple[SlotLinear, slice]]:
-        return _with_slots((self.mlp.gate_proj, self.mlp.up_proj), self.gate_up_slices)
+    def slotted(self) -> tuple[SlotLinear | None, ...]:
+        """q, k, v, o, gate, up, down: each the module if it holds LoRA slots, else None. Looked up each
+        step (LoraSlots wraps a module the first time an adapter needs it) in the modules' own dicts, which
+        is cheaper than attribute access on a Module."""
+        attn, mlp = self.attn._modules, self.mlp._modules
+        seen = (attn["q_proj"], attn["k_proj"], attn["v_proj"], attn["o_proj"], mlp["gate_proj"], mlp["up_proj"],
+                mlp["down_proj"])
+        if seen != self._seen:
+            self._seen = seen
+            self._slotted = tuple(m if isinstance(m, SlotLinear) else None for m in seen)
+        return self._slotted
 
 
-def _with_slots(modules: tuple[Any, ...], slices: list[slice]) -> list[tuple[SlotLinear, slice]]:
-    """The (module, its slice of the fused output) pairs whose module holds LoRA slots."""
-    return [(m, s) for m, s in zip(modules, slices, strict=True) if isinstance(m, SlotLinear)]
-
-
-def _add_lora(module: Any, x: torch.Tensor, out: torch.Tensor) -> None:
-    """Add `module`'s per-row LoRA of `x` [total, in] to `out` [total, out] in place, if it has LoRA slots."""
-    if isinstance(module, SlotLinear):
-        module.add_packed(x, out)
+def _add_lora(module: SlotLinear | None, x: torch.Tensor, out: torch.Tensor, part: slice | None = None) -> None:
+    """Add `module`'s per-row LoRA of `x` [total, in] to `out` [total, out] (or to its columns `part`) in
+    place, if it holds LoRA slots that a row of this step uses; nothing is sliced or called otherwise."""
+    if module is not None and module.rows.index is not None:
+        module.add_packed(x, out if part is None else out[:, part])
 
 
 class PackedLlama:
@@ -157,25 +162,29 @@ class PackedLlama:
         cos, sin = self.cos[step.columns][:, None], self.sin_signed[step.columns][:, None]
         h = self.embed(ids[0])  # [total, hidden]: every product below is one 2-D matmul
         for i, blk in enumerate(self.blocks):
+            q, k, v, o_proj, gate, up, down = blk.slotted() if lora else _NO_LORA
             x = self._norm(h, blk.ln1)
             qkv = torch.mm(x, blk.qkv_t)
-            for module, part in blk.qkv_lora() if lora else ():
-                module.add_packed(x, qkv[:, part])
+            if lora:
+                _add_lora(q, x, qkv, blk.qkv_slices[0])
+                _add_lora(k, x, qkv, blk.qkv_slices[1])
+                _add_lora(v, x, qkv, blk.qkv_slices[2])
             qk = qkv[:, :k_end].view(total, heads + kv_heads, head_dim)  # q and k side by side: one rotation
             qk = torch.addcmul(qk * cos, qk.view(total, heads + kv_heads, 2, head_dim // 2).flip(-2).view_as(qk), sin)
             cache.write(i, qk[:, heads:], qkv[:, k_end:].view(total, kv_heads, head_dim))
             o = cache.attend_packed(i, qk[:, :heads], self.scaling).view(total, q_end)
             h = torch.addmm(h, o, blk.o_t)  # the residual add inside the product
             if lora:  # LoRA is linear: adding it to h adds it to o_proj's output
-                _add_lora(blk.attn.o_proj, o, h)
+                _add_lora(o_proj, o, h)
             x = self._norm(h, blk.ln2)
             gu = torch.mm(x, blk.gate_up_t)
-            for module, part in blk.gate_up_lora() if lora else ():
-                module.add_packed(x, gu[:, part])
+            if lora:
+                _add_lora(gate, x, gu, blk.gate_up_slices[0])
+                _add_lora(up, x, gu, blk.gate_up_slices[1])
             act = F.silu(gu[:, :blk.inter]).mul_(gu[:, blk.inter:])
             h = torch.addmm(h, act, blk.down_t)
             if lora:
-                _add_lora(blk.mlp.down_proj, act, h)
+                _add_lora(down, act, h)
             delta = deltas.get(i + 1)
             if delta is not None:
                 h = h + delta[0].to(h.dtype)

@@ -98,6 +98,27 @@ def test_the_packed_forward_serves_exactly_what_transformers_forward_serves(engi
             assert [x.logprob for x in g_prompt[1:]] == pytest.approx([x.logprob for x in w_prompt[1:]], abs=1e-4)
 
 
+def test_modules_wrapped_after_steps_ran_are_used(lively_model_dir, bundles):
+    """The forward keeps each block's LoRA modules between steps; an adapter loaded later that wraps
+    more of them (q/v first, then every Linear) is served exactly as by transformers' forward."""
+    reqs = [GenerationRequest(prompt(6, 11), SamplingParams(max_tokens=6, temperature=0.0), name)
+            for name in ("qv", "every")]
+    outputs = []
+    for packed in (True, False):
+        engine = Engine(load_lively(lively_model_dir), max_batch=4, max_new_tokens=16, packed_forward=packed)
+        registry = AdapterRegistry(engine, bundles)
+        with engine:
+            registry.load("qv", str(bundles / "qv"))
+            first = run_together(engine, reqs[:1])
+            assert not any(hasattr(m, "slot_A") for n, m in engine.model.named_modules() if n.endswith("o_proj"))
+            registry.load("every", str(bundles / "every"))
+            outputs.append((first, run_together(engine, reqs)))
+    (first, both), (want_first, want_both) = outputs
+    tokens = lambda runs: [[t for e in run for t in e.token_ids] for run in runs]  # noqa: E731
+    assert tokens(first) == tokens(want_first) and tokens(both) == tokens(want_both)
+    assert tokens(both)[0] == tokens(first)[0]
+
+
 def test_fused_weights_leave_the_model_the_same_for_other_callers(lively_model_dir, bundles):
     fresh = load_lively(lively_model_dir).model
     ids = torch.tensor([prompt(12, 9)])

@@ -11,7 +11,8 @@ Linear (Dual's) and on q/k/v/o (SCIT's); on SmolLM2 the shipped bundles themselv
 random factors of those shapes (speed does not depend on the values). Layouts per batch size: every row
 the base, every row one adapter ("same"), row i adapter i % 8 ("mixed"). The layouts alternate within
 every run, so load swings on a shared machine hit them alike; each cell is the median over runs of the
-mean step time. Rows start with 256 tokens of context.
+mean step time. Rows start with 256 tokens of context. "walk": base rows with the forward's LoRA path
+on, i.e. what looking for LoRA work costs when there is none.
 
 The floor, measured in the same runs: a step cannot read the LoRA factors its rows use faster than this
 machine streams memory. Each run also times one matrix-vector product over a buffer of as many float32
@@ -85,8 +86,9 @@ def random_lora(model: torch.nn.Module, targets: tuple[str, ...], seed: int) -> 
 
 
 def decode(model: torch.nn.Module, packed: PackedLlama | None, cache: SlotCache, slots: LoraSlots,
-           layout: list[int | None], steps: int) -> float:
-    """Mean time of `steps` packed decode steps, one token per row, row i on LoRA slot layout[i]."""
+           layout: list[int | None], steps: int, walk: bool = False) -> float:
+    """Mean time of `steps` packed decode steps, one token per row, row i on LoRA slot layout[i]; `walk`:
+    the packed forward runs its LoRA path even when no row uses a slot (what that path costs alone)."""
     rows = len(layout)
     ids = pack_inputs([[1]] * rows, "cpu")
     start = time.perf_counter()
@@ -94,7 +96,7 @@ def decode(model: torch.nn.Module, packed: PackedLlama | None, cache: SlotCache,
         step = cache.begin_step([1] * rows)
         slots.set_rows(layout, [1] * rows)  # as the engine does, once per step
         if packed is not None:
-            packed(ids, step, cache, {}, False, slots.active)
+            packed(ids, step, cache, {}, False, walk or slots.active)
         else:
             with cache.attending(model):
                 model(input_ids=ids, attention_mask=step.attention_mask, position_ids=step.position_ids,
@@ -140,7 +142,7 @@ def main() -> None:
     for i in range(8):
         slots.load_weights(f"a{i}", weights[i % 2])
     fillers = [f"f{i}" for i in range(8, args.loaded)]
-    max_len = CONTEXT + 2 * args.runs * args.steps * 3 * (2 if fillers else 1) + 8
+    max_len = CONTEXT + 2 * args.runs * args.steps * 4 * (2 if fillers else 1) + 8
     packed = packed_forward_for(model, max_len)
     forward = "transformers" if packed is None else "packed-llama"
     print(f"# {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); {label}; fp32; "
@@ -148,7 +150,7 @@ def main() -> None:
           f"{args.steps} steps")
     extra = f" {'base, same, mixed: ' + str(args.loaded) + ' loaded / 8':>34}" if fillers else ""
     print(f"{'rows':>4} {'base ms':>8} {'same ms':>8} {'mixed ms':>9} {'same/base':>9} {'mixed/base':>10} "
-          f"{'floor same':>10} {'floor mixed':>11}{extra}")
+          f"{'floor same':>10} {'floor mixed':>11} {'walk/base':>9}{extra}")
     with torch.inference_mode():
         for rows in args.rows:
             cache = SlotCache.for_model(model, rows, max_len)
@@ -161,12 +163,14 @@ def main() -> None:
                 decode(model, packed, cache, slots, layout, 1)
             times: dict[str, list[float]] = {k: [] for k in layouts}
             crowded: dict[str, list[float]] = {k: [] for k in layouts}
+            walks: list[float] = []
             floors: dict[str, list[float]] = {"same": [], "mixed": []}
             used = {"same": [weights[0]], "mixed": [weights[i % 2] for i in range(min(rows, 8))]}
             buffers = {k: torch.ones(factor_count(used[k]) // 1024, 1024) for k in floors}
             for _ in range(args.runs):
                 for kind, layout in layouts.items():
                     times[kind].append(decode(model, packed, cache, slots, layout, args.steps))
+                walks.append(decode(model, packed, cache, slots, layouts["base"], args.steps, walk=True))
                 for kind in floors:  # the bytes' cost over the base step of the same run
                     floors[kind].append(1 + stream(buffers[kind]) / times["base"][-1])
                 if fillers:
@@ -180,7 +184,8 @@ def main() -> None:
             floor = {k: statistics.median(v) for k, v in floors.items()}
             print(f"{rows:>4} {med['base']:>8.1f} {med['same']:>8.1f} {med['mixed']:>9.1f} "
                   f"{med['same'] / med['base']:>9.3f} {med['mixed'] / med['base']:>10.3f} "
-                  f"{floor['same']:>10.3f} {floor['mixed']:>11.3f}", end="")
+                  f"{floor['same']:>10.3f} {floor['mixed']:>11.3f} "
+                  f"{statistics.median(w / b for w, b in zip(walks, times['base'], strict=True)):>9.3f}", end="")
             if fillers:  # per run, then the median: both counts ran in the same run
                 ratio = {k: statistics.median(c / t for c, t in zip(crowded[k], times[k], strict=True)) for k in layouts}
                 print(f" {ratio['base']:>12.3f} {ratio['same']:>6.3f} {ratio['mixed']:>6.3f}", end="")

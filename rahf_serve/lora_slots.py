@@ -3,10 +3,11 @@
 Every targeted Linear of a plain causal LM is replaced by a `SlotLinear` that holds, for each slot,
 A [max_rank, in] and B transposed, [max_rank, out] (a slot's first r rows are then one contiguous
 block), the LoRA scaling folded into B, zero-padded above the adapter's rank and all zero in modules
-the adapter does not touch. The engine sets each row's slot
-once per step (`set_rows`); a wrapped layer gathers its rows' factors and adds B_row (A_row x) in two
-batched matmuls. Nothing is registered per forward (PEFT's mixed-batch path hooks every LoRA layer on
-every call), and the cost follows the batch, never the number of resident adapters.
+the adapter does not touch. The engine sets each row's slot once per step (`set_rows`); a wrapped layer
+adds B_row (A_row x) in two batched matmuls, reading the factors where they lie when it can (one slot in
+use; one-token rows on nearby slots, as a band; a prompt chunk) and gathering copies of them only for
+rows on widely spread slots. Nothing is registered per forward (PEFT's mixed-batch path hooks every LoRA
+layer on every call), and the cost follows the batch, never the number of resident adapters.
 
 A row whose adapter has no weights in a module costs that module nothing: modules are grouped by the set
 of slots that have weights in them, and each group gets its own row plan per step, in which such rows are

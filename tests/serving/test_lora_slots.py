@@ -110,6 +110,23 @@ def test_rows_match_peft_one_row_at_a_time(tiny, layout):
         assert (name is None) == torch.allclose(got[i], unchanged[i], atol=1e-5)
 
 
+def assert_packed_equals_each_row_alone(slots: LoraSlots, rows: list[int | None], tokens: list[int]) -> None:
+    """In every wrapped module, a packed step over `rows` (row i owning tokens[i] positions) gives each
+    row's tokens what that row alone gives."""
+    starts = [sum(tokens[:i]) for i in range(len(tokens))]
+    g = torch.Generator().manual_seed(3)
+    for module in slots._wrapped.values():
+        x = torch.randn(1, sum(tokens), module.in_features, generator=g)
+        with torch.no_grad():
+            slots.set_rows(rows, tokens)
+            packed = module(x)
+            for slot, start, n in zip(rows, starts, tokens, strict=True):
+                slots.set_rows([slot])
+                torch.testing.assert_close(packed[:, start:start + n], module(x[:, start:start + n]),
+                                           atol=1e-5, rtol=1e-5)
+                assert slots.active == (slot is not None)
+
+
 @pytest.mark.parametrize("decode_first", [False, True], ids=["interleaved", "decoding-rows-first"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_packed_rows_equal_each_row_alone(tiny, layout, decode_first):
@@ -123,19 +140,7 @@ def test_packed_rows_equal_each_row_alone(tiny, layout, decode_first):
     tokens = [1 if i % 2 else 3 + i for i in range(len(names))]
     if decode_first:
         tokens = sorted(tokens)
-    ids = [None if n is None else slots.slot_of(n) for n in names]
-    starts = [sum(tokens[:i]) for i in range(len(tokens))]
-    g = torch.Generator().manual_seed(3)
-    for module in slots._wrapped.values():
-        x = torch.randn(1, sum(tokens), module.in_features, generator=g)
-        with torch.no_grad():
-            slots.set_rows(ids, tokens)
-            packed = module(x)
-            for slot, start, n in zip(ids, starts, tokens, strict=True):
-                slots.set_rows([slot])
-                torch.testing.assert_close(packed[:, start:start + n], module(x[:, start:start + n]),
-                                           atol=1e-5, rtol=1e-5)
-                assert slots.active == (slot is not None)
+    assert_packed_equals_each_row_alone(slots, [None if n is None else slots.slot_of(n) for n in names], tokens)
     slots.clear_rows()
     assert not slots.active
 
@@ -156,17 +161,7 @@ def test_one_token_rows_on_many_slots_equal_each_row_alone(tiny, layout, decode_
     tokens = [1] * len(rows)
     if not decode_first:  # a prompt chunk first: the one-token rows are not the first positions
         rows, tokens = [slots.slot_of("a5"), *rows], [3, *tokens]
-    starts = [sum(tokens[:i]) for i in range(len(tokens))]
-    g = torch.Generator().manual_seed(4)
-    for module in slots._wrapped.values():
-        x = torch.randn(1, sum(tokens), module.in_features, generator=g)
-        with torch.no_grad():
-            slots.set_rows(rows, tokens)
-            packed = module(x)
-            for slot, start, n in zip(rows, starts, tokens, strict=True):
-                slots.set_rows([slot])
-                torch.testing.assert_close(packed[:, start:start + n], module(x[:, start:start + n]),
-                                           atol=1e-5, rtol=1e-5)
+    assert_packed_equals_each_row_alone(slots, rows, tokens)
 
 
 def test_sixty_four_resident_adapters_give_the_same_logits_as_one(tiny):

@@ -12,6 +12,10 @@ swings cancel.
 - gather, views: the same, but the rows' inputs and outputs as views (decode rows are contiguous)
 - per slot: a loop over the slots in use, each slot's factors used in place
 - per row, mv: two matrix-vector products per row, factors in place
+- band: the rows' slots as one range of views, one batched matmul each way, factors in place (what
+  `SlotLinear` does for one-token rows on nearby slots; here row i on slot i)
+- floor: the base layers plus one matrix-vector product over a buffer as large as the factors the rows
+  use, i.e. reading those bytes at this machine's streaming rate
 """
 
 from __future__ import annotations
@@ -65,6 +69,19 @@ def main() -> None:
                 idx = (slots == s).nonzero().flatten()
                 out.index_add_(0, idx, torch.mm(torch.mm(x.index_select(0, idx), a[s].t()), b[s]))
 
+    def band() -> None:
+        for w, x, a, b in zip(W, xs, A, B, strict=True):
+            out = F.linear(x, w)
+            out.add_(torch.bmm(torch.bmm(x[:, None], a[:n].transpose(1, 2)), b[:n])[:, 0])
+
+    factors = torch.ones(sum(a[:min(n, S)].numel() + b[:min(n, S)].numel() for a, b in zip(A, B, strict=True)) // 1024,
+                         1024)
+    ones = torch.ones(1024)
+
+    def floor() -> None:
+        base()
+        torch.mv(factors, ones)
+
     def per_row_mv() -> None:
         for w, x, a, b in zip(W, xs, A, B, strict=True):
             out = F.linear(x, w)
@@ -72,7 +89,9 @@ def main() -> None:
                 torch.addmv(out[r], b[s].t(), torch.mv(a[s], x[r]), out=out[r])
 
     layouts = {"base": base, "gather": gather, "gather, views": gather_views, "per slot": per_slot,
-               "per row, mv": per_row_mv}
+               "per row, mv": per_row_mv, "floor": floor}
+    if n <= S:  # row i on slot i: the rows' slots are one range
+        layouts["band"] = band
     times: dict[str, list[float]] = {k: [] for k in layouts}
     with torch.inference_mode():
         for fn in layouts.values():

@@ -343,10 +343,9 @@ def _plan_packed(plan: _Rows, slots: Sequence[int | None], tokens: Sequence[int]
 
 
 def _copy_plan(source: _Rows, target: _Rows) -> None:
-    """Give `target` (another group's plan object, which its modules hold) the plan of `source`."""
-    target.index, target.rank, target.single, target.mask = source.index, source.rank, source.single, source.mask
-    target.packed, target.gather, target.segments = source.packed, source.gather, list(source.segments)
-    target.band = source.band
+    """Give `target` (another group's plan object, which its modules hold) the plan of `source`: every
+    field, so a field added to `_Rows` is copied too (a finished plan is never mutated, only replaced)."""
+    vars(target).update(vars(source))
 
 
 class LoraSlots:

@@ -33,8 +33,9 @@ from .lora_slots import SlotLinear
 log = logging.getLogger(__name__)
 
 _ROPE_TYPES = ("default", "linear", "llama3")
-_NO_LORA: tuple[None, ...] = (None,) * 7
 """Rotary types whose angles depend on the position alone (a table built once is exact)."""
+_NO_LORA: tuple[None, ...] = (None,) * 7
+"""A block's seven Linear modules when none holds LoRA slots."""
 
 
 def unsupported_reason(model: Any) -> str | None:
@@ -92,7 +93,7 @@ class _Block:
         self.inter = self.gate_up_slices[0].stop
 
         self._seen: tuple[Any, ...] = ()
-        self._slotted: tuple[SlotLinear | None, ...] = (None,) * 7
+        self._slotted: tuple[SlotLinear | None, ...] = _NO_LORA
 
     def slotted(self) -> tuple[SlotLinear | None, ...]:
         """q, k, v, o, gate, up, down: each the module if it holds LoRA slots, else None. Looked up each

@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py                      # the embedded SmolLM2-135M
     OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --shape llama-1b     # random weights, TinyLlama's shape
     OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --loaded 64          # also with 56 more adapters resident
+    OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --torch-too          # the kernel against torch's matmuls
 
 The engine's path: a packed decode step (one token per row) through a `SlotCache` with `LoraSlots`, on the
 forward `Engine._forward` runs (`PackedLlama` for llama bases), with the slots set once per step as the
@@ -10,8 +11,8 @@ engine does. Adapters, eight names alternating between two r16 shapes like the s
 Linear (Dual's) and on q/k/v/o (SCIT's); on SmolLM2 the shipped bundles themselves, on a synthetic shape
 random factors of those shapes (speed does not depend on the values). Layouts per batch size: every row
 the base, every row one adapter ("same"), row i adapter i % 8 ("mixed"). The layouts alternate within
-every run, so load swings on a shared machine hit them alike; each cell is the median over runs of the
-mean step time. Rows start with 256 tokens of context. "walk": base rows with the forward's LoRA path
+every run, so load swings on a shared machine hit them alike; a time is the median over runs of the mean
+step time, a ratio the median over runs of that run's ratio. Rows start with 256 tokens of context. "walk": base rows with the forward's LoRA path
 on, i.e. what looking for LoRA work costs when there is none.
 
 The floor, measured in the same runs: a step cannot read the LoRA factors its rows use faster than this
@@ -19,6 +20,10 @@ machine streams memory. Each run also times one matrix-vector product over a buf
 as the layout's factors (each distinct slot's A and B, in each module where it has weights): what those
 bytes cost at best. The floor is (base step + that) / base step; a layout gets below it only as far as
 its reads overlap with compute, which a memory-bound decode step leaves little room for.
+
+Adapter rows run through the C row kernel (`rahf_serve.lora_kernel`) where it builds, as in the engine;
+`--torch-too` also times "same" and "mixed" with torch's batched matmuls in every run (the kernel off),
+so the two are compared interleaved.
 
 `--loaded N`: every run also loads N - 8 more adapters (slots the layouts do not use), times the three
 layouts again and unloads them, so "N loaded / 8 loaded" compares the same work, interleaved, with only
@@ -28,6 +33,7 @@ the number of resident adapters changed.
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import statistics
 import sys
@@ -119,6 +125,11 @@ def stream(buffer: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
+def paired_ratio(other: list[float], base: list[float]) -> float:
+    """The median over runs of each run's ratio (both timed in the same run, so load swings cancel)."""
+    return statistics.median(o / b for o, b in zip(other, base, strict=True))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[8])
@@ -128,6 +139,8 @@ def main() -> None:
                     help="also time every layout with this many adapters resident (more than 8), in the same runs")
     ap.add_argument("--shape", choices=["smollm2-135m", *SHAPES], default="smollm2-135m",
                     help="the embedded SmolLM2-135M with the shipped bundles, or a random llama of a larger shape")
+    ap.add_argument("--torch-too", action="store_true",
+                    help="also time adapter rows with torch's batched matmuls instead of the C kernel, interleaved")
     args = ap.parse_args()
     if args.shape == "smollm2-135m":
         model = load_base("smollm2-135m-instruct", device="cpu", dtype="float32").model.eval()
@@ -139,6 +152,9 @@ def main() -> None:
         label = f"random {args.shape} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters), " \
                 "random r16 LoRAs on every Linear and on q/k/v/o"
     slots = LoraSlots(model, max_loras=max(8, args.loaded), max_rank=RANK)
+    kernel = slots.kernel
+    if args.torch_too and kernel is None:
+        ap.error("--torch-too compares against the C row kernel, which is not available here (see the log)")
     for i in range(8):
         slots.load_weights(f"a{i}", weights[i % 2])
     fillers = [f"f{i}" for i in range(8, args.loaded)]
@@ -147,8 +163,9 @@ def main() -> None:
     forward = "transformers" if packed is None else "packed-llama"
     print(f"# {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); {label}; fp32; "
           f"{forward} forward; packed decode steps at {CONTEXT}+ tokens of context; median of {args.runs} runs x "
-          f"{args.steps} steps")
+          f"{args.steps} steps; adapter rows: {'C row kernel' if kernel else 'torch batched matmuls'}")
     extra = f" {'base, same, mixed: ' + str(args.loaded) + ' loaded / 8':>34}" if fillers else ""
+    extra += f" {'torch same/base':>15} {'torch mixed/base':>16}" if args.torch_too else ""
     print(f"{'rows':>4} {'base ms':>8} {'same ms':>8} {'mixed ms':>9} {'same/base':>9} {'mixed/base':>10} "
           f"{'floor same':>10} {'floor mixed':>11} {'walk/base':>9}{extra}")
     with torch.inference_mode():
@@ -164,6 +181,7 @@ def main() -> None:
             times: dict[str, list[float]] = {k: [] for k in layouts}
             crowded: dict[str, list[float]] = {k: [] for k in layouts}
             walks: list[float] = []
+            torch_times: dict[str, list[float]] = {"same": [], "mixed": []}
             floors: dict[str, list[float]] = {"same": [], "mixed": []}
             used = {"same": [weights[0]], "mixed": [weights[i % 2] for i in range(min(rows, 8))]}
             buffers = {k: torch.ones(factor_count(used[k]) // 1024, 1024) for k in floors}
@@ -171,6 +189,11 @@ def main() -> None:
                 for kind, layout in layouts.items():
                     times[kind].append(decode(model, packed, cache, slots, layout, args.steps))
                 walks.append(decode(model, packed, cache, slots, layouts["base"], args.steps, walk=True))
+                if args.torch_too:
+                    slots.kernel = None
+                    for kind in torch_times:
+                        torch_times[kind].append(decode(model, packed, cache, slots, layouts[kind], args.steps))
+                    slots.kernel = kernel
                 for kind in floors:  # the bytes' cost over the base step of the same run
                     floors[kind].append(1 + stream(buffers[kind]) / times["base"][-1])
                 if fillers:
@@ -182,13 +205,16 @@ def main() -> None:
                         slots.unload(name)
             med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
             floor = {k: statistics.median(v) for k, v in floors.items()}
+            paired = functools.partial(paired_ratio, base=times["base"])
             print(f"{rows:>4} {med['base']:>8.1f} {med['same']:>8.1f} {med['mixed']:>9.1f} "
-                  f"{med['same'] / med['base']:>9.3f} {med['mixed'] / med['base']:>10.3f} "
+                  f"{paired(times['same']):>9.3f} {paired(times['mixed']):>10.3f} "
                   f"{floor['same']:>10.3f} {floor['mixed']:>11.3f} "
-                  f"{statistics.median(w / b for w, b in zip(walks, times['base'], strict=True)):>9.3f}", end="")
+                  f"{paired(walks):>9.3f}", end="")
             if fillers:  # per run, then the median: both counts ran in the same run
                 ratio = {k: statistics.median(c / t for c, t in zip(crowded[k], times[k], strict=True)) for k in layouts}
                 print(f" {ratio['base']:>12.3f} {ratio['same']:>6.3f} {ratio['mixed']:>6.3f}", end="")
+            if args.torch_too:
+                print(f" {paired(torch_times['same']):>15.3f} {paired(torch_times['mixed']):>16.3f}", end="")
             print()
 
 

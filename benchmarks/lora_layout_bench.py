@@ -14,6 +14,8 @@ swings cancel.
 - per row, mv: two matrix-vector products per row, factors in place
 - band: the rows' slots as one range of views, one batched matmul each way, factors in place (what
   `SlotLinear` does for one-token rows on nearby slots; here row i on slot i)
+- C kernel: `rahf_serve.lora_kernel`'s row kernel, one call per layer for all rows, factors in place (what
+  `SlotLinear` does for one-token rows on float32 CPU models where it builds)
 - floor: the base layers plus one matrix-vector product over a buffer as large as the factors the rows
   use, i.e. reading those bytes at this machine's streaming rate
 """
@@ -21,11 +23,18 @@ swings cancel.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rahf_serve.lora_kernel import factors_for, row_kernel, rows_for  # noqa: E402
 
 
 def main() -> None:
@@ -88,10 +97,22 @@ def main() -> None:
             for s, r in rows:
                 torch.addmv(out[r], b[s].t(), torch.mv(a[s], x[r]), out=out[r])
 
+    kernel = row_kernel()
+    kernel_rows = rows_for(None, slots, R)
+    kernel_factors = [factors_for(a, b) for a, b in zip(A, B, strict=True)]  # made once, as SlotLinear does
+    rows_at, factors_at = ctypes.addressof(kernel_rows), [ctypes.addressof(f) for f in kernel_factors]
+
+    def c_kernel() -> None:
+        for w, x, f in zip(W, xs, factors_at, strict=True):
+            out = F.linear(x, w)
+            kernel.rows(rows_at, f, x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0))  # type: ignore[union-attr]
+
     layouts = {"base": base, "gather": gather, "gather, views": gather_views, "per slot": per_slot,
                "per row, mv": per_row_mv, "floor": floor}
     if n <= S:  # row i on slot i: the rows' slots are one range
         layouts["band"] = band
+    if kernel is not None:
+        layouts["C kernel"] = c_kernel
     times: dict[str, list[float]] = {k: [] for k in layouts}
     with torch.inference_mode():
         for fn in layouts.values():

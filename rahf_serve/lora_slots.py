@@ -4,9 +4,10 @@ Every targeted Linear of a plain causal LM is replaced by a `SlotLinear` that ho
 A [max_rank, in] and B transposed, [max_rank, out] (a slot's first r rows are then one contiguous
 block), the LoRA scaling folded into B, zero-padded above the adapter's rank and all zero in modules
 the adapter does not touch. The engine sets each row's slot once per step (`set_rows`); a wrapped layer
-adds B_row (A_row x) in two batched matmuls, reading the factors where they lie when it can (one slot in
-use; one-token rows on nearby slots, as a band; a prompt chunk) and gathering copies of them only for
-rows on widely spread slots. Nothing is registered per forward (PEFT's mixed-batch path hooks every LoRA
+adds B_row (A_row x), reading the factors where they lie: on CPU in float32, one-token rows go through a
+small C kernel (`rahf_serve.lora_kernel`), one call per module for all of them; elsewhere, or without a
+C compiler, two batched matmuls do it (one slot in use; one-token rows on nearby slots, as a band; a
+prompt chunk), gathering copies of the factors only for rows on widely spread slots. Nothing is registered per forward (PEFT's mixed-batch path hooks every LoRA
 layer on every call), and the cost follows the batch, never the number of resident adapters.
 
 A row whose adapter has no weights in a module costs that module nothing: modules are grouped by the set
@@ -20,6 +21,7 @@ Slots beyond `max_loras` are taken back least recently used first, never from a 
 
 from __future__ import annotations
 
+import ctypes
 import math
 import re
 from collections import Counter, OrderedDict
@@ -32,6 +34,7 @@ from torch import nn
 
 from .bundle.layout import LORA_KEY, PEFT_PREFIX, WEIGHTS_FILE, Bundle
 from .errors import BundleError, CorruptBundleError, FingerprintMismatch, LimitExceeded, RahfError
+from .lora_kernel import RowKernel, build_row_kernel, factors_for, row_kernel, rows_for
 
 # Fields that only shape training or initialisation, or describe the bundle: the stored weights say it all.
 _IGNORED_FIELDS = {
@@ -177,6 +180,18 @@ def _band(tokens: list[int], slots: list[int], device: torch.device) -> _Band | 
     return _Band(lo, count, depth, positions, place)
 
 
+class _KernelRows:
+    """One-token rows for the C kernel, whatever their slots: `address` is that of their `lora_kernel.Rows`;
+    it and the int64 tensors behind it live as long as this plan."""
+
+    def __init__(self, tokens: list[int], slots: list[int], rank: int) -> None:
+        first = tokens == list(range(len(tokens)))
+        self._tokens = None if first else torch.tensor(tokens, dtype=torch.int64)
+        self._slots = torch.tensor(slots, dtype=torch.int64)
+        self._struct = rows_for(self._tokens, self._slots, rank)
+        self.address = ctypes.addressof(self._struct)
+
+
 class _Rows:
     """The step's row -> slot map, shared by every SlotLinear whose module the same slots have weights in."""
 
@@ -196,6 +211,8 @@ class _Rows:
         positions as a count k when they are the first k"""
         self.band: _Band | None = None
         """packed, several LoRAs, instead of `gather` when the one-token rows' slots lie close together"""
+        self.kernel: _KernelRows | None = None
+        """packed, with the C kernel: every one-token LoRA row (instead of `gather`, `band` and `single`)"""
         self.segments: list[tuple[int, int, int]] = []
         """packed, several LoRAs: (start, end, slot) of each LoRA row that feeds several tokens"""
 
@@ -203,7 +220,8 @@ class _Rows:
 class SlotLinear(nn.Module):
     """A Linear plus, per batch row, the LoRA of that row's slot."""
 
-    def __init__(self, base_layer: nn.Linear, rows: _Rows, slots: int, max_rank: int) -> None:
+    def __init__(self, base_layer: nn.Linear, rows: _Rows, slots: int, max_rank: int,
+                 kernel: RowKernel | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.rows = rows
@@ -217,6 +235,10 @@ class SlotLinear(nn.Module):
                                                        dtype=w.dtype, device=w.device), persistent=False)
             self.register_buffer("slot_B", torch.zeros(slots + 1, max_rank, base_layer.out_features,
                                                        dtype=w.dtype, device=w.device), persistent=False)
+        self._kernel = kernel
+        # The slot tensors are never reallocated, so the kernel's view of them is made once.
+        self._factors_struct = factors_for(self.slot_A, self.slot_B)
+        self._factors_address = ctypes.addressof(self._factors_struct)
 
     @property
     def in_features(self) -> int:
@@ -254,15 +276,22 @@ class SlotLinear(nn.Module):
         out.view(n, -1, out.shape[-1]).baddbmm_(h, b.index_select(0, plan.index))
         return out
 
-    def add_packed(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        """`add_lora` for a packed step's 2-D input [tokens, in] and output [tokens, out] (the engine's
-        forward calls this once per module and step, so it does no more than the plan asks)."""
+    def add_packed(self, x: torch.Tensor, out: torch.Tensor, part: slice | None = None) -> None:
+        """`add_lora` for a packed step's 2-D input [tokens, in] and output [tokens, out], or [tokens, wider]
+        of which this module's output is the columns `part` (a fused product's). The engine's forward calls
+        this once per module and step, so it does no more than the plan asks."""
         plan = self.rows
         if plan.index is None:
             return
         n = plan.index.shape[0]
         if x.shape[0] != n:
             raise RuntimeError(f"LoRA slots were set for {n} tokens but the input is {list(x.shape[:-1])}")
+        if plan.kernel is not None:
+            self._kernel_rows(x, out, 0 if part is None else part.start, plan.kernel.address)
+            if not plan.segments:
+                return
+        if part is not None:
+            out = out[:, part]
         if plan.single is not None:
             self._add_single(x, out, n, plan)
             return
@@ -308,6 +337,20 @@ class SlotLinear(nn.Module):
             h.view(n, -1, plan.rank).mul_(plan.mask)
         out.addmm_(h, b)
 
+    def _kernel_rows(self, x: torch.Tensor, out: torch.Tensor, column: int, rows: int) -> None:
+        """The kernel over the rows at address `rows`, adding to `out` from its column `column` on."""
+        if x.dtype != torch.float32 or out.dtype != torch.float32:
+            raise RuntimeError(f"the LoRA row kernel adds float32 rows, not {x.dtype} to {out.dtype}")
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        kernel = self._kernel.rows  # type: ignore[union-attr]
+        if out.stride(1) == 1:
+            kernel(rows, self._factors_address, x.data_ptr(), x.stride(0), out.data_ptr() + column * 4, out.stride(0))
+            return
+        y = out.new_zeros(out.shape[0], self.out_features)
+        kernel(rows, self._factors_address, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0))
+        out[:, column:column + self.out_features].add_(y)
+
     def _band_rows(self, x: torch.Tensor, out: torch.Tensor, r: int, band: _Band) -> None:
         a_t, b = self._factors(band.lo, r, band.count)
         first = isinstance(band.tokens, int)
@@ -324,7 +367,8 @@ class SlotLinear(nn.Module):
             out.index_add_(0, band.tokens, y)  # type: ignore[arg-type]
 
 
-def _plan_packed(plan: _Rows, slots: Sequence[int | None], tokens: Sequence[int], device: torch.device) -> None:
+def _plan_packed(plan: _Rows, slots: Sequence[int | None], tokens: Sequence[int], device: torch.device,
+                 kernel: bool, rank: int) -> None:
     single_tokens, single_slots, at = [], [], 0
     for slot, n in zip(slots, tokens, strict=True):
         if slot is not None and n == 1:
@@ -333,13 +377,26 @@ def _plan_packed(plan: _Rows, slots: Sequence[int | None], tokens: Sequence[int]
         elif slot is not None and n > 1:
             plan.segments.append((at, at + n, slot))
         at += n
-    if single_tokens:
+    if single_tokens and kernel:
+        plan.kernel = _KernelRows(single_tokens, single_slots, rank)
+    elif single_tokens:
         plan.band = _band(single_tokens, single_slots, device)
         if plan.band is None:
             # The engine keeps decoding rows first, so their tokens are usually the first positions.
             first = single_tokens == list(range(len(single_tokens)))
             plan.gather = (len(single_tokens) if first else torch.tensor(single_tokens, device=device),
                            torch.tensor(single_slots, device=device))
+
+
+def _kernel_for(model: nn.Module, wanted: bool | None) -> RowKernel | None:
+    if wanted is False:
+        return None
+    weight = next(model.parameters())
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        if wanted:
+            raise RahfError(f"the LoRA row kernel runs on float32 CPU models, not {weight.dtype} on {weight.device}")
+        return None
+    return build_row_kernel() if wanted else row_kernel()
 
 
 def _copy_plan(source: _Rows, target: _Rows) -> None:
@@ -354,15 +411,19 @@ class LoraSlots:
     `targets`: Linear names (leaf, e.g. "q_proj", or full paths) to wrap now; a module an adapter needs
     later is wrapped on its first load. Each wrapped module's slot tensors are allocated once.
     `loader(name)` gives the LoraWeights of a name that `ensure` finds not resident.
+    `kernel`: whether packed steps' one-token rows use the C row kernel; None (the default) uses it when the
+    model is float32 on CPU and the kernel builds here, True insists (KernelUnavailable if it cannot).
     """
 
     def __init__(self, model: nn.Module, *, max_loras: int = 8, max_rank: int = 16, targets: Iterable[str] = (),
-                 loader: Callable[[str], LoraWeights] | None = None) -> None:
+                 loader: Callable[[str], LoraWeights] | None = None, kernel: bool | None = None) -> None:
         if max_loras < 1 or max_rank < 1:
             raise RahfError("--max-loras and --max-lora-rank must be at least 1")
         if any(isinstance(m, SlotLinear) or hasattr(m, "base_layer") for m in model.modules()):
             raise RahfError("LoraSlots needs a plain model: this one already has LoRA layers (PEFT or slots)")
         self.model = model
+        self.kernel = _kernel_for(model, kernel)
+        """the C row kernel, or None: torch's batched matmuls"""
         self.max_loras = max_loras
         self.max_rank = max_rank
         self.loader = loader
@@ -498,11 +559,11 @@ class LoraSlots:
         used = {s for s in slots if s is not None}
         if tokens is not None:  # from here on, a "row" is one token of the packed sequence
             plan.packed = True
-            _plan_packed(plan, slots, tokens, device)
+            _plan_packed(plan, slots, tokens, device, self.kernel is not None, rank)
             slots = [s for s, n in zip(slots, tokens, strict=True) for _ in range(n)]
         plan.index = torch.tensor([self.max_loras if s is None else s for s in slots], device=device)
         plan.rank = rank
-        if len(used) == 1:
+        if len(used) == 1 and plan.kernel is None:
             plan.single = used.pop()
             if None in slots:
                 plan.mask = torch.tensor([float(s is not None) for s in slots], dtype=like.dtype,
@@ -556,7 +617,8 @@ class LoraSlots:
 
     def _wrap(self, path: str) -> None:
         parent, _, leaf = path.rpartition(".")
-        module = SlotLinear(self._linears[path], self._groups[frozenset()], self.max_loras, self.max_rank)
+        module = SlotLinear(self._linears[path], self._groups[frozenset()], self.max_loras, self.max_rank,
+                            self.kernel)
         setattr(self.model.get_submodule(parent), leaf, module)
         self._wrapped[path] = module
         self._touched[path] = set()

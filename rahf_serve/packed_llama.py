@@ -112,7 +112,7 @@ def _add_lora(module: SlotLinear | None, x: torch.Tensor, out: torch.Tensor, par
     """Add `module`'s per-row LoRA of `x` [total, in] to `out` [total, out] (or to its columns `part`) in
     place, if it holds LoRA slots that a row of this step uses; nothing is sliced or called otherwise."""
     if module is not None and module.rows.index is not None:
-        module.add_packed(x, out if part is None else out[:, part])
+        module.add_packed(x, out, part)
 
 
 class PackedLlama:

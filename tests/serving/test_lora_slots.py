@@ -85,6 +85,10 @@ def ids_for(model: torch.nn.Module, rows: int, length: int = 10, seed: int = 0) 
     return torch.randint(0, model.config.vocab_size, (rows, length), generator=g)
 
 
+# One-token rows of packed steps: through the C row kernel, and through torch's batched matmuls (GPUs, or
+# no compiler).
+KERNEL = pytest.mark.parametrize("kernel", [True, False], ids=["c-kernel", "torch"])
+
 LAYOUTS = {
     "mixed": [None, "kind", "wide", None, "mix", "kind"],
     "one-adapter-and-base": [None, "kind", None],
@@ -127,14 +131,15 @@ def assert_packed_equals_each_row_alone(slots: LoraSlots, rows: list[int | None]
                 assert slots.active == (slot is not None)
 
 
+@KERNEL
 @pytest.mark.parametrize("decode_first", [False, True], ids=["interleaved", "decoding-rows-first"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_packed_rows_equal_each_row_alone(tiny, layout, decode_first):
+def test_packed_rows_equal_each_row_alone(tiny, layout, decode_first, kernel):
     """A packed step ([1, total], row i owning tokens[i] positions: one for a decoding row, a chunk for a
     prompt) gives every token what its own row alone gives, in every wrapped module, whether the
     decoding rows are interleaved with prompt chunks or come first (the engine's order, read in place)."""
     base, bundles = tiny
-    slots = LoraSlots(copy.deepcopy(base.model).eval(), max_loras=4, max_rank=16)
+    slots = LoraSlots(copy.deepcopy(base.model).eval(), max_loras=4, max_rank=16, kernel=kernel)
     load_all(slots, bundles)
     names = LAYOUTS[layout]
     tokens = [1 if i % 2 else 3 + i for i in range(len(names))]
@@ -148,12 +153,13 @@ def test_packed_rows_equal_each_row_alone(tiny, layout, decode_first):
 @pytest.mark.parametrize("layout", [[0, 1, 2, 3], [2, 0, 3, 1], [0, 0, 2, None, 2, 1], [0, 7], [7, 0, 0]],
                          ids=["in-slot-order", "shuffled", "shared-slots-and-a-gap", "spread", "spread-shared"])
 @pytest.mark.parametrize("decode_first", [True, False], ids=["decoding-rows-first", "after-a-prompt"])
-def test_one_token_rows_on_many_slots_equal_each_row_alone(tiny, layout, decode_first):
-    """One-token rows on several slots read their factors in place when the slots lie close together
-    (in order, shuffled, shared, with an unused slot between) and gather them when they are spread out:
-    every token gets what its row alone gets, in every wrapped module."""
+@KERNEL
+def test_one_token_rows_on_many_slots_equal_each_row_alone(tiny, layout, decode_first, kernel):
+    """One-token rows on several slots (in order, shuffled, shared, with an unused slot between, spread
+    out): every token gets what its row alone gets, in every wrapped module, from the C kernel and from
+    torch's products (factors read in place as a band when the slots lie close together, else gathered)."""
     base, bundles = tiny
-    slots = LoraSlots(copy.deepcopy(base.model).eval(), max_loras=8, max_rank=16)
+    slots = LoraSlots(copy.deepcopy(base.model).eval(), max_loras=8, max_rank=16, kernel=kernel)
     weights = {name: read_lora(read_bundle(path), name) for name, path in bundles.items()}
     for i in range(8):
         slots.load_weights(f"a{i}", blend_lora([(weights["wide" if i % 2 else "kind"], 1.0 + i / 8)]))
@@ -162,6 +168,9 @@ def test_one_token_rows_on_many_slots_equal_each_row_alone(tiny, layout, decode_
     if not decode_first:  # a prompt chunk first: the one-token rows are not the first positions
         rows, tokens = [slots.slot_of("a5"), *rows], [3, *tokens]
     assert_packed_equals_each_row_alone(slots, rows, tokens)
+    slots.set_rows(rows, tokens)
+    plans = [m.rows for m in slots._wrapped.values()]
+    assert all((p.kernel is not None) == kernel and (p.band is None and p.gather is None) == kernel for p in plans)
 
 
 def test_sixty_four_resident_adapters_give_the_same_logits_as_one(tiny):

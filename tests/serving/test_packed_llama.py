@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rahf_serve import lora_kernel
 from rahf_serve.engine import Engine
 from rahf_serve.models import load_base
 from rahf_serve.packed_llama import unsupported_reason
@@ -96,6 +97,26 @@ def test_the_packed_forward_serves_exactly_what_transformers_forward_serves(engi
         assert (g_prompt is None) == (w_prompt is None)
         if g_prompt is not None:
             assert [x.logprob for x in g_prompt[1:]] == pytest.approx([x.logprob for x in w_prompt[1:]], abs=1e-4)
+
+
+def test_without_the_row_kernel_the_packed_forward_serves_the_same(engines, lively_model_dir, bundles):
+    """Where the C row kernel cannot be built (or on a GPU), one-token LoRA rows go through torch's batched
+    matmuls, on column slices of the fused q/k/v and gate/up products: the same tokens as with the kernel."""
+    _, plain = engines
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lora_kernel, "_built", [None])  # as where it cannot be built
+        gen = served(lively_model_dir, bundles, True)
+        engine = next(gen)
+    try:
+        assert engine._slots.kernel is None and plain._slots.kernel is not None
+        reqs = batch_of_every_kind()
+        got, want = run_together(engine, reqs), run_together(plain, reqs)
+        for g, w in zip(got, want, strict=True):
+            assert [t for e in g for t in e.token_ids] == [t for e in w for t in e.token_ids]
+            g_lp = [x.logprob for e in g for x in (e.logprobs or [])]
+            assert g_lp == pytest.approx([x.logprob for e in w for x in (e.logprobs or [])], abs=1e-4)
+    finally:
+        next(gen, None)
 
 
 def test_modules_wrapped_after_steps_ran_are_used(lively_model_dir, bundles):

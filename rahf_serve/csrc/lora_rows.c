@@ -1,0 +1,91 @@
+/* The LoRA of one-token rows, each on its own slot: y[t] += B_s^T (A_s x[t]) for every row (t, s).
+ *
+ * Why C: on a CPU decode step each row is two matrix-vector products over factors of ~36 KB, and torch's
+ * batched matmul spends more on each small product than reading its bytes takes (benchmarks/
+ * lora_layout_bench.py). Here a row costs one pass over its A and one over its B, read where they lie in
+ * the slot tensors, and a module costs one call for all its rows.
+ *
+ * Layout (rahf_serve/lora_slots.py): A of slot s starts at A + s * a_stride, rank k's row of `in` floats
+ * at + k * in; B is stored transposed, rank k's row of `out` floats at B + s * b_stride + k * out. x and y
+ * are row-major with row strides ldx and ldy (y may be a column slice of a wider output). tokens: the
+ * rows' positions in x and y, or NULL for 0 .. n-1. Each row's arithmetic depends on that row alone, so
+ * a row's result does not change with the batch around it. What stays fixed for a step (the rows) and for
+ * a module (its factors) comes in two structs made once, so a call converts six arguments, not fourteen.
+ *
+ * Sums run in four independent lanes of ranks, vectorised with `omp simd` (no OpenMP runtime is linked:
+ * -fopenmp-simd only enables the pragmas).
+ */
+#include <stdint.h>
+
+struct rahf_rows {
+    int64_t n;
+    const int64_t *tokens;
+    const int64_t *slots;
+    int64_t r;
+};
+
+struct rahf_factors {
+    int64_t in, out;
+    const float *A;
+    int64_t a_stride;
+    const float *B;
+    int64_t b_stride;
+};
+
+void rahf_lora_rows(const struct rahf_rows *rows, const struct rahf_factors *f, const float *x, int64_t ldx,
+                    float *y, int64_t ldy)
+{
+    const int64_t n = rows->n, r = rows->r, in = f->in, out = f->out;
+    const int64_t *tokens = rows->tokens, *slots = rows->slots;
+    const float *A = f->A, *B = f->B;
+    const int64_t a_stride = f->a_stride, b_stride = f->b_stride;
+    float h[r > 0 ? r : 1];
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t t = tokens ? tokens[i] : i;
+        const float *restrict xi = x + t * ldx;
+        float *restrict yi = y + t * ldy;
+        const float *a = A + slots[i] * a_stride;
+        const float *b = B + slots[i] * b_stride;
+        int64_t k = 0;
+        for (; k + 4 <= r; k += 4) {
+            const float *restrict a0 = a + k * in, *restrict a1 = a0 + in, *restrict a2 = a1 + in,
+                        *restrict a3 = a2 + in;
+            float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+:s0, s1, s2, s3)
+            for (int64_t j = 0; j < in; j++) {
+                const float v = xi[j];
+                s0 += a0[j] * v;
+                s1 += a1[j] * v;
+                s2 += a2[j] * v;
+                s3 += a3[j] * v;
+            }
+            h[k] = s0;
+            h[k + 1] = s1;
+            h[k + 2] = s2;
+            h[k + 3] = s3;
+        }
+        for (; k < r; k++) {
+            const float *restrict a0 = a + k * in;
+            float s0 = 0;
+#pragma omp simd reduction(+:s0)
+            for (int64_t j = 0; j < in; j++)
+                s0 += a0[j] * xi[j];
+            h[k] = s0;
+        }
+        for (k = 0; k + 4 <= r; k += 4) {
+            const float *restrict b0 = b + k * out, *restrict b1 = b0 + out, *restrict b2 = b1 + out,
+                        *restrict b3 = b2 + out;
+            const float h0 = h[k], h1 = h[k + 1], h2 = h[k + 2], h3 = h[k + 3];
+#pragma omp simd
+            for (int64_t j = 0; j < out; j++)
+                yi[j] += h0 * b0[j] + h1 * b1[j] + h2 * b2[j] + h3 * b3[j];
+        }
+        for (; k < r; k++) {
+            const float *restrict b0 = b + k * out;
+            const float h0 = h[k];
+#pragma omp simd
+            for (int64_t j = 0; j < out; j++)
+                yi[j] += h0 * b0[j];
+        }
+    }
+}

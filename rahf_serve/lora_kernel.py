@@ -1,0 +1,135 @@
+"""The C kernel for one-token LoRA rows on CPU (csrc/lora_rows.c), built on first use with the system's compiler.
+
+On a CPU decode step each row's LoRA is two small matrix-vector products; torch's batched matmul spends
+more on each of them than reading its factors takes, so eight rows on eight different adapters cost a
+SmolLM2-135M step about 19% against a 5% floor of reading the bytes. The kernel does a module's rows in
+one call, each row one pass over its factors where they lie (benchmarks/lora_layout_bench.py compares).
+
+It is compiled once per source and flags into `<cache>/kernels` (`RAHF_SERVE_CACHE`, default
+~/.cache/rahf-serve) with `$CC` or `cc`, and loaded with ctypes. Where there is no compiler, the build
+fails, or `RAHF_LORA_KERNEL=0`, `row_kernel()` says why once in the log and the slots keep torch's
+products, which give the same results up to float rounding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from .errors import RahfError
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "lora_rows.c"
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+class KernelUnavailable(RahfError):
+    """The row kernel cannot be built or loaded here (the reason says why)."""
+
+
+class Rows(ctypes.Structure):
+    """A step's one-token rows (C `struct rahf_rows`): count, positions (NULL: 0 .. n-1), slots, rank."""
+
+    _fields_ = [("n", _I64), ("tokens", _PTR), ("slots", _PTR), ("r", _I64)]
+
+
+class Factors(ctypes.Structure):
+    """A module's slot tensors (C `struct rahf_factors`): A [slots, rank, in], B transposed [slots, rank, out]."""
+
+    _fields_ = [("in_features", _I64), ("out_features", _I64), ("A", _PTR), ("a_stride", _I64), ("B", _PTR),
+                ("b_stride", _I64)]
+
+
+def rows_for(tokens: torch.Tensor | None, slots: torch.Tensor, rank: int) -> Rows:
+    """The struct for int64 `slots` (and positions `tokens`); the tensors must outlive its use."""
+    return Rows(slots.numel(), None if tokens is None else tokens.data_ptr(), slots.data_ptr(), rank)
+
+
+def factors_for(slot_a: torch.Tensor, slot_b: torch.Tensor) -> Factors:
+    """The struct for float32 slot tensors [slots, rank, in] and [slots, rank, out], contiguous."""
+    if not (slot_a.is_contiguous() and slot_b.is_contiguous()):
+        raise ValueError("the row kernel reads contiguous slot tensors")
+    return Factors(slot_a.shape[2], slot_b.shape[2], slot_a.data_ptr(), slot_a.stride(0), slot_b.data_ptr(),
+                   slot_b.stride(0))
+
+
+class RowKernel:
+    """`rows(&Rows, &Factors, x, ldx, y, ldy)`: the C function, addresses as ints (see csrc/lora_rows.c), adding
+    each row's LoRA to y in place. Nothing is checked below this call: `SlotLinear` owns the shapes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        fn = ctypes.CDLL(str(path)).rahf_lora_rows
+        fn.argtypes, fn.restype = [_PTR, _PTR, _PTR, _I64, _PTR, _I64], None
+        self.rows = fn
+
+
+def _flags() -> list[str]:
+    flags = ["-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp-simd"]
+    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() != "DEFAULT":
+        flags += ["-mavx2", "-mfma"]  # what torch found this CPU has (AVX2 or AVX-512, which includes both)
+    return flags
+
+
+def build_row_kernel(cache: Path | None = None, compiler: str | None = None) -> RowKernel:
+    """Compile (unless this source and these flags are cached) and load the kernel; KernelUnavailable if not."""
+    from .models import cache_root
+
+    cc = compiler or os.environ.get("CC") or "cc"
+    if shutil.which(cc) is None:
+        raise KernelUnavailable(f"no C compiler ({cc!r} is not on PATH; set CC)")
+    flags = _flags()
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(flags).encode() + platform.machine().encode()).hexdigest()[:16]
+    directory = cache or cache_root() / "kernels"
+    path = directory / f"lora_rows-{key}.so"
+    if not path.is_file():
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            # Built beside its final name and renamed: a process that loads it never sees half a file.
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+            os.close(fd)
+        except OSError as err:
+            raise KernelUnavailable(f"cannot write to {directory}: {err}") from err
+        try:
+            done = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                raise KernelUnavailable(f"{cc} failed ({done.returncode}): {done.stderr.strip()[:500]}")
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    try:
+        return RowKernel(path)
+    except (OSError, AttributeError) as err:
+        raise KernelUnavailable(f"cannot load {path}: {err}") from err
+
+
+_lock = threading.Lock()
+_built: list[RowKernel | None] = []
+
+
+def row_kernel() -> RowKernel | None:
+    """The kernel, built at most once per process; None (with the reason logged once) where it cannot be."""
+    with _lock:
+        if not _built:
+            kernel = None
+            if os.environ.get("RAHF_LORA_KERNEL", "1") == "0":
+                log.info("LoRA row kernel off (RAHF_LORA_KERNEL=0): one-token rows use torch's batched matmul")
+            else:
+                try:
+                    kernel = build_row_kernel()
+                except KernelUnavailable as err:
+                    log.warning("LoRA row kernel unavailable, one-token rows use torch's batched matmul: %s", err)
+            _built.append(kernel)
+        return _built[0]

@@ -1,0 +1,93 @@
+"""The C row kernel (rahf_serve/csrc/lora_rows.c): its products against float64 references, its build cache,
+and what happens where it cannot be built."""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+
+import pytest
+import torch
+
+from rahf_serve import lora_kernel
+from rahf_serve.errors import RahfError
+from rahf_serve.lora_kernel import KernelUnavailable, build_row_kernel
+from rahf_serve.lora_slots import LoraSlots
+from tests.serving.conftest import load_lively
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory) -> lora_kernel.RowKernel:
+    return build_row_kernel(tmp_path_factory.mktemp("kernels"))
+
+
+def reference(x, y, rows, A, B, r):
+    """y[t] + B_s[:r]^T (A_s[:r] x[t]) for each row (t, s), in float64."""
+    want = y.double().clone()
+    for t, s in rows:
+        want[t] += B[s, :r].double().t() @ (A[s, :r].double() @ x[t].double())
+    return want
+
+
+@pytest.mark.parametrize("r", [1, 3, 4, 7, 8])
+@pytest.mark.parametrize("positions", ["first", "scattered"])
+def test_rows_equal_their_products_and_leave_other_rows_alone(kernel, r, positions):
+    """Ranks below, at and past the kernel's four-rank blocks, rows sharing slots, a rank below the slots'
+    capacity (8), an output that is a column slice of a wider one, inputs with a row stride."""
+    g = torch.Generator().manual_seed(r)
+    slots, capacity, d_in, d_out = 5, 8, 37, 23
+    A = torch.randn(slots, capacity, d_in, generator=g)
+    B = torch.randn(slots, capacity, d_out, generator=g)
+    x = torch.randn(9, d_in + 5, generator=g)[:, 2:2 + d_in]  # rows d_in + 5 apart
+    wide = torch.randn(9, d_out + 11, generator=g)
+    y = wide[:, 4:4 + d_out]
+    before = wide.clone()
+    slot_of = [3, 0, 3, 4, 1]
+    tokens = list(range(5)) if positions == "first" else [7, 1, 4, 8, 2]
+    want = reference(x, y, list(zip(tokens, slot_of, strict=True)), A, B, r)
+    idx, slot_idx = torch.tensor(tokens), torch.tensor(slot_of)
+    rows = lora_kernel.rows_for(None if positions == "first" else idx, slot_idx, r)
+    factors = lora_kernel.factors_for(A, B)
+    kernel.rows(ctypes.addressof(rows), ctypes.addressof(factors), x.data_ptr(), x.stride(0), y.data_ptr(),
+                y.stride(0))
+    torch.testing.assert_close(y.double(), want, atol=1e-4, rtol=1e-5)
+    untouched = [t for t in range(9) if t not in tokens]
+    assert torch.equal(wide[untouched], before[untouched])  # rows that are not LoRA rows
+    assert torch.equal(wide[:, :4], before[:, :4]) and torch.equal(wide[:, 4 + d_out:], before[:, 4 + d_out:])
+
+
+def test_the_build_is_cached_and_leaves_no_partial_files(tmp_path):
+    first = build_row_kernel(tmp_path)
+    built = first.path.stat().st_mtime_ns
+    second = build_row_kernel(tmp_path)
+    assert second.path == first.path and second.path.stat().st_mtime_ns == built
+    assert [p.name for p in tmp_path.iterdir()] == [first.path.name]
+
+
+def test_a_missing_or_failing_compiler_is_named(tmp_path):
+    with pytest.raises(KernelUnavailable, match="no C compiler .*no-such-cc"):
+        build_row_kernel(tmp_path, compiler="no-such-cc")
+    with pytest.raises(KernelUnavailable, match="false failed"):
+        build_row_kernel(tmp_path, compiler="false")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_without_the_kernel_slots_use_torch_and_say_why(lively_model_dir, monkeypatch, caplog):
+    base = load_lively(lively_model_dir)
+    monkeypatch.setattr(lora_kernel, "_built", [])  # as in a fresh process
+    monkeypatch.setenv("CC", "no-such-cc")
+    monkeypatch.setenv("RAHF_SERVE_CACHE", "/nonexistent-cache")  # nothing cached to fall back on
+    with caplog.at_level("WARNING", logger="rahf_serve.lora_kernel"):
+        slots = LoraSlots(copy.deepcopy(base.model), max_loras=2, max_rank=4)
+    assert slots.kernel is None
+    assert "LoRA row kernel unavailable" in caplog.text and "no-such-cc" in caplog.text
+    monkeypatch.setattr(lora_kernel, "_built", [])
+    monkeypatch.setenv("RAHF_LORA_KERNEL", "0")
+    assert LoraSlots(copy.deepcopy(base.model), max_loras=2, max_rank=4).kernel is None
+
+
+def test_insisting_on_the_kernel_for_a_model_it_cannot_run_is_refused(lively_model_dir):
+    model = copy.deepcopy(load_lively(lively_model_dir).model).to(torch.bfloat16)
+    with pytest.raises(RahfError, match="float32 CPU models, not torch.bfloat16"):
+        LoraSlots(model, max_loras=2, max_rank=4, kernel=True)
+    assert LoraSlots(model, max_loras=2, max_rank=4).kernel is None  # chosen automatically: torch's products

@@ -4,6 +4,7 @@
     OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --shape llama-1b     # random weights, TinyLlama's shape
     OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --loaded 64          # also with 56 more adapters resident
     OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --torch-too          # the kernel against torch's matmuls
+    OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --call-cost          # ... and against the calls alone
 
 The engine's path: a packed decode step (one token per row) through a `SlotCache` with `LoraSlots`, on the
 forward `Engine._forward` runs (`PackedLlama` for llama bases), with the slots set once per step as the
@@ -23,7 +24,8 @@ its reads overlap with compute, which a memory-bound decode step leaves little r
 
 Adapter rows run through the C row kernel (`rahf_serve.lora_kernel`) where it builds, as in the engine;
 `--torch-too` also times "same" and "mixed" with torch's batched matmuls in every run (the kernel off),
-so the two are compared interleaved.
+so the two are compared interleaved. `--call-cost` also times them with a C function that does nothing in
+the kernel's place: what the per-module calls cost without the kernel's work.
 
 `--loaded N`: every run also loads N - 8 more adapters (slots the layouts do not use), times the three
 layouts again and unloads them, so "N loaded / 8 loaded" compares the same work, interleaved, with only
@@ -34,10 +36,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -46,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rahf_serve.bundle import read_bundle  # noqa: E402
 from rahf_serve.kvcache import SlotCache, pack_inputs  # noqa: E402
+from rahf_serve.lora_kernel import RowKernel  # noqa: E402
 from rahf_serve.lora_slots import LoraSlots, LoraWeights, read_lora  # noqa: E402
 from rahf_serve.models import load_base  # noqa: E402
 from rahf_serve.packed_llama import PackedLlama, packed_forward_for  # noqa: E402
@@ -125,6 +132,16 @@ def stream(buffer: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
+def no_op_kernel() -> Callable[..., None]:
+    """A C function of the row kernel's signature that does nothing, built with the same compiler."""
+    directory = Path(tempfile.mkdtemp())
+    (directory / "noop.c").write_text("#include <stdint.h>\nvoid rahf_lora_rows(const void *rows, const void *f, "
+                                      "const float *x, int64_t ldx, float *y, int64_t ldy) {}\n")
+    subprocess.run([os.environ.get("CC", "cc"), "-O2", "-fPIC", "-shared", "-o", str(directory / "noop.so"),
+                    str(directory / "noop.c")], check=True)
+    return RowKernel(directory / "noop.so").rows
+
+
 def paired_ratio(other: list[float], base: list[float]) -> float:
     """The median over runs of each run's ratio (both timed in the same run, so load swings cancel)."""
     return statistics.median(o / b for o, b in zip(other, base, strict=True))
@@ -141,6 +158,8 @@ def main() -> None:
                     help="the embedded SmolLM2-135M with the shipped bundles, or a random llama of a larger shape")
     ap.add_argument("--torch-too", action="store_true",
                     help="also time adapter rows with torch's batched matmuls instead of the C kernel, interleaved")
+    ap.add_argument("--call-cost", action="store_true",
+                    help="also time adapter rows with a no-op in the C kernel's place (the calls alone), interleaved")
     args = ap.parse_args()
     if args.shape == "smollm2-135m":
         model = load_base("smollm2-135m-instruct", device="cpu", dtype="float32").model.eval()
@@ -153,8 +172,9 @@ def main() -> None:
                 "random r16 LoRAs on every Linear and on q/k/v/o"
     slots = LoraSlots(model, max_loras=max(8, args.loaded), max_rank=RANK)
     kernel = slots.kernel
-    if args.torch_too and kernel is None:
-        ap.error("--torch-too compares against the C row kernel, which is not available here (see the log)")
+    if (args.torch_too or args.call_cost) and kernel is None:
+        ap.error("--torch-too and --call-cost need the C row kernel, which is not available here (see the log)")
+    calls_only = no_op_kernel() if args.call_cost else None
     for i in range(8):
         slots.load_weights(f"a{i}", weights[i % 2])
     fillers = [f"f{i}" for i in range(8, args.loaded)]
@@ -166,6 +186,7 @@ def main() -> None:
           f"{args.steps} steps; adapter rows: {'C row kernel' if kernel else 'torch batched matmuls'}")
     extra = f" {'base, same, mixed: ' + str(args.loaded) + ' loaded / 8':>34}" if fillers else ""
     extra += f" {'torch same/base':>15} {'torch mixed/base':>16}" if args.torch_too else ""
+    extra += f" {'calls same/base':>15} {'calls mixed/base':>16}" if args.call_cost else ""
     print(f"{'rows':>4} {'base ms':>8} {'same ms':>8} {'mixed ms':>9} {'same/base':>9} {'mixed/base':>10} "
           f"{'floor same':>10} {'floor mixed':>11} {'walk/base':>9}{extra}")
     with torch.inference_mode():
@@ -182,6 +203,7 @@ def main() -> None:
             crowded: dict[str, list[float]] = {k: [] for k in layouts}
             walks: list[float] = []
             torch_times: dict[str, list[float]] = {"same": [], "mixed": []}
+            call_times: dict[str, list[float]] = {"same": [], "mixed": []}
             floors: dict[str, list[float]] = {"same": [], "mixed": []}
             used = {"same": [weights[0]], "mixed": [weights[i % 2] for i in range(min(rows, 8))]}
             buffers = {k: torch.ones(factor_count(used[k]) // 1024, 1024) for k in floors}
@@ -194,6 +216,12 @@ def main() -> None:
                     for kind in torch_times:
                         torch_times[kind].append(decode(model, packed, cache, slots, layouts[kind], args.steps))
                     slots.kernel = kernel
+                if calls_only is not None:
+                    work = kernel.rows  # type: ignore[union-attr]
+                    kernel.rows = calls_only  # type: ignore[union-attr]  # every SlotLinear calls through it
+                    for kind in call_times:
+                        call_times[kind].append(decode(model, packed, cache, slots, layouts[kind], args.steps))
+                    kernel.rows = work  # type: ignore[union-attr]
                 for kind in floors:  # the bytes' cost over the base step of the same run
                     floors[kind].append(1 + stream(buffers[kind]) / times["base"][-1])
                 if fillers:
@@ -215,6 +243,8 @@ def main() -> None:
                 print(f" {ratio['base']:>12.3f} {ratio['same']:>6.3f} {ratio['mixed']:>6.3f}", end="")
             if args.torch_too:
                 print(f" {paired(torch_times['same']):>15.3f} {paired(torch_times['mixed']):>16.3f}", end="")
+            if calls_only is not None:
+                print(f" {paired(call_times['same']):>15.3f} {paired(call_times['mixed']):>16.3f}", end="")
             print()
 
 

@@ -7,8 +7,9 @@ the adapter does not touch. The engine sets each row's slot once per step (`set_
 adds B_row (A_row x), reading the factors where they lie: on CPU in float32, one-token rows go through a
 small C kernel (`rahf_serve.lora_kernel`), one call per module for all of them; elsewhere, or without a
 C compiler, two batched matmuls do it (one slot in use; one-token rows on nearby slots, as a band; a
-prompt chunk), gathering copies of the factors only for rows on widely spread slots. Nothing is registered per forward (PEFT's mixed-batch path hooks every LoRA
-layer on every call), and the cost follows the batch, never the number of resident adapters.
+prompt chunk), gathering copies of the factors only for rows on widely spread slots. Nothing is
+registered per forward (PEFT's mixed-batch path hooks every LoRA layer on every call), and the cost
+follows the batch, never the number of resident adapters.
 
 A row whose adapter has no weights in a module costs that module nothing: modules are grouped by the set
 of slots that have weights in them, and each group gets its own row plan per step, in which such rows are
@@ -213,6 +214,10 @@ class _Rows:
         """packed, several LoRAs, instead of `gather` when the one-token rows' slots lie close together"""
         self.kernel: _KernelRows | None = None
         """packed, with the C kernel: every one-token LoRA row (instead of `gather`, `band` and `single`)"""
+        self.kernel_only: int | None = None
+        """the address of `kernel`'s rows when they are every LoRA row of the step (a decode-only step)"""
+        self.total = 0
+        """packed: the step's token count"""
         self.segments: list[tuple[int, int, int]] = []
         """packed, several LoRAs: (start, end, slot) of each LoRA row that feeds several tokens"""
 
@@ -284,8 +289,9 @@ class SlotLinear(nn.Module):
         if plan.index is None:
             return
         n = plan.index.shape[0]
-        if x.shape[0] != n:
-            raise RuntimeError(f"LoRA slots were set for {n} tokens but the input is {list(x.shape[:-1])}")
+        if x.shape[0] != n or out.shape[0] != n:  # the kernel indexes rows unchecked
+            raise RuntimeError(f"LoRA slots were set for {n} tokens but the input is {list(x.shape[:-1])} "
+                               f"and the output {list(out.shape[:-1])}")
         if plan.kernel is not None:
             self._kernel_rows(x, out, 0 if part is None else part.start, plan.kernel.address)
             if not plan.segments:
@@ -337,6 +343,18 @@ class SlotLinear(nn.Module):
             h.view(n, -1, plan.rank).mul_(plan.mask)
         out.addmm_(h, b)
 
+    def add_rows_at(self, x: int, ldx: int, out: int, ldy: int, total: int) -> bool:
+        """The engine forward's fast path: on a decode-only step planned for the C kernel, add every row's
+        LoRA through it, given float32 row-major input [total, in] and output by address (`out` at this
+        module's first column) and row stride; False, with nothing done, when the plan needs more (prompt
+        chunks, no kernel) or was set for another token count (then `add_packed`)."""
+        plan = self.rows
+        rows = plan.kernel_only
+        if rows is None or plan.total != total:
+            return False
+        self._kernel.rows(rows, self._factors_address, x, ldx, out, ldy)  # type: ignore[union-attr]
+        return True
+
     def _kernel_rows(self, x: torch.Tensor, out: torch.Tensor, column: int, rows: int) -> None:
         """The kernel over the rows at address `rows`, adding to `out` from its column `column` on."""
         if x.dtype != torch.float32 or out.dtype != torch.float32:
@@ -377,8 +395,11 @@ def _plan_packed(plan: _Rows, slots: Sequence[int | None], tokens: Sequence[int]
         elif slot is not None and n > 1:
             plan.segments.append((at, at + n, slot))
         at += n
+    plan.total = at
     if single_tokens and kernel:
         plan.kernel = _KernelRows(single_tokens, single_slots, rank)
+        if not plan.segments:
+            plan.kernel_only = plan.kernel.address
     elif single_tokens:
         plan.band = _band(single_tokens, single_slots, device)
         if plan.band is None:

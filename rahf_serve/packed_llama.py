@@ -86,8 +86,9 @@ class _Block:
         self.attn, self.mlp = attn, mlp
         self.ln1, self.ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
         with torch.no_grad():
-            qkv, self.qkv_slices = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
-            gate_up, self.gate_up_slices = _fuse([mlp.gate_proj, mlp.up_proj])
+            qkv, qkv_slices = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+            gate_up, gate_up_slices = _fuse([mlp.gate_proj, mlp.up_proj])
+        self.qkv_slices, self.gate_up_slices = tuple(qkv_slices), tuple(gate_up_slices)
         self.qkv_t, self.gate_up_t = qkv.t(), gate_up.t()
         self.o_t, self.down_t = attn.o_proj.weight.t(), mlp.down_proj.weight.t()
         self.inter = self.gate_up_slices[0].stop
@@ -108,11 +109,24 @@ class _Block:
         return self._slotted
 
 
-def _add_lora(module: SlotLinear | None, x: torch.Tensor, out: torch.Tensor, part: slice | None = None) -> None:
-    """Add `module`'s per-row LoRA of `x` [total, in] to `out` [total, out] (or to its columns `part`) in
-    place, if it holds LoRA slots that a row of this step uses; nothing is sliced or called otherwise."""
-    if module is not None and module.rows.index is not None:
-        module.add_packed(x, out, part)
+_WHOLE = (slice(None),)
+
+
+def _add_lora(modules: tuple[SlotLinear | None, ...], x: torch.Tensor, out: torch.Tensor,
+              parts: tuple[slice, ...] = _WHOLE) -> None:
+    """Add the per-row LoRA of `x` [total, in] of each module reading it to its columns `parts` of `out`
+    [total, wider] in place, for the modules holding LoRA slots that a row of this step uses. A decode-only
+    step goes straight to the C row kernel with the tensors' addresses, taken once for all the modules
+    (per call, Python's attribute reads cost as much as the kernel's work on this model); x and out are
+    float32 and row-major whenever the kernel runs, since this forward made them."""
+    at = None
+    for module, part in zip(modules, parts, strict=True):
+        if module is None or module.rows.index is None:
+            continue
+        if at is None:
+            at = (x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), x.shape[0])
+        if not module.add_rows_at(at[0], at[1], at[2] + 4 * (part.start or 0), at[3], at[4]):
+            module.add_packed(x, out, None if part.start is None else part)
 
 
 class PackedLlama:
@@ -167,25 +181,22 @@ class PackedLlama:
             x = self._norm(h, blk.ln1)
             qkv = torch.mm(x, blk.qkv_t)
             if lora:
-                _add_lora(q, x, qkv, blk.qkv_slices[0])
-                _add_lora(k, x, qkv, blk.qkv_slices[1])
-                _add_lora(v, x, qkv, blk.qkv_slices[2])
+                _add_lora((q, k, v), x, qkv, blk.qkv_slices)
             qk = qkv[:, :k_end].view(total, heads + kv_heads, head_dim)  # q and k side by side: one rotation
             qk = torch.addcmul(qk * cos, qk.view(total, heads + kv_heads, 2, head_dim // 2).flip(-2).view_as(qk), sin)
             cache.write(i, qk[:, heads:], qkv[:, k_end:].view(total, kv_heads, head_dim))
             o = cache.attend_packed(i, qk[:, :heads], self.scaling).view(total, q_end)
             h = torch.addmm(h, o, blk.o_t)  # the residual add inside the product
             if lora:  # LoRA is linear: adding it to h adds it to o_proj's output
-                _add_lora(o_proj, o, h)
+                _add_lora((o_proj,), o, h)
             x = self._norm(h, blk.ln2)
             gu = torch.mm(x, blk.gate_up_t)
             if lora:
-                _add_lora(gate, x, gu, blk.gate_up_slices[0])
-                _add_lora(up, x, gu, blk.gate_up_slices[1])
+                _add_lora((gate, up), x, gu, blk.gate_up_slices)
             act = F.silu(gu[:, :blk.inter]).mul_(gu[:, blk.inter:])
             h = torch.addmm(h, act, blk.down_t)
             if lora:
-                _add_lora(down, act, h)
+                _add_lora((down,), act, h)
             delta = deltas.get(i + 1)
             if delta is not None:
                 h = h + delta[0].to(h.dtype)

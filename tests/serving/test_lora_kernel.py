@@ -12,7 +12,7 @@ import torch
 from rahf_serve import lora_kernel
 from rahf_serve.errors import RahfError
 from rahf_serve.lora_kernel import KernelUnavailable, build_row_kernel
-from rahf_serve.lora_slots import LoraSlots
+from rahf_serve.lora_slots import LoraSlots, LoraWeights
 from tests.serving.conftest import load_lively
 
 
@@ -91,3 +91,51 @@ def test_insisting_on_the_kernel_for_a_model_it_cannot_run_is_refused(lively_mod
     with pytest.raises(RahfError, match="float32 CPU models, not torch.bfloat16"):
         LoraSlots(model, max_loras=2, max_rank=4, kernel=True)
     assert LoraSlots(model, max_loras=2, max_rank=4).kernel is None  # chosen automatically: torch's products
+
+
+def test_rows_that_do_not_match_the_step_are_refused_before_the_kernel_runs(lively_model_dir):
+    """The kernel indexes rows without checks: inputs or outputs of another token count than the step's
+    are an error, not a write past the end."""
+    base = load_lively(lively_model_dir)
+    slots = LoraSlots(copy.deepcopy(base.model), max_loras=2, max_rank=4, kernel=True)
+    path = "model.layers.0.self_attn.q_proj"
+    linear = slots.model.get_submodule(path)
+    a, b = torch.randn(4, linear.in_features), torch.randn(linear.out_features, 4)
+    slots.load_weights("one", LoraWeights({path: (a, b)}))
+    module = slots.model.get_submodule(path)
+    slots.set_rows([slots.slot_of("one"), None], [1, 1])
+    x, out = torch.randn(2, linear.in_features), torch.zeros(2, linear.out_features)
+    module.add_packed(x, out)
+    torch.testing.assert_close(out[0], b @ (a @ x[0]), atol=1e-5, rtol=1e-5)
+    assert not out[1].any()
+    for bad_x, bad_out in ((x[:1], out), (x, out[:1])):
+        with pytest.raises(RuntimeError, match="set for 2 tokens"):
+            module.add_packed(bad_x, bad_out)
+
+
+def test_the_forwards_fast_path_takes_decode_only_steps_and_nothing_else(lively_model_dir):
+    """`add_rows_at` (the engine forward's path by address) adds a decode-only step's rows as `add_packed`
+    does, and declines, doing nothing, a step with a prompt chunk or of another token count."""
+    base = load_lively(lively_model_dir)
+    slots = LoraSlots(copy.deepcopy(base.model), max_loras=2, max_rank=4, kernel=True)
+    path = "model.layers.1.mlp.down_proj"
+    linear = slots.model.get_submodule(path)
+    a, b = torch.randn(4, linear.in_features), torch.randn(linear.out_features, 4)
+    slots.load_weights("one", LoraWeights({path: (a, b)}))
+    module, one = slots.model.get_submodule(path), slots.slot_of("one")
+    x = torch.randn(3, linear.in_features)
+
+    def by_address(total: int) -> tuple[bool, torch.Tensor]:
+        out = torch.zeros(3, linear.out_features)
+        return module.add_rows_at(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), total), out
+
+    slots.set_rows([None, one, one], [1, 1, 1])
+    taken, out = by_address(3)
+    want = torch.zeros(3, linear.out_features)
+    module.add_packed(x, want)
+    assert taken and torch.equal(out, want) and not out[0].any() and out[1:].any()
+    taken, out = by_address(4)
+    assert not taken and not out.any()
+    slots.set_rows([one, None], [2, 1])  # a prompt chunk: add_packed's matmuls
+    taken, out = by_address(3)
+    assert not taken and not out.any()

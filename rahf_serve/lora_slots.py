@@ -284,7 +284,8 @@ class SlotLinear(nn.Module):
     def add_packed(self, x: torch.Tensor, out: torch.Tensor, part: slice | None = None) -> None:
         """`add_lora` for a packed step's 2-D input [tokens, in] and output [tokens, out], or [tokens, wider]
         of which this module's output is the columns `part` (a fused product's). The engine's forward calls
-        this once per module and step, so it does no more than the plan asks."""
+        this once per module on steps with prompt chunks (decode-only steps go by `add_rows_at`), so it
+        does no more than the plan asks."""
         plan = self.rows
         if plan.index is None:
             return

@@ -93,18 +93,22 @@ def test_insisting_on_the_kernel_for_a_model_it_cannot_run_is_refused(lively_mod
     assert LoraSlots(model, max_loras=2, max_rank=4).kernel is None  # chosen automatically: torch's products
 
 
-def test_rows_that_do_not_match_the_step_are_refused_before_the_kernel_runs(lively_model_dir):
-    """The kernel indexes rows without checks: inputs or outputs of another token count than the step's
-    are an error, not a write past the end."""
-    base = load_lively(lively_model_dir)
-    slots = LoraSlots(copy.deepcopy(base.model), max_loras=2, max_rank=4, kernel=True)
-    path = "model.layers.0.self_attn.q_proj"
+def one_module_adapter(model_dir, path: str) -> tuple[LoraSlots, torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """Slots (with the kernel) holding "one", a random rank-4 LoRA on the module at `path` alone; the module,
+    A and B."""
+    slots = LoraSlots(copy.deepcopy(load_lively(model_dir).model), max_loras=2, max_rank=4, kernel=True)
     linear = slots.model.get_submodule(path)
     a, b = torch.randn(4, linear.in_features), torch.randn(linear.out_features, 4)
     slots.load_weights("one", LoraWeights({path: (a, b)}))
-    module = slots.model.get_submodule(path)
+    return slots, slots.model.get_submodule(path), a, b
+
+
+def test_rows_that_do_not_match_the_step_are_refused_before_the_kernel_runs(lively_model_dir):
+    """The kernel indexes rows without checks: inputs or outputs of another token count than the step's
+    are an error, not a write past the end."""
+    slots, module, a, b = one_module_adapter(lively_model_dir, "model.layers.0.self_attn.q_proj")
     slots.set_rows([slots.slot_of("one"), None], [1, 1])
-    x, out = torch.randn(2, linear.in_features), torch.zeros(2, linear.out_features)
+    x, out = torch.randn(2, module.in_features), torch.zeros(2, module.out_features)
     module.add_packed(x, out)
     torch.testing.assert_close(out[0], b @ (a @ x[0]), atol=1e-5, rtol=1e-5)
     assert not out[1].any()
@@ -116,22 +120,17 @@ def test_rows_that_do_not_match_the_step_are_refused_before_the_kernel_runs(live
 def test_the_forwards_fast_path_takes_decode_only_steps_and_nothing_else(lively_model_dir):
     """`add_rows_at` (the engine forward's path by address) adds a decode-only step's rows as `add_packed`
     does, and declines, doing nothing, a step with a prompt chunk or of another token count."""
-    base = load_lively(lively_model_dir)
-    slots = LoraSlots(copy.deepcopy(base.model), max_loras=2, max_rank=4, kernel=True)
-    path = "model.layers.1.mlp.down_proj"
-    linear = slots.model.get_submodule(path)
-    a, b = torch.randn(4, linear.in_features), torch.randn(linear.out_features, 4)
-    slots.load_weights("one", LoraWeights({path: (a, b)}))
-    module, one = slots.model.get_submodule(path), slots.slot_of("one")
-    x = torch.randn(3, linear.in_features)
+    slots, module, _, _ = one_module_adapter(lively_model_dir, "model.layers.1.mlp.down_proj")
+    one = slots.slot_of("one")
+    x = torch.randn(3, module.in_features)
 
     def by_address(total: int) -> tuple[bool, torch.Tensor]:
-        out = torch.zeros(3, linear.out_features)
+        out = torch.zeros(3, module.out_features)
         return module.add_rows_at(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), total), out
 
     slots.set_rows([None, one, one], [1, 1, 1])
     taken, out = by_address(3)
-    want = torch.zeros(3, linear.out_features)
+    want = torch.zeros(3, module.out_features)
     module.add_packed(x, want)
     assert taken and torch.equal(out, want) and not out[0].any() and out[1:].any()
     taken, out = by_address(4)

@@ -13,8 +13,8 @@ Linear (Dual's) and on q/k/v/o (SCIT's); on SmolLM2 the shipped bundles themselv
 random factors of those shapes (speed does not depend on the values). Layouts per batch size: every row
 the base, every row one adapter ("same"), row i adapter i % 8 ("mixed"). The layouts alternate within
 every run, so load swings on a shared machine hit them alike; a time is the median over runs of the mean
-step time, a ratio the median over runs of that run's ratio. Rows start with 256 tokens of context. "walk": base rows with the forward's LoRA path
-on, i.e. what looking for LoRA work costs when there is none.
+step time, a ratio the median over runs of that run's ratio. Rows start with 256 tokens of context.
+"walk": base rows with the forward's LoRA path on, i.e. what looking for LoRA work costs when there is none.
 
 The floor, measured in the same runs: a step cannot read the LoRA factors its rows use faster than this
 machine streams memory. Each run also times one matrix-vector product over a buffer of as many float32
@@ -239,7 +239,7 @@ def main() -> None:
                   f"{floor['same']:>10.3f} {floor['mixed']:>11.3f} "
                   f"{paired(walks):>9.3f}", end="")
             if fillers:  # per run, then the median: both counts ran in the same run
-                ratio = {k: statistics.median(c / t for c, t in zip(crowded[k], times[k], strict=True)) for k in layouts}
+                ratio = {k: paired_ratio(crowded[k], times[k]) for k in layouts}
                 print(f" {ratio['base']:>12.3f} {ratio['same']:>6.3f} {ratio['mixed']:>6.3f}", end="")
             if args.torch_too:
                 print(f" {paired(torch_times['same']):>15.3f} {paired(torch_times['mixed']):>16.3f}", end="")

@@ -161,8 +161,9 @@ class _Band:
     (depth 1, one row per slot of the range, in slot order)"""
 
 
-def _band(tokens: list[int], slots: list[int], device: torch.device) -> _Band | None:
-    """The band of one-token rows at `tokens` on `slots`, or None when their slots are too spread out."""
+def _band(positions: torch.Tensor | int, slots: list[int], device: torch.device) -> _Band | None:
+    """The band of one-token rows at `positions` (a count k: the first k) on `slots`, or None when their
+    slots are too spread out."""
     lo = min(slots)
     count = max(slots) - lo + 1
     if count > 2 * len(slots):
@@ -173,8 +174,6 @@ def _band(tokens: list[int], slots: list[int], device: torch.device) -> _Band | 
         order.append((slot - lo, seen[slot]))
         seen[slot] += 1
     depth = max(seen.values())
-    first = tokens == list(range(len(tokens)))
-    positions: torch.Tensor | int = len(tokens) if first else torch.tensor(tokens, device=device)
     if depth == 1 and count == len(slots) and slots == sorted(slots):
         return _Band(lo, count, 1, positions, None)
     place = torch.tensor([j * depth + k for j, k in order], device=device)
@@ -185,9 +184,8 @@ class _KernelRows:
     """One-token rows for the C kernel, whatever their slots: `address` is that of their `lora_kernel.Rows`;
     it and the int64 tensors behind it live as long as this plan."""
 
-    def __init__(self, tokens: list[int], slots: list[int], rank: int) -> None:
-        first = tokens == list(range(len(tokens)))
-        self._tokens = None if first else torch.tensor(tokens, dtype=torch.int64)
+    def __init__(self, positions: torch.Tensor | int, slots: list[int], rank: int) -> None:
+        self._tokens = None if isinstance(positions, int) else positions  # int64, on the CPU the kernel runs on
         self._slots = torch.tensor(slots, dtype=torch.int64)
         self._struct = rows_for(self._tokens, self._slots, rank)
         self.address = ctypes.addressof(self._struct)
@@ -289,7 +287,7 @@ class SlotLinear(nn.Module):
         plan = self.rows
         if plan.index is None:
             return
-        n = plan.index.shape[0]
+        n = plan.total
         if x.shape[0] != n or out.shape[0] != n:  # the kernel indexes rows unchecked
             raise RuntimeError(f"LoRA slots were set for {n} tokens but the input is {list(x.shape[:-1])} "
                                f"and the output {list(out.shape[:-1])}")
@@ -397,17 +395,19 @@ def _plan_packed(plan: _Rows, slots: Sequence[int | None], tokens: Sequence[int]
             plan.segments.append((at, at + n, slot))
         at += n
     plan.total = at
-    if single_tokens and kernel:
-        plan.kernel = _KernelRows(single_tokens, single_slots, rank)
+    if not single_tokens:
+        return
+    # The engine keeps decoding rows first, so their tokens are usually the first positions: a count then.
+    first = single_tokens == list(range(len(single_tokens)))
+    positions: torch.Tensor | int = len(single_tokens) if first else torch.tensor(single_tokens, device=device)
+    if kernel:
+        plan.kernel = _KernelRows(positions, single_slots, rank)
         if not plan.segments:
             plan.kernel_only = plan.kernel.address
-    elif single_tokens:
-        plan.band = _band(single_tokens, single_slots, device)
-        if plan.band is None:
-            # The engine keeps decoding rows first, so their tokens are usually the first positions.
-            first = single_tokens == list(range(len(single_tokens)))
-            plan.gather = (len(single_tokens) if first else torch.tensor(single_tokens, device=device),
-                           torch.tensor(single_slots, device=device))
+        return
+    plan.band = _band(positions, single_slots, device)
+    if plan.band is None:
+        plan.gather = (positions, torch.tensor(single_slots, device=device))
 
 
 def _kernel_for(model: nn.Module, wanted: bool | None) -> RowKernel | None:

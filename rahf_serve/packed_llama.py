@@ -109,13 +109,11 @@ class _Block:
         return self._slotted
 
 
-_WHOLE = (slice(None),)
-
-
-def _add_lora(modules: tuple[SlotLinear | None, ...], x: torch.Tensor, out: torch.Tensor,
-              parts: tuple[slice, ...] = _WHOLE) -> None:
+def _add_lora(modules: tuple[SlotLinear | None, ...], x: torch.Tensor, out: torch.Tensor, total: int,
+              parts: tuple[slice | None, ...] = (None,)) -> None:
     """Add the per-row LoRA of `x` [total, in] of each module reading it to its columns `parts` of `out`
-    [total, wider] in place, for the modules holding LoRA slots that a row of this step uses. A decode-only
+    [total, wider] (None: all of them) in place, for the modules holding LoRA slots that a row of this
+    step uses. A decode-only
     step goes straight to the C row kernel with the tensors' addresses, taken once for all the modules
     (per call, Python's attribute reads cost as much as the kernel's work on this model); x and out are
     float32 and row-major whenever the kernel runs, since this forward made them."""
@@ -124,9 +122,10 @@ def _add_lora(modules: tuple[SlotLinear | None, ...], x: torch.Tensor, out: torc
         if module is None or module.rows.index is None:
             continue
         if at is None:
-            at = (x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), x.shape[0])
-        if not module.add_rows_at(at[0], at[1], at[2] + 4 * (part.start or 0), at[3], at[4]):
-            module.add_packed(x, out, None if part.start is None else part)
+            at = (x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0))
+        column = 0 if part is None else part.start
+        if not module.add_rows_at(at[0], at[1], at[2] + 4 * column, at[3], total):
+            module.add_packed(x, out, part)
 
 
 class PackedLlama:
@@ -181,22 +180,22 @@ class PackedLlama:
             x = self._norm(h, blk.ln1)
             qkv = torch.mm(x, blk.qkv_t)
             if lora:
-                _add_lora((q, k, v), x, qkv, blk.qkv_slices)
+                _add_lora((q, k, v), x, qkv, total, blk.qkv_slices)
             qk = qkv[:, :k_end].view(total, heads + kv_heads, head_dim)  # q and k side by side: one rotation
             qk = torch.addcmul(qk * cos, qk.view(total, heads + kv_heads, 2, head_dim // 2).flip(-2).view_as(qk), sin)
             cache.write(i, qk[:, heads:], qkv[:, k_end:].view(total, kv_heads, head_dim))
             o = cache.attend_packed(i, qk[:, :heads], self.scaling).view(total, q_end)
             h = torch.addmm(h, o, blk.o_t)  # the residual add inside the product
             if lora:  # LoRA is linear: adding it to h adds it to o_proj's output
-                _add_lora((o_proj,), o, h)
+                _add_lora((o_proj,), o, h, total)
             x = self._norm(h, blk.ln2)
             gu = torch.mm(x, blk.gate_up_t)
             if lora:
-                _add_lora((gate, up), x, gu, blk.gate_up_slices)
+                _add_lora((gate, up), x, gu, total, blk.gate_up_slices)
             act = F.silu(gu[:, :blk.inter]).mul_(gu[:, blk.inter:])
             h = torch.addmm(h, act, blk.down_t)
             if lora:
-                _add_lora((down,), act, h)
+                _add_lora((down,), act, h, total)
             delta = deltas.get(i + 1)
             if delta is not None:
                 h = h + delta[0].to(h.dtype)

@@ -82,33 +82,38 @@ def _flags() -> list[str]:
     return flags
 
 
+def _compile(cc: str, flags: list[str], directory: Path, path: Path) -> None:
+    if shutil.which(cc) is None:
+        raise KernelUnavailable(f"no C compiler ({cc!r} is not on PATH; set CC)")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        # Built beside its final name and renamed: a process that loads it never sees half a file.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+        os.close(fd)
+    except OSError as err:
+        raise KernelUnavailable(f"cannot write to {directory}: {err}") from err
+    try:
+        done = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise KernelUnavailable(f"{cc} failed ({done.returncode}): {done.stderr.strip()[:500]}")
+        os.replace(tmp, path)
+    except (OSError, subprocess.SubprocessError) as err:  # a compiler that vanished or hung
+        raise KernelUnavailable(f"{cc} could not build {SOURCE.name}: {err}") from err
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def build_row_kernel(cache: Path | None = None, compiler: str | None = None) -> RowKernel:
     """Compile (unless this source and these flags are cached) and load the kernel; KernelUnavailable if not."""
     from .models import cache_root
 
-    cc = compiler or os.environ.get("CC") or "cc"
-    if shutil.which(cc) is None:
-        raise KernelUnavailable(f"no C compiler ({cc!r} is not on PATH; set CC)")
     flags = _flags()
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join(flags).encode() + platform.machine().encode()).hexdigest()[:16]
     directory = cache or cache_root() / "kernels"
     path = directory / f"lora_rows-{key}.so"
-    if not path.is_file():
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            # Built beside its final name and renamed: a process that loads it never sees half a file.
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
-            os.close(fd)
-        except OSError as err:
-            raise KernelUnavailable(f"cannot write to {directory}: {err}") from err
-        try:
-            done = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
-            if done.returncode != 0:
-                raise KernelUnavailable(f"{cc} failed ({done.returncode}): {done.stderr.strip()[:500]}")
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+    if not path.is_file():  # a cached build needs no compiler
+        _compile(compiler or os.environ.get("CC") or "cc", flags, directory, path)
     try:
         return RowKernel(path)
     except (OSError, AttributeError) as err:

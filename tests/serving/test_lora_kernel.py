@@ -61,6 +61,7 @@ def test_the_build_is_cached_and_leaves_no_partial_files(tmp_path):
     built = first.path.stat().st_mtime_ns
     second = build_row_kernel(tmp_path)
     assert second.path == first.path and second.path.stat().st_mtime_ns == built
+    assert build_row_kernel(tmp_path, compiler="no-such-cc").path == first.path  # a cached build needs no compiler
     assert [p.name for p in tmp_path.iterdir()] == [first.path.name]
 
 

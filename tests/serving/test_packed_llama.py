@@ -83,16 +83,21 @@ def run_together(engine: Engine, reqs: list[GenerationRequest]) -> list[list[Str
     return events
 
 
+def assert_same_streams(got: list[list[StreamEvent]], want: list[list[StreamEvent]]) -> None:
+    """Each request's tokens equal, its sampled tokens' log-probabilities within 1e-4."""
+    for g, w in zip(got, want, strict=True):
+        assert [t for e in g for t in e.token_ids] == [t for e in w for t in e.token_ids]
+        g_lp = [x.logprob for e in g for x in (e.logprobs or [])]
+        assert g_lp == pytest.approx([x.logprob for e in w for x in (e.logprobs or [])], abs=1e-4)
+
+
 def test_the_packed_forward_serves_exactly_what_transformers_forward_serves(engines):
     packed, plain = engines
     assert (packed.forward_impl, plain.forward_impl) == ("packed-llama", "transformers")
     reqs = batch_of_every_kind()
     got, want = run_together(packed, reqs), run_together(plain, reqs)
+    assert_same_streams(got, want)
     for g, w in zip(got, want, strict=True):
-        assert [t for e in g for t in e.token_ids] == [t for e in w for t in e.token_ids]
-        g_lp = [x.logprob for e in g for x in (e.logprobs or [])]
-        w_lp = [x.logprob for e in w for x in (e.logprobs or [])]
-        assert g_lp == pytest.approx(w_lp, abs=1e-4)
         g_prompt, w_prompt = g[0].prompt_logprobs, w[0].prompt_logprobs
         assert (g_prompt is None) == (w_prompt is None)
         if g_prompt is not None:
@@ -110,11 +115,7 @@ def test_without_the_row_kernel_the_packed_forward_serves_the_same(engines, live
     try:
         assert engine._slots.kernel is None and plain._slots.kernel is not None
         reqs = batch_of_every_kind()
-        got, want = run_together(engine, reqs), run_together(plain, reqs)
-        for g, w in zip(got, want, strict=True):
-            assert [t for e in g for t in e.token_ids] == [t for e in w for t in e.token_ids]
-            g_lp = [x.logprob for e in g for x in (e.logprobs or [])]
-            assert g_lp == pytest.approx([x.logprob for e in w for x in (e.logprobs or [])], abs=1e-4)
+        assert_same_streams(run_together(engine, reqs), run_together(plain, reqs))
     finally:
         next(gen, None)
 

@@ -7,7 +7,8 @@ lays out components and wires events. Per-session data lives in `gr.State`, neve
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,18 +169,22 @@ class ArenaUI:
               controls: Controls) -> None:
         vote_buttons = list(votes.buttons.values())
         stream_out = [panes.left, panes.right, conv, *vote_buttons]
-        refresh_io = dict(fn=self.refresh, inputs=[controls.adapters, controls.blend],
-                          outputs=[controls.adapters, controls.blend, controls.base_info])
+        catalog_in = [controls.adapters, controls.blend]
+        catalog_out = [controls.adapters, controls.blend, controls.base_info]
 
-        blocks.load(**refresh_io)
+        blocks.load(self.refresh, catalog_in, catalog_out)
         # The count is written only here and by votes: a refresh racing a vote must not undo its count.
         blocks.load(self.votes.summary, None, votes.count)
-        controls.refresh.click(**refresh_io)
-        controls.adapters.change(_blend_update, [controls.adapters, controls.blend], [controls.blend])
+        controls.refresh.click(self.refresh, catalog_in, catalog_out)
+        # `input`, not `change`: a refresh sets the blend rows itself and must not start another event.
+        controls.adapters.input(_blend_update, catalog_in, [controls.blend])
 
         def then_stream(event: Any) -> Any:
             answering = event.then(self.answer, [pending, conv, *controls.inputs()], stream_out)
-            answering.then(**refresh_io)  # so that adapters added or removed meanwhile show up
+            # The votes open in the last event of an answer, never while one of its events is still
+            # finishing: a vote sent as Gradio closes a session's event stream can lose its reply
+            # (saved, but the page never hears back). This step also shows adapters added meanwhile.
+            answering.then(self.after_answer, [conv, *catalog_in], [*catalog_out, *vote_buttons])
             return answering  # what Stop cancels
 
         started = [
@@ -222,10 +227,14 @@ class ArenaUI:
         info += f", {len(catalog.presets)} preset(s)." if catalog.presets else "."
         return gr.update(choices=choices, value=kept), _blend_update(kept, rows), info
 
+    async def after_answer(self, conv: Conversation, picked: list[str] | None, rows: Any) -> tuple[Any, ...]:
+        """The catalog refreshed, then the vote buttons opened if the last exchange can take a vote."""
+        return (*await self.refresh(picked, rows), *[gr.update(interactive=conv.can_vote())] * len(VOTES))
+
     async def answer(self, prompt: str, conv: Conversation, adapters: list[str] | None, blend: Any,
                      steer: float, use_lora: bool, temperature: float, top_p: float, max_tokens: float,
                      system: str) -> AsyncIterator[tuple[Any, ...]]:
-        """Stream both panes for `prompt`; yields (left, right, conv, *vote buttons)."""
+        """Stream both panes for `prompt`; yields (left, right, conv, *vote buttons), votes off."""
         if not prompt:
             yield self._view(conv)
             return
@@ -270,22 +279,29 @@ class ArenaUI:
 
     @staticmethod
     def _view(conv: Conversation) -> tuple[Any, ...]:
-        votable = gr.update(interactive=conv.can_vote())
         last = conv.exchanges[-1] if conv.exchanges else None
         # The pane titles name what answered last: the right one may be a blend or steered model.
         left = gr.update(value=chat_view(conv, "left"), label=f"Base: {last.left.model}" if last else "Base")
         right = gr.update(value=chat_view(conv, "right"), label=f"Aligned: {last.right.model}" if last else "Aligned")
-        return (left, right, conv, *[votable] * len(VOTES))
+        return (left, right, conv, *[gr.update(interactive=False)] * len(VOTES))
 
-    def _voter(self, kind: Vote) -> Callable[[Conversation], tuple[Any, ...]]:
-        def vote(conv: Conversation) -> tuple[Any, ...]:
+    def _voter(self, kind: Vote) -> Callable[[Conversation], Awaitable[tuple[Any, ...]]]:
+        # A coroutine, so gr.Info runs on the event loop: from a worker thread it would touch the
+        # session's asyncio queue unsafely. The file is written in a thread.
+        async def vote(conv: Conversation) -> tuple[Any, ...]:
             if conv.can_vote():  # a double click or a stale tab must not record a vote twice
                 last = conv.exchanges[-1]
-                self.votes.append(vote_record(conv.vote_context(), (last.left.model, last.left.text),
-                                              (last.right.model, last.right.text), kind))
-                last.voted = True
+                record = vote_record(conv.vote_context(), (last.left.model, last.left.text),
+                                     (last.right.model, last.right.text), kind)
+                last.voted = True  # before the write yields, so a second click meanwhile is refused
+                try:
+                    await asyncio.to_thread(self.votes.append, record)
+                except Exception:
+                    last.voted = False  # not saved: the user may vote again
+                    raise
                 gr.Info("Vote saved. Thanks!", duration=2)
-            return (conv, self.votes.summary(), *[gr.update(interactive=False)] * len(VOTES))
+            summary = await asyncio.to_thread(self.votes.summary)
+            return (conv, summary, *[gr.update(interactive=False)] * len(VOTES))
 
         return vote
 

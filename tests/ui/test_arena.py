@@ -1,4 +1,5 @@
-"""The arena's logic without a browser: request bodies, per-pane histories, the paired stream."""
+"""The arena's logic without a browser: request bodies, per-pane histories, the paired stream, the
+handlers' order of events."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from app.arena import (
     right_target,
     stream_pair,
 )
-from app.client import ApiError
+from app.client import ApiError, ArenaClient
+from app.ui import ArenaUI
+from app.votes import VOTES, VoteStore
 
 
 @pytest.mark.parametrize("settings, fields, described", [
@@ -122,3 +125,25 @@ def test_stopping_the_consumer_closes_both_streams():
     asyncio.run(run())
     assert sorted(client.closed) == ["base", "x"]
     assert len(answers["left"].text) < 100
+
+
+def test_an_answer_keeps_the_votes_off_and_the_step_after_it_opens_them(arena, tmp_path):
+    # Votes open only in an answer's last event: one sent while Gradio closes the answer's event
+    # stream could lose its reply (saved, yet the page waited for ever; 4 of 85 tries under load).
+    ui = ArenaUI(ArenaClient(arena.url), VoteStore(tmp_path / "votes.jsonl"))
+    conv = Conversation()
+
+    async def run() -> tuple[list[tuple], tuple]:
+        views = [v async for v in ui.answer("Hello?", conv, ["kind"], None, 0.0, True, 0.0, 1.0, 8, "")]
+        after = await ui.after_answer(conv, ["kind"], None)
+        await ui.client.aclose()
+        return views, after
+
+    views, after = asyncio.run(run())
+
+    def votes_on(outputs: tuple) -> list[bool]:
+        return [update["interactive"] for update in outputs[-len(VOTES):]]
+
+    assert len(views) > 2 and all(votes_on(v) == [False] * len(VOTES) for v in views)
+    assert conv.can_vote() and votes_on(after) == [True] * len(VOTES)
+    assert "adapter(s) loaded" in after[2]  # and the catalog was refreshed

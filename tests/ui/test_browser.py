@@ -77,7 +77,7 @@ def test_both_panes_stream_different_answers_and_a_vote_becomes_a_training_pair(
     counted = "document.querySelector('#vote-count').innerText.startsWith('1 preference pair')"
     try:
         page.wait_for_function(counted)
-    except Exception as err:  # seen once in a full CI-like run, never alone: keep what tells why
+    except Exception as err:  # keep what tells why, should a vote ever go unanswered again
         page.screenshot(path=str(tmp_path / "vote-not-counted.png"), full_page=True)
         state = {b: page.locator(f"#vote-{b}").is_disabled() for b in ("left", "right", "tie", "both_bad")}
         raise AssertionError(f"the vote was not counted: count {page.locator('#vote-count').inner_text()!r}, "

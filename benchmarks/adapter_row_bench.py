@@ -43,7 +43,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -132,14 +131,18 @@ def stream(buffer: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def no_op_kernel() -> Callable[..., None]:
-    """A C function of the row kernel's signature that does nothing, built with the same compiler."""
+def no_op_kernel() -> RowKernel:
+    """C functions of the row kernel's signatures that do nothing (a site reports its work done), built with
+    the same compiler."""
     directory = Path(tempfile.mkdtemp())
-    (directory / "noop.c").write_text("#include <stdint.h>\nvoid rahf_lora_rows(const void *rows, const void *f, "
-                                      "const float *x, int64_t ldx, float *y, int64_t ldy) {}\n")
+    (directory / "noop.c").write_text(
+        "#include <stdint.h>\n"
+        "void rahf_lora_rows(const void *rows, const void *f, const float *x, int64_t ldx, float *y, int64_t ldy) {}\n"
+        "int64_t rahf_lora_site(int64_t n, const void *m, int64_t total, const float *x, int64_t ldx, float *y, "
+        "int64_t ldy) { return 1; }\n")
     subprocess.run([os.environ.get("CC", "cc"), "-O2", "-fPIC", "-shared", "-o", str(directory / "noop.so"),
                     str(directory / "noop.c")], check=True)
-    return RowKernel(directory / "noop.so").rows
+    return RowKernel(directory / "noop.so")
 
 
 def paired_ratio(other: list[float], base: list[float]) -> float:
@@ -217,11 +220,12 @@ def main() -> None:
                         torch_times[kind].append(decode(model, packed, cache, slots, layouts[kind], args.steps))
                     slots.kernel = kernel
                 if calls_only is not None:
-                    work = kernel.rows  # type: ignore[union-attr]
-                    kernel.rows = calls_only  # type: ignore[union-attr]  # every SlotLinear calls through it
+                    work = kernel.rows, kernel.site  # type: ignore[union-attr]
+                    # every SlotLinear and SlotSite calls through these
+                    kernel.rows, kernel.site = calls_only.rows, calls_only.site  # type: ignore[union-attr]
                     for kind in call_times:
                         call_times[kind].append(decode(model, packed, cache, slots, layouts[kind], args.steps))
-                    kernel.rows = work  # type: ignore[union-attr]
+                    kernel.rows, kernel.site = work  # type: ignore[union-attr]
                 for kind in floors:  # the bytes' cost over the base step of the same run
                     floors[kind].append(1 + stream(buffers[kind]) / times["base"][-1])
                 if fillers:

@@ -51,6 +51,22 @@ class Factors(ctypes.Structure):
                 ("b_stride", _I64)]
 
 
+class Plan(ctypes.Structure):
+    """A module group's plan for the step as the site call reads it (C `struct rahf_plan`): `state` NONE (no row
+    uses its modules' slots), ROWS (every LoRA row is one token, at `rows`) or OTHER (more than the kernel
+    does), and the step's token count."""
+
+    NONE, ROWS, OTHER = 0, 1, 2
+    _fields_ = [("state", _I64), ("total", _I64), ("rows", _PTR)]
+
+
+class SiteModule(ctypes.Structure):
+    """One module of a site (C `struct rahf_site_module`): the address of the cell holding its group's `Plan`'s
+    address, of its `Factors`, and the column its output starts at."""
+
+    _fields_ = [("plan", _PTR), ("factors", _PTR), ("column", _I64)]
+
+
 def rows_for(tokens: torch.Tensor | None, slots: torch.Tensor, rank: int) -> Rows:
     """The struct for int64 `slots` (and positions `tokens`); the tensors must outlive its use."""
     return Rows(slots.numel(), None if tokens is None else tokens.data_ptr(), slots.data_ptr(), rank)
@@ -65,14 +81,18 @@ def factors_for(slot_a: torch.Tensor, slot_b: torch.Tensor) -> Factors:
 
 
 class RowKernel:
-    """`rows(&Rows, &Factors, x, ldx, y, ldy)`: the C function, addresses as ints (see csrc/lora_rows.c), adding
-    each row's LoRA to y in place. Nothing is checked below this call: `SlotLinear` owns the shapes."""
+    """The C functions, addresses as ints (see csrc/lora_rows.c), adding each row's LoRA to y in place:
+    `rows(&Rows, &Factors, x, ldx, y, ldy)` for one module, `site(n, &SiteModule[n], total, x, ldx, y, ldy)`
+    for modules sharing x and y (1 when done, 0 when it did nothing). Nothing is checked below these
+    calls: `SlotLinear` and `SlotSite` own the shapes."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        fn = ctypes.CDLL(str(path)).rahf_lora_rows
-        fn.argtypes, fn.restype = [_PTR, _PTR, _PTR, _I64, _PTR, _I64], None
-        self.rows = fn
+        library = ctypes.CDLL(str(path))
+        self.rows = library.rahf_lora_rows
+        self.rows.argtypes, self.rows.restype = [_PTR, _PTR, _PTR, _I64, _PTR, _I64], None
+        self.site = library.rahf_lora_site
+        self.site.argtypes, self.site.restype = [_I64, _PTR, _I64, _PTR, _I64, _PTR, _I64], _I64
 
 
 def _flags() -> list[str]:

@@ -5,9 +5,10 @@ A [max_rank, in] and B transposed, [max_rank, out] (a slot's first r rows are th
 block), the LoRA scaling folded into B, zero-padded above the adapter's rank and all zero in modules
 the adapter does not touch. The engine sets each row's slot once per step (`set_rows`); a wrapped layer
 adds B_row (A_row x), reading the factors where they lie: on CPU in float32, one-token rows go through a
-small C kernel (`rahf_serve.lora_kernel`), one call per module for all of them; elsewhere, or without a
-C compiler, two batched matmuls do it (one slot in use; one-token rows on nearby slots, as a band; a
-prompt chunk), gathering copies of the factors only for rows on widely spread slots. Nothing is
+small C kernel (`rahf_serve.lora_kernel`), one call for all of them in all the modules sharing an input
+(`SlotSite`); elsewhere, or without a C compiler, two batched matmuls do it (one slot in use; one-token
+rows on nearby slots, as a band; a prompt chunk), gathering copies of the factors only for rows on
+widely spread slots. Nothing is
 registered per forward (PEFT's mixed-batch path hooks every LoRA layer on every call), and the cost
 follows the batch, never the number of resident adapters.
 
@@ -35,7 +36,7 @@ from torch import nn
 
 from .bundle.layout import LORA_KEY, PEFT_PREFIX, WEIGHTS_FILE, Bundle
 from .errors import BundleError, CorruptBundleError, FingerprintMismatch, LimitExceeded, RahfError
-from .lora_kernel import RowKernel, build_row_kernel, factors_for, row_kernel, rows_for
+from .lora_kernel import Plan, RowKernel, SiteModule, build_row_kernel, factors_for, row_kernel, rows_for
 
 # Fields that only shape training or initialisation, or describe the bundle: the stored weights say it all.
 _IGNORED_FIELDS = {
@@ -212,12 +213,24 @@ class _Rows:
         """packed, several LoRAs, instead of `gather` when the one-token rows' slots lie close together"""
         self.kernel: _KernelRows | None = None
         """packed, with the C kernel: every one-token LoRA row (instead of `gather`, `band` and `single`)"""
-        self.kernel_only: int | None = None
-        """the address of `kernel`'s rows when they are every LoRA row of the step (a decode-only step)"""
         self.total = 0
         """packed: the step's token count"""
         self.segments: list[tuple[int, int, int]] = []
         """packed, several LoRAs: (start, end, slot) of each LoRA row that feeds several tokens"""
+        self.view = Plan()
+        """this plan as the C site call reads it (`publish`); it belongs to this object, not to a plan
+        copied into it, since its modules' cells point at it"""
+
+    def publish(self) -> None:
+        """Write the plan into `view`; done whenever the plan changes, before any forward reads it."""
+        view = self.view
+        view.total = self.total
+        if self.index is None:
+            view.state, view.rows = Plan.NONE, None
+        elif self.kernel is not None and not self.segments:  # a decode-only step: all in the kernel
+            view.state, view.rows = Plan.ROWS, self.kernel.address
+        else:
+            view.state, view.rows = Plan.OTHER, None
 
 
 class SlotLinear(nn.Module):
@@ -227,8 +240,9 @@ class SlotLinear(nn.Module):
                  kernel: RowKernel | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
+        self._plan_cell = ctypes.c_void_p()
+        """the address of `rows.view`, for the C site call (a site keeps the cell's address)"""
         self.rows = rows
-        """the plan of this module's group (LoraSlots regroups modules when an adapter comes or goes)"""
         self._views: dict[tuple[int | None, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         """factor views by (slot, rank, count), see `_factors`"""
         w = base_layer.weight
@@ -242,6 +256,16 @@ class SlotLinear(nn.Module):
         # The slot tensors are never reallocated, so the kernel's view of them is made once.
         self._factors_struct = factors_for(self.slot_A, self.slot_B)
         self._factors_address = ctypes.addressof(self._factors_struct)
+
+    @property
+    def rows(self) -> _Rows:
+        """The plan of this module's group (LoraSlots regroups modules when an adapter comes or goes)."""
+        return self._rows
+
+    @rows.setter
+    def rows(self, rows: _Rows) -> None:
+        self._rows = rows
+        self._plan_cell.value = ctypes.addressof(rows.view)
 
     @property
     def in_features(self) -> int:
@@ -282,7 +306,7 @@ class SlotLinear(nn.Module):
     def add_packed(self, x: torch.Tensor, out: torch.Tensor, part: slice | None = None) -> None:
         """`add_lora` for a packed step's 2-D input [tokens, in] and output [tokens, out], or [tokens, wider]
         of which this module's output is the columns `part` (a fused product's). The engine's forward calls
-        this once per module on steps with prompt chunks (decode-only steps go by `add_rows_at`), so it
+        this once per module on steps with prompt chunks (decode-only steps go by `SlotSite`), so it
         does no more than the plan asks."""
         plan = self.rows
         if plan.index is None:
@@ -342,18 +366,6 @@ class SlotLinear(nn.Module):
             h.view(n, -1, plan.rank).mul_(plan.mask)
         out.addmm_(h, b)
 
-    def add_rows_at(self, x: int, ldx: int, out: int, ldy: int, total: int) -> bool:
-        """The engine forward's fast path: on a decode-only step planned for the C kernel, add every row's
-        LoRA through it, given float32 row-major input [total, in] and output by address (`out` at this
-        module's first column) and row stride; False, with nothing done, when the plan needs more (prompt
-        chunks, no kernel) or was set for another token count (then `add_packed`)."""
-        plan = self.rows
-        rows = plan.kernel_only
-        if rows is None or plan.total != total:
-            return False
-        self._kernel.rows(rows, self._factors_address, x, ldx, out, ldy)  # type: ignore[union-attr]
-        return True
-
     def _kernel_rows(self, x: torch.Tensor, out: torch.Tensor, column: int, rows: int) -> None:
         """The kernel over the rows at address `rows`, adding to `out` from its column `column` on."""
         if x.dtype != torch.float32 or out.dtype != torch.float32:
@@ -384,6 +396,32 @@ class SlotLinear(nn.Module):
             out.index_add_(0, band.tokens, y)  # type: ignore[arg-type]
 
 
+class SlotSite:
+    """The LoRA modules that read one input and add into one output, each at its columns: q/k/v or gate/up
+    of a fused product, or one module alone. `add` does a decode-only step's rows of all of them in one C
+    call, other steps (prompt chunks, no kernel) module by module through `add_packed`."""
+
+    def __init__(self, modules: Sequence[SlotLinear | None], parts: Sequence[slice | None] = (None,)) -> None:
+        self.modules = tuple((m, p) for m, p in zip(modules, parts, strict=True) if m is not None)
+        self._kernel = next((m._kernel for m, _ in self.modules if m._kernel is not None), None)
+        entries = [SiteModule(ctypes.addressof(m._plan_cell), m._factors_address, 0 if p is None else p.start)
+                   for m, p in self.modules]
+        self._entries = (SiteModule * len(entries))(*entries)  # kept: the C call reads it
+        self._count, self._address = len(entries), ctypes.addressof(self._entries)
+
+    def add(self, x: torch.Tensor, out: torch.Tensor, total: int) -> None:
+        """Add each row's LoRA of `x` [total, in] to the modules' columns of `out` [total, wider], in place.
+        x and out must be float32 with unit column stride when the kernel runs (the packed forward makes
+        them so); the kernel checks `total` against the plans and does nothing when they differ."""
+        kernel = self._kernel
+        if kernel is not None and kernel.site(self._count, self._address, total, x.data_ptr(), x.stride(0),
+                                              out.data_ptr(), out.stride(0)):
+            return
+        for module, part in self.modules:
+            if module.rows.index is not None:
+                module.add_packed(x, out, part)
+
+
 def _plan_packed(plan: _Rows, slots: Sequence[int | None], tokens: Sequence[int], device: torch.device,
                  kernel: bool, rank: int) -> None:
     single_tokens, single_slots, at = [], [], 0
@@ -402,8 +440,6 @@ def _plan_packed(plan: _Rows, slots: Sequence[int | None], tokens: Sequence[int]
     positions: torch.Tensor | int = len(single_tokens) if first else torch.tensor(single_tokens, device=device)
     if kernel:
         plan.kernel = _KernelRows(positions, single_slots, rank)
-        if not plan.segments:
-            plan.kernel_only = plan.kernel.address
         return
     plan.band = _band(positions, single_slots, device)
     if plan.band is None:
@@ -423,8 +459,12 @@ def _kernel_for(model: nn.Module, wanted: bool | None) -> RowKernel | None:
 
 def _copy_plan(source: _Rows, target: _Rows) -> None:
     """Give `target` (another group's plan object, which its modules hold) the plan of `source`: every
-    field, so a field added to `_Rows` is copied too (a finished plan is never mutated, only replaced)."""
+    field, so a field added to `_Rows` is copied too (a finished plan is never mutated, only replaced),
+    except its C view, which is then written."""
+    view = target.view
     vars(target).update(vars(source))
+    target.view = view
+    target.publish()
 
 
 class LoraSlots:
@@ -570,6 +610,7 @@ class LoraSlots:
                 _copy_plan(planned[mine], rows)
             else:
                 self._plan(rows, mine, tokens)
+                rows.publish()
                 planned[mine] = rows
 
     def _plan(self, plan: _Rows, slots: Sequence[int | None], tokens: Sequence[int] | None) -> None:

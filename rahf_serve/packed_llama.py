@@ -28,14 +28,14 @@ import torch
 import torch.nn.functional as F
 
 from .kvcache import SlotCache, SlotStep
-from .lora_slots import SlotLinear
+from .lora_slots import SlotLinear, SlotSite
 
 log = logging.getLogger(__name__)
 
 _ROPE_TYPES = ("default", "linear", "llama3")
 """Rotary types whose angles depend on the position alone (a table built once is exact)."""
-_NO_LORA: tuple[None, ...] = (None,) * 7
-"""A block's seven Linear modules when none holds LoRA slots."""
+_NO_LORA: tuple[None, ...] = (None,) * 4
+"""A block's four LoRA sites (q/k/v, o, gate/up, down) when no module holds LoRA slots."""
 
 
 def unsupported_reason(model: Any) -> str | None:
@@ -94,38 +94,25 @@ class _Block:
         self.inter = self.gate_up_slices[0].stop
 
         self._seen: tuple[Any, ...] = ()
-        self._slotted: tuple[SlotLinear | None, ...] = _NO_LORA
+        self._sites: tuple[SlotSite | None, ...] = _NO_LORA
 
-    def slotted(self) -> tuple[SlotLinear | None, ...]:
-        """q, k, v, o, gate, up, down: each the module if it holds LoRA slots, else None. Looked up each
-        step (LoraSlots wraps a module the first time an adapter needs it) in the modules' own dicts, which
-        is cheaper than attribute access on a Module."""
+    def sites(self) -> tuple[SlotSite | None, ...]:
+        """The LoRA sites q/k/v (into the fused product), o, gate/up (likewise) and down: each None when none
+        of its modules holds LoRA slots. The modules are looked up each step (LoraSlots wraps a module the
+        first time an adapter needs it) in their parents' own dicts, cheaper than attribute access."""
         attn, mlp = self.attn._modules, self.mlp._modules
         seen = (attn["q_proj"], attn["k_proj"], attn["v_proj"], attn["o_proj"], mlp["gate_proj"], mlp["up_proj"],
                 mlp["down_proj"])
         if seen != self._seen:
             self._seen = seen
-            self._slotted = tuple(m if isinstance(m, SlotLinear) else None for m in seen)
-        return self._slotted
+            slotted = [m if isinstance(m, SlotLinear) else None for m in seen]
 
+            def site(modules: list[SlotLinear | None], parts: tuple[slice | None, ...] = (None,)) -> SlotSite | None:
+                return SlotSite(modules, parts) if any(modules) else None
 
-def _add_lora(modules: tuple[SlotLinear | None, ...], x: torch.Tensor, out: torch.Tensor, total: int,
-              parts: tuple[slice | None, ...] = (None,)) -> None:
-    """Add the per-row LoRA of `x` [total, in] of each module reading it to its columns `parts` of `out`
-    [total, wider] (None: all of them) in place, for the modules holding LoRA slots that a row of this
-    step uses. A decode-only
-    step goes straight to the C row kernel with the tensors' addresses, taken once for all the modules
-    (per call, Python's attribute reads cost as much as the kernel's work on this model); x and out are
-    float32 and row-major whenever the kernel runs, since this forward made them."""
-    at = None
-    for module, part in zip(modules, parts, strict=True):
-        if module is None or module.rows.index is None:
-            continue
-        if at is None:
-            at = (x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0))
-        column = 0 if part is None else part.start
-        if not module.add_rows_at(at[0], at[1], at[2] + 4 * column, at[3], total):
-            module.add_packed(x, out, part)
+            self._sites = (site(slotted[:3], self.qkv_slices), site(slotted[3:4]),
+                           site(slotted[4:6], self.gate_up_slices), site(slotted[6:]))
+        return self._sites
 
 
 class PackedLlama:
@@ -176,26 +163,26 @@ class PackedLlama:
         cos, sin = self.cos[step.columns][:, None], self.sin_signed[step.columns][:, None]
         h = self.embed(ids[0])  # [total, hidden]: every product below is one 2-D matmul
         for i, blk in enumerate(self.blocks):
-            q, k, v, o_proj, gate, up, down = blk.slotted() if lora else _NO_LORA
+            qkv_lora, o_lora, gate_up_lora, down_lora = blk.sites() if lora else _NO_LORA
             x = self._norm(h, blk.ln1)
             qkv = torch.mm(x, blk.qkv_t)
-            if lora:
-                _add_lora((q, k, v), x, qkv, total, blk.qkv_slices)
+            if qkv_lora is not None:
+                qkv_lora.add(x, qkv, total)
             qk = qkv[:, :k_end].view(total, heads + kv_heads, head_dim)  # q and k side by side: one rotation
             qk = torch.addcmul(qk * cos, qk.view(total, heads + kv_heads, 2, head_dim // 2).flip(-2).view_as(qk), sin)
             cache.write(i, qk[:, heads:], qkv[:, k_end:].view(total, kv_heads, head_dim))
             o = cache.attend_packed(i, qk[:, :heads], self.scaling).view(total, q_end)
             h = torch.addmm(h, o, blk.o_t)  # the residual add inside the product
-            if lora:  # LoRA is linear: adding it to h adds it to o_proj's output
-                _add_lora((o_proj,), o, h, total)
+            if o_lora is not None:  # LoRA is linear: adding it to h adds it to o_proj's output
+                o_lora.add(o, h, total)
             x = self._norm(h, blk.ln2)
             gu = torch.mm(x, blk.gate_up_t)
-            if lora:
-                _add_lora((gate, up), x, gu, total, blk.gate_up_slices)
+            if gate_up_lora is not None:
+                gate_up_lora.add(x, gu, total)
             act = F.silu(gu[:, :blk.inter]).mul_(gu[:, blk.inter:])
             h = torch.addmm(h, act, blk.down_t)
-            if lora:
-                _add_lora((down,), act, h, total)
+            if down_lora is not None:
+                down_lora.add(act, h, total)
             delta = deltas.get(i + 1)
             if delta is not None:
                 h = h + delta[0].to(h.dtype)

@@ -14,6 +14,11 @@
  *
  * Sums run in four independent lanes of ranks, vectorised with `omp simd` (no OpenMP runtime is linked:
  * -fopenmp-simd only enables the pragmas).
+ *
+ * `rahf_lora_site` does the modules that read one input and add into one output (q/k/v, gate/up) in one
+ * call: inside a forward, each call from Python costs several times what it costs in a tight loop (its
+ * code and data are cold after the weights streamed by), so a decode step makes four calls a layer, not
+ * seven. Each module reaches its group's plan through a cell its SlotLinear keeps pointed at it.
  */
 #include <stdint.h>
 
@@ -88,4 +93,38 @@ void rahf_lora_rows(const struct rahf_rows *rows, const struct rahf_factors *f, 
                 yi[j] += h0 * b0[j];
         }
     }
+}
+
+/* A module group's plan for the step, as lora_slots._Rows.publish writes it. */
+enum { RAHF_NONE = 0, RAHF_ROWS = 1, RAHF_OTHER = 2 };
+
+struct rahf_plan {
+    int64_t state;                 /* NONE: no row uses these modules' slots; ROWS: every LoRA row is one
+                                      token, at `rows`; OTHER: more than this kernel does (prompt chunks) */
+    int64_t total;                 /* the step's token count */
+    const struct rahf_rows *rows;
+};
+
+struct rahf_site_module {
+    const struct rahf_plan *const *plan;    /* the module's cell, holding its group's plan */
+    const struct rahf_factors *f;
+    int64_t column;                          /* where its output starts in y's rows */
+};
+
+/* Every module's rows, or nothing at all (returning 0) when one of them needs more than the kernel or
+ * its plan was made for another token count than `total`: the caller then takes its own path. */
+int64_t rahf_lora_site(int64_t n, const struct rahf_site_module *m, int64_t total, const float *x, int64_t ldx,
+                       float *y, int64_t ldy)
+{
+    for (int64_t i = 0; i < n; i++) {
+        const struct rahf_plan *p = *m[i].plan;
+        if (p->state == RAHF_OTHER || (p->state == RAHF_ROWS && p->total != total))
+            return 0;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        const struct rahf_plan *p = *m[i].plan;
+        if (p->state == RAHF_ROWS)
+            rahf_lora_rows(p->rows, m[i].f, x, ldx, y + m[i].column, ldy);
+    }
+    return 1;
 }

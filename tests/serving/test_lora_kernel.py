@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import itertools
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 from rahf_serve import lora_kernel
 from rahf_serve.errors import RahfError
 from rahf_serve.lora_kernel import KernelUnavailable, build_row_kernel
-from rahf_serve.lora_slots import LoraSlots, LoraWeights
+from rahf_serve.lora_slots import LoraSlots, LoraWeights, SlotSite
 from tests.serving.conftest import load_lively
 
 
@@ -118,24 +119,63 @@ def test_rows_that_do_not_match_the_step_are_refused_before_the_kernel_runs(live
             module.add_packed(bad_x, bad_out)
 
 
-def test_the_forwards_fast_path_takes_decode_only_steps_and_nothing_else(lively_model_dir):
-    """`add_rows_at` (the engine forward's path by address) adds a decode-only step's rows as `add_packed`
-    does, and declines, doing nothing, a step with a prompt chunk or of another token count."""
-    slots, module, _, _ = one_module_adapter(lively_model_dir, "model.layers.1.mlp.down_proj")
-    one = slots.slot_of("one")
-    x = torch.randn(3, module.in_features)
+def test_a_site_adds_its_modules_rows_in_one_call_and_follows_a_regrouping(lively_model_dir):
+    """`SlotSite` (the packed forward's q/k/v, o, gate/up, down) adds a decode-only step's rows of modules in
+    different groups as each module's `add_packed` does, at its columns; its C call declines, doing
+    nothing, a step planned for another token count or with a prompt chunk (then `add_packed` does it);
+    and a load that moves a module into another group after the site was made is followed."""
+    slots = LoraSlots(copy.deepcopy(load_lively(lively_model_dir).model), max_loras=4, max_rank=4, kernel=True)
+    attn = "model.layers.0.self_attn."
 
-    def by_address(total: int) -> tuple[bool, torch.Tensor]:
-        out = torch.zeros(3, module.out_features)
-        return module.add_rows_at(x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), total), out
+    def lora(names: list[str], seed: int) -> LoraWeights:
+        g = torch.Generator().manual_seed(seed)
+        shapes = {n: slots.model.get_submodule(attn + n) for n in names}
+        return LoraWeights({attn + n: (torch.randn(4, m.in_features, generator=g),
+                                       torch.randn(m.out_features, 4, generator=g)) for n, m in shapes.items()})
 
-    slots.set_rows([None, one, one], [1, 1, 1])
-    taken, out = by_address(3)
-    want = torch.zeros(3, module.out_features)
-    module.add_packed(x, want)
-    assert taken and torch.equal(out, want) and not out[0].any() and out[1:].any()
-    taken, out = by_address(4)
-    assert not taken and not out.any()
-    slots.set_rows([one, None], [2, 1])  # a prompt chunk: add_packed's matmuls
-    taken, out = by_address(3)
-    assert not taken and not out.any()
+    slots.load_weights("qv", lora(["q_proj", "v_proj"], 1))
+    slots.load_weights("k", lora(["k_proj"], 2))
+    modules = [slots.model.get_submodule(attn + n) for n in ("q_proj", "k_proj", "v_proj")]
+    bounds = [0, *itertools.accumulate(m.out_features for m in modules)]
+    parts = [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]
+    site = SlotSite(modules, parts)
+    x = torch.randn(3, modules[0].in_features)
+
+    def by_site() -> torch.Tensor:
+        out = torch.zeros(3, bounds[-1])
+        site.add(x, out, 3)
+        return out
+
+    def by_modules() -> torch.Tensor:
+        out = torch.zeros(3, bounds[-1])
+        for module, part in zip(modules, parts, strict=True):
+            module.add_packed(x, out, part)
+        return out
+
+    def c_call(total: int) -> tuple[int, torch.Tensor]:
+        out = torch.zeros(3, bounds[-1])
+        done = slots.kernel.site(site._count, site._address, total, x.data_ptr(), x.stride(0), out.data_ptr(),
+                                 out.stride(0))
+        return done, out
+
+    qv, k = slots.slot_of("qv"), slots.slot_of("k")
+    slots.set_rows([None, qv, k], [1, 1, 1])
+    out = by_site()
+    assert torch.equal(out, by_modules()) and not out[0].any()
+    q_cols, k_cols, v_cols = parts
+    assert out[1, q_cols].any() and out[1, v_cols].any() and not out[1, k_cols].any()
+    assert out[2, k_cols].any() and not out[2, q_cols].any() and not out[2, v_cols].any()
+    assert c_call(3)[0] == 1
+    done, out = c_call(4)
+    assert done == 0 and not out.any()
+    slots.set_rows([qv, None], [2, 1])  # a prompt chunk
+    done, out = c_call(3)
+    assert done == 0 and not out.any()
+    assert torch.equal(by_site(), by_modules()) and by_site().any()
+
+    slots.load_weights("q", lora(["q_proj"], 3))  # q now has weights of a slot v has not: another group
+    assert modules[0].rows is not modules[2].rows
+    slots.set_rows([slots.slot_of("q"), qv, None], [1, 1, 1])
+    out = by_site()
+    assert torch.equal(out, by_modules())
+    assert out[0, q_cols].any() and not out[0, v_cols].any() and out[1, v_cols].any()

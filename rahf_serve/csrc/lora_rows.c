@@ -12,8 +12,8 @@
  * a row's result does not change with the batch around it. What stays fixed for a step (the rows) and for
  * a module (its factors) comes in two structs made once, so a call converts six arguments, not fourteen.
  *
- * Sums run in four independent lanes of ranks, vectorised with `omp simd` (no OpenMP runtime is linked:
- * -fopenmp-simd only enables the pragmas).
+ * Sums run in independent lanes of ranks (eight, then four, then one), vectorised with `omp simd` (no
+ * OpenMP runtime is linked: -fopenmp-simd only enables the pragmas).
  *
  * `rahf_lora_site` does the modules that read one input and add into one output (q/k/v, gate/up) in one
  * call: inside a forward, each call from Python costs several times what it costs in a tight loop (its
@@ -37,6 +37,99 @@ struct rahf_factors {
     int64_t b_stride;
 };
 
+/* Start the streams of a row's factors, the first two lines of each rank's A and B row: issued together,
+ * their first misses overlap instead of each pass waiting on its own (about a tenth off a step's kernel
+ * time, benchmarks/adapter_row_bench.py). */
+static inline void prefetch_row(const float *a, const float *b, int64_t r, int64_t in, int64_t out)
+{
+    for (int64_t k = 0; k < r; k++) {
+        __builtin_prefetch(a + k * in);
+        __builtin_prefetch(a + k * in + 16);
+        __builtin_prefetch(b + k * out);
+        __builtin_prefetch(b + k * out + 16);
+    }
+}
+
+/* h[k] = A[k] . x for k < r: ranks in blocks of eight lanes (eight streams read at once), then four, then one. */
+static inline void shrink(const float *a, int64_t r, int64_t in, const float *restrict x, float *restrict h)
+{
+    int64_t k = 0;
+    for (; k + 8 <= r; k += 8) {
+        const float *restrict a0 = a + k * in, *restrict a1 = a0 + in, *restrict a2 = a1 + in,
+                    *restrict a3 = a2 + in, *restrict a4 = a3 + in, *restrict a5 = a4 + in,
+                    *restrict a6 = a5 + in, *restrict a7 = a6 + in;
+        float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
+#pragma omp simd reduction(+:s0, s1, s2, s3, s4, s5, s6, s7)
+        for (int64_t j = 0; j < in; j++) {
+            const float v = x[j];
+            s0 += a0[j] * v;
+            s1 += a1[j] * v;
+            s2 += a2[j] * v;
+            s3 += a3[j] * v;
+            s4 += a4[j] * v;
+            s5 += a5[j] * v;
+            s6 += a6[j] * v;
+            s7 += a7[j] * v;
+        }
+        h[k] = s0, h[k + 1] = s1, h[k + 2] = s2, h[k + 3] = s3;
+        h[k + 4] = s4, h[k + 5] = s5, h[k + 6] = s6, h[k + 7] = s7;
+    }
+    for (; k + 4 <= r; k += 4) {
+        const float *restrict a0 = a + k * in, *restrict a1 = a0 + in, *restrict a2 = a1 + in,
+                    *restrict a3 = a2 + in;
+        float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+:s0, s1, s2, s3)
+        for (int64_t j = 0; j < in; j++) {
+            const float v = x[j];
+            s0 += a0[j] * v;
+            s1 += a1[j] * v;
+            s2 += a2[j] * v;
+            s3 += a3[j] * v;
+        }
+        h[k] = s0, h[k + 1] = s1, h[k + 2] = s2, h[k + 3] = s3;
+    }
+    for (; k < r; k++) {
+        const float *restrict a0 = a + k * in;
+        float s0 = 0;
+#pragma omp simd reduction(+:s0)
+        for (int64_t j = 0; j < in; j++)
+            s0 += a0[j] * x[j];
+        h[k] = s0;
+    }
+}
+
+/* y += sum_k h[k] B[k], in the same blocks of ranks. */
+static inline void expand(const float *b, int64_t r, int64_t out, const float *h, float *restrict y)
+{
+    int64_t k = 0;
+    for (; k + 8 <= r; k += 8) {
+        const float *restrict b0 = b + k * out, *restrict b1 = b0 + out, *restrict b2 = b1 + out,
+                    *restrict b3 = b2 + out, *restrict b4 = b3 + out, *restrict b5 = b4 + out,
+                    *restrict b6 = b5 + out, *restrict b7 = b6 + out;
+        const float h0 = h[k], h1 = h[k + 1], h2 = h[k + 2], h3 = h[k + 3], h4 = h[k + 4], h5 = h[k + 5],
+                    h6 = h[k + 6], h7 = h[k + 7];
+#pragma omp simd
+        for (int64_t j = 0; j < out; j++)
+            y[j] += h0 * b0[j] + h1 * b1[j] + h2 * b2[j] + h3 * b3[j] + h4 * b4[j] + h5 * b5[j] + h6 * b6[j]
+                    + h7 * b7[j];
+    }
+    for (; k + 4 <= r; k += 4) {
+        const float *restrict b0 = b + k * out, *restrict b1 = b0 + out, *restrict b2 = b1 + out,
+                    *restrict b3 = b2 + out;
+        const float h0 = h[k], h1 = h[k + 1], h2 = h[k + 2], h3 = h[k + 3];
+#pragma omp simd
+        for (int64_t j = 0; j < out; j++)
+            y[j] += h0 * b0[j] + h1 * b1[j] + h2 * b2[j] + h3 * b3[j];
+    }
+    for (; k < r; k++) {
+        const float *restrict b0 = b + k * out;
+        const float h0 = h[k];
+#pragma omp simd
+        for (int64_t j = 0; j < out; j++)
+            y[j] += h0 * b0[j];
+    }
+}
+
 void rahf_lora_rows(const struct rahf_rows *rows, const struct rahf_factors *f, const float *x, int64_t ldx,
                     float *y, int64_t ldy)
 {
@@ -45,53 +138,14 @@ void rahf_lora_rows(const struct rahf_rows *rows, const struct rahf_factors *f, 
     const float *A = f->A, *B = f->B;
     const int64_t a_stride = f->a_stride, b_stride = f->b_stride;
     float h[r > 0 ? r : 1];
+    if (n > 0)
+        prefetch_row(A + slots[0] * a_stride, B + slots[0] * b_stride, r, in, out);
     for (int64_t i = 0; i < n; i++) {
+        if (i + 1 < n)  /* the next row's streams start while this one computes */
+            prefetch_row(A + slots[i + 1] * a_stride, B + slots[i + 1] * b_stride, r, in, out);
         const int64_t t = tokens ? tokens[i] : i;
-        const float *restrict xi = x + t * ldx;
-        float *restrict yi = y + t * ldy;
-        const float *a = A + slots[i] * a_stride;
-        const float *b = B + slots[i] * b_stride;
-        int64_t k = 0;
-        for (; k + 4 <= r; k += 4) {
-            const float *restrict a0 = a + k * in, *restrict a1 = a0 + in, *restrict a2 = a1 + in,
-                        *restrict a3 = a2 + in;
-            float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+:s0, s1, s2, s3)
-            for (int64_t j = 0; j < in; j++) {
-                const float v = xi[j];
-                s0 += a0[j] * v;
-                s1 += a1[j] * v;
-                s2 += a2[j] * v;
-                s3 += a3[j] * v;
-            }
-            h[k] = s0;
-            h[k + 1] = s1;
-            h[k + 2] = s2;
-            h[k + 3] = s3;
-        }
-        for (; k < r; k++) {
-            const float *restrict a0 = a + k * in;
-            float s0 = 0;
-#pragma omp simd reduction(+:s0)
-            for (int64_t j = 0; j < in; j++)
-                s0 += a0[j] * xi[j];
-            h[k] = s0;
-        }
-        for (k = 0; k + 4 <= r; k += 4) {
-            const float *restrict b0 = b + k * out, *restrict b1 = b0 + out, *restrict b2 = b1 + out,
-                        *restrict b3 = b2 + out;
-            const float h0 = h[k], h1 = h[k + 1], h2 = h[k + 2], h3 = h[k + 3];
-#pragma omp simd
-            for (int64_t j = 0; j < out; j++)
-                yi[j] += h0 * b0[j] + h1 * b1[j] + h2 * b2[j] + h3 * b3[j];
-        }
-        for (; k < r; k++) {
-            const float *restrict b0 = b + k * out;
-            const float h0 = h[k];
-#pragma omp simd
-            for (int64_t j = 0; j < out; j++)
-                yi[j] += h0 * b0[j];
-        }
+        shrink(A + slots[i] * a_stride, r, in, x + t * ldx, h);
+        expand(B + slots[i] * b_stride, r, out, h, y + t * ldy);
     }
 }
 

@@ -30,13 +30,14 @@ def reference(x, y, rows, A, B, r):
     return want
 
 
-@pytest.mark.parametrize("r", [1, 3, 4, 7, 8])
+@pytest.mark.parametrize("r", [1, 3, 4, 7, 8, 12, 13, 16])
 @pytest.mark.parametrize("positions", ["first", "scattered"])
 def test_rows_equal_their_products_and_leave_other_rows_alone(kernel, r, positions):
-    """Ranks below, at and past the kernel's four-rank blocks, rows sharing slots, a rank below the slots'
-    capacity (8), an output that is a column slice of a wider one, inputs with a row stride."""
+    """Ranks below, at and past the kernel's eight- and four-rank blocks and their remainders, rows sharing
+    slots, ranks below the slots' capacity (16), an output that is a column slice of a wider one, inputs
+    with a row stride."""
     g = torch.Generator().manual_seed(r)
-    slots, capacity, d_in, d_out = 5, 8, 37, 23
+    slots, capacity, d_in, d_out = 5, 16, 37, 23
     A = torch.randn(slots, capacity, d_in, generator=g)
     B = torch.randn(slots, capacity, d_out, generator=g)
     x = torch.randn(9, d_in + 5, generator=g)[:, 2:2 + d_in]  # rows d_in + 5 apart

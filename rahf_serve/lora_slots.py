@@ -8,9 +8,8 @@ adds B_row (A_row x), reading the factors where they lie: on CPU in float32, one
 small C kernel (`rahf_serve.lora_kernel`), one call for all of them in all the modules sharing an input
 (`SlotSite`); elsewhere, or without a C compiler, two batched matmuls do it (one slot in use; one-token
 rows on nearby slots, as a band; a prompt chunk), gathering copies of the factors only for rows on
-widely spread slots. Nothing is
-registered per forward (PEFT's mixed-batch path hooks every LoRA layer on every call), and the cost
-follows the batch, never the number of resident adapters.
+widely spread slots. Nothing is registered per forward (PEFT's mixed-batch path hooks every LoRA layer
+on every call), and the cost follows the batch, never the number of resident adapters.
 
 A row whose adapter has no weights in a module costs that module nothing: modules are grouped by the set
 of slots that have weights in them, and each group gets its own row plan per step, in which such rows are

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 _ROPE_TYPES = ("default", "linear", "llama3")
 """Rotary types whose angles depend on the position alone (a table built once is exact)."""
-_NO_LORA: tuple[None, ...] = (None,) * 4
+_NO_SITES: tuple[None, ...] = (None,) * 4
 """A block's four LoRA sites (q/k/v, o, gate/up, down) when no module holds LoRA slots."""
 
 
@@ -94,7 +94,7 @@ class _Block:
         self.inter = self.gate_up_slices[0].stop
 
         self._seen: tuple[Any, ...] = ()
-        self._sites: tuple[SlotSite | None, ...] = _NO_LORA
+        self._sites: tuple[SlotSite | None, ...] = _NO_SITES
 
     def sites(self) -> tuple[SlotSite | None, ...]:
         """The LoRA sites q/k/v (into the fused product), o, gate/up (likewise) and down: each None when none
@@ -163,7 +163,7 @@ class PackedLlama:
         cos, sin = self.cos[step.columns][:, None], self.sin_signed[step.columns][:, None]
         h = self.embed(ids[0])  # [total, hidden]: every product below is one 2-D matmul
         for i, blk in enumerate(self.blocks):
-            qkv_lora, o_lora, gate_up_lora, down_lora = blk.sites() if lora else _NO_LORA
+            qkv_lora, o_lora, gate_up_lora, down_lora = blk.sites() if lora else _NO_SITES
             x = self._norm(h, blk.ln1)
             qkv = torch.mm(x, blk.qkv_t)
             if qkv_lora is not None:

@@ -36,10 +36,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rahf_serve.bundle import read_bundle  # noqa: E402
 from rahf_serve.kvcache import SlotCache, pack_inputs  # noqa: E402
-from rahf_serve.lora_kernel import RowKernel  # noqa: E402
+from rahf_serve.lora_kernel import RowKernel, build_row_kernel  # noqa: E402
 from rahf_serve.lora_slots import LoraSlots, LoraWeights, read_lora  # noqa: E402
 from rahf_serve.models import load_base  # noqa: E402
 from rahf_serve.packed_llama import PackedLlama, packed_forward_for  # noqa: E402
@@ -132,17 +130,20 @@ def stream(buffer: torch.Tensor) -> float:
 
 
 def no_op_kernel() -> RowKernel:
-    """C functions of the row kernel's signatures that do nothing (a site reports its work done), built with
-    the same compiler."""
-    directory = Path(tempfile.mkdtemp())
-    (directory / "noop.c").write_text(
-        "#include <stdint.h>\n"
-        "void rahf_lora_rows(const void *rows, const void *f, const float *x, int64_t ldx, float *y, int64_t ldy) {}\n"
-        "int64_t rahf_lora_site(int64_t n, const void *m, int64_t total, const float *x, int64_t ldx, float *y, "
-        "int64_t ldy) { return 1; }\n")
-    subprocess.run([os.environ.get("CC", "cc"), "-O2", "-fPIC", "-shared", "-o", str(directory / "noop.so"),
-                    str(directory / "noop.c")], check=True)
-    return RowKernel(directory / "noop.so")
+    """A `lora_rows` module whose functions take the kernel's arguments and do nothing (a site reports its work
+    done), built as the kernel is."""
+    source = Path(tempfile.mkdtemp()) / "noop.c"
+    source.write_text(
+        "#define PY_SSIZE_T_CLEAN\n#include <Python.h>\n"
+        "static PyObject *rows(PyObject *s, PyObject *const *a, Py_ssize_t n) {\n"
+        "    for (Py_ssize_t i = 0; i < n; i++) (void)PyLong_AsLongLong(a[i]);\n    Py_RETURN_NONE;\n}\n"
+        "static PyObject *site(PyObject *s, PyObject *const *a, Py_ssize_t n) {\n"
+        "    for (Py_ssize_t i = 0; i < n; i++) (void)PyLong_AsLongLong(a[i]);\n    Py_RETURN_TRUE;\n}\n"
+        "static PyMethodDef methods[] = {{\"rows\", (PyCFunction)(void (*)(void))rows, METH_FASTCALL, 0},\n"
+        "    {\"site\", (PyCFunction)(void (*)(void))site, METH_FASTCALL, 0}, {0}};\n"
+        "static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, \"lora_rows\", 0, -1, methods};\n"
+        "PyMODINIT_FUNC PyInit_lora_rows(void) { return PyModule_Create(&module); }\n")
+    return build_row_kernel(source.parent, source=source)
 
 
 def paired_ratio(other: list[float], base: list[float]) -> float:

@@ -5,23 +5,28 @@ more on each of them than reading its factors takes, so eight rows on eight diff
 SmolLM2-135M step about 19% against a 5% floor of reading the bytes. The kernel does a module's rows in
 one call, each row one pass over its factors where they lie (benchmarks/lora_layout_bench.py compares).
 
-It is compiled once per source and flags into `<cache>/kernels` (`RAHF_SERVE_CACHE`, default
-~/.cache/rahf-serve) with `$CC` or `cc`, and loaded with ctypes. Where there is no compiler, the build
-fails, or `RAHF_LORA_KERNEL=0`, `row_kernel()` says why once in the log and the slots keep torch's
-products, which give the same results up to float rounding.
+It is a Python extension module compiled once per source, flags and Python ABI into `<cache>/kernels`
+(`RAHF_SERVE_CACHE`, default ~/.cache/rahf-serve) with `$CC` or `cc` against this Python's headers, and
+imported from there; the structs it reads are ctypes Structures the slots own. Where there is no compiler
+or no Python headers (Debian's python3-dev), the build fails, or `RAHF_LORA_KERNEL=0`, `row_kernel()` says
+why once in the log and the slots keep torch's products, which give the same results up to float rounding.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.machinery
+import importlib.util
 import logging
 import os
 import platform
 import shutil
 import subprocess
+import sysconfig
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -67,6 +72,13 @@ class SiteModule(ctypes.Structure):
     _fields_ = [("plan", _PTR), ("factors", _PTR), ("column", _I64)]
 
 
+class Site(ctypes.Structure):
+    """Modules reading one input [total, ldx] and adding into one output [total, ldy] (C `struct rahf_site`):
+    their count and the address of their `SiteModule` array."""
+
+    _fields_ = [("n", _I64), ("ldx", _I64), ("ldy", _I64), ("modules", _PTR)]
+
+
 def rows_for(tokens: torch.Tensor | None, slots: torch.Tensor, rank: int) -> Rows:
     """The struct for int64 `slots` (and positions `tokens`); the tensors must outlive its use."""
     return Rows(slots.numel(), None if tokens is None else tokens.data_ptr(), slots.data_ptr(), rank)
@@ -81,30 +93,41 @@ def factors_for(slot_a: torch.Tensor, slot_b: torch.Tensor) -> Factors:
 
 
 class RowKernel:
-    """The C functions, addresses as ints (see csrc/lora_rows.c), adding each row's LoRA to y in place:
-    `rows(&Rows, &Factors, x, ldx, y, ldy)` for one module, `site(n, &SiteModule[n], total, x, ldx, y, ldy)`
-    for modules sharing x and y (1 when done, 0 when it did nothing). Nothing is checked below these
+    """The kernel's functions (see csrc/lora_rows.c), taking addresses and sizes as ints and adding each row's
+    LoRA to y in place: `rows(&Rows, &Factors, x, ldx, y, ldy)` for one module, `site(&Site, total, x, y)`
+    for modules sharing x and y (True when done, False when it did nothing). Nothing is checked below these
     calls: `SlotLinear` and `SlotSite` own the shapes."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        library = ctypes.CDLL(str(path))
-        self.rows = library.rahf_lora_rows
-        self.rows.argtypes, self.rows.restype = [_PTR, _PTR, _PTR, _I64, _PTR, _I64], None
-        self.site = library.rahf_lora_site
-        self.site.argtypes, self.site.restype = [_I64, _PTR, _I64, _PTR, _I64, _PTR, _I64], _I64
+        spec = importlib.util.spec_from_loader("lora_rows", importlib.machinery.ExtensionFileLoader("lora_rows",
+                                                                                                  str(path)))
+        if spec is None:
+            raise ImportError(f"no loader for {path}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        self.rows: Callable[[int, int, int, int, int, int], None] = module.rows
+        self.site: Callable[[int, int, int, int], bool] = module.site
+
+
+def _include() -> str:
+    return sysconfig.get_paths()["include"]
 
 
 def _flags() -> list[str]:
-    flags = ["-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp-simd"]
+    flags = ["-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp-simd", f"-I{_include()}"]
+    if platform.system() == "Darwin":  # the interpreter provides Python's symbols when the module is imported
+        flags += ["-undefined", "dynamic_lookup"]
     if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() != "DEFAULT":
         flags += ["-mavx2", "-mfma"]  # what torch found this CPU has (AVX2 or AVX-512, which includes both)
     return flags
 
 
-def _compile(cc: str, flags: list[str], directory: Path, path: Path) -> None:
+def _compile(cc: str, flags: list[str], source: Path, directory: Path, path: Path) -> None:
     if shutil.which(cc) is None:
         raise KernelUnavailable(f"no C compiler ({cc!r} is not on PATH; set CC)")
+    if not (Path(_include()) / "Python.h").is_file():
+        raise KernelUnavailable(f"no Python headers at {_include()} (on Debian and Ubuntu: apt install python3-dev)")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         # Built beside its final name and renamed: a process that loads it never sees half a file.
@@ -113,30 +136,33 @@ def _compile(cc: str, flags: list[str], directory: Path, path: Path) -> None:
     except OSError as err:
         raise KernelUnavailable(f"cannot write to {directory}: {err}") from err
     try:
-        done = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([cc, *flags, "-o", tmp, str(source)], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise KernelUnavailable(f"{cc} failed ({done.returncode}): {done.stderr.strip()[:500]}")
         os.replace(tmp, path)
     except (OSError, subprocess.SubprocessError) as err:  # a compiler that vanished or hung
-        raise KernelUnavailable(f"{cc} could not build {SOURCE.name}: {err}") from err
+        raise KernelUnavailable(f"{cc} could not build {source.name}: {err}") from err
     finally:
         Path(tmp).unlink(missing_ok=True)
 
 
-def build_row_kernel(cache: Path | None = None, compiler: str | None = None) -> RowKernel:
-    """Compile (unless this source and these flags are cached) and load the kernel; KernelUnavailable if not."""
+def build_row_kernel(cache: Path | None = None, compiler: str | None = None, source: Path = SOURCE) -> RowKernel:
+    """Compile (unless this source, these flags and this Python's ABI are cached) and load the kernel;
+    KernelUnavailable if not. `source`: another C file defining the module `lora_rows` (benchmarks put a
+    no-op in the kernel's place)."""
     from .models import cache_root
 
     flags = _flags()
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(flags).encode() + platform.machine().encode()).hexdigest()[:16]
+    abi = str(sysconfig.get_config_var("EXT_SUFFIX"))
+    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + platform.machine().encode()
+                         + abi.encode()).hexdigest()[:16]
     directory = cache or cache_root() / "kernels"
-    path = directory / f"lora_rows-{key}.so"
+    path = directory / f"{source.stem}-{key}.so"
     if not path.is_file():  # a cached build needs no compiler
-        _compile(compiler or os.environ.get("CC") or "cc", flags, directory, path)
+        _compile(compiler or os.environ.get("CC") or "cc", flags, source, directory, path)
     try:
         return RowKernel(path)
-    except (OSError, AttributeError) as err:
+    except (ImportError, OSError, AttributeError) as err:
         raise KernelUnavailable(f"cannot load {path}: {err}") from err
 
 

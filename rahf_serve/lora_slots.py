@@ -35,7 +35,16 @@ from torch import nn
 
 from .bundle.layout import LORA_KEY, PEFT_PREFIX, WEIGHTS_FILE, Bundle
 from .errors import BundleError, CorruptBundleError, FingerprintMismatch, LimitExceeded, RahfError
-from .lora_kernel import Plan, RowKernel, SiteModule, build_row_kernel, factors_for, row_kernel, rows_for
+from .lora_kernel import (
+    Plan,
+    RowKernel,
+    Site,
+    SiteModule,
+    build_row_kernel,
+    factors_for,
+    row_kernel,
+    rows_for,
+)
 
 # Fields that only shape training or initialisation, or describe the bundle: the stored weights say it all.
 _IGNORED_FIELDS = {
@@ -397,24 +406,32 @@ class SlotLinear(nn.Module):
 
 class SlotSite:
     """The LoRA modules that read one input and add into one output, each at its columns: q/k/v or gate/up
-    of a fused product, or one module alone. `add` does a decode-only step's rows of all of them in one C
-    call, other steps (prompt chunks, no kernel) module by module through `add_packed`."""
+    of a fused product [tokens, `width`], or one module alone (`width`: its out_features). `add` does a
+    decode-only step's rows of all of them in one C call, other steps (prompt chunks, no kernel) module by
+    module through `add_packed`."""
 
-    def __init__(self, modules: Sequence[SlotLinear | None], parts: Sequence[slice | None] = (None,)) -> None:
+    def __init__(self, modules: Sequence[SlotLinear | None], parts: Sequence[slice | None] = (None,),
+                 width: int | None = None) -> None:
         self.modules = tuple((m, p) for m, p in zip(modules, parts, strict=True) if m is not None)
+        first = self.modules[0][0]
+        if width is None:
+            if len(self.modules) > 1 or self.modules[0][1] is not None:
+                raise ValueError("a site of columns of a wider output needs that output's width")
+            width = first.out_features
         self._kernel = next((m._kernel for m, _ in self.modules if m._kernel is not None), None)
         entries = [SiteModule(ctypes.addressof(m._plan_cell), m._factors_address, 0 if p is None else p.start)
                    for m, p in self.modules]
-        self._entries = (SiteModule * len(entries))(*entries)  # kept: the C call reads it
-        self._count, self._address = len(entries), ctypes.addressof(self._entries)
+        self._entries = (SiteModule * len(entries))(*entries)  # kept: the C call reads them
+        self._struct = Site(len(entries), first.in_features, width, ctypes.addressof(self._entries))
+        self._address = ctypes.addressof(self._struct)
 
     def add(self, x: torch.Tensor, out: torch.Tensor, total: int) -> None:
-        """Add each row's LoRA of `x` [total, in] to the modules' columns of `out` [total, wider], in place.
-        x and out must be float32 with unit column stride when the kernel runs (the packed forward makes
-        them so); the kernel checks `total` against the plans and does nothing when they differ."""
+        """Add each row's LoRA of `x` [total, in] to the modules' columns of `out` [total, width], in place.
+        When the kernel runs, x and out must be contiguous float32, which the packed forward makes them
+        and nothing checks (strides cost as much to read as the call); the kernel checks `total` against
+        the plans and does nothing when they differ."""
         kernel = self._kernel
-        if kernel is not None and kernel.site(self._count, self._address, total, x.data_ptr(), x.stride(0),
-                                              out.data_ptr(), out.stride(0)):
+        if kernel is not None and kernel.site(self._address, total, x.data_ptr(), out.data_ptr()):
             return
         for module, part in self.modules:
             if module.rows.index is not None:

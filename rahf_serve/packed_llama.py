@@ -106,13 +106,14 @@ class _Block:
         if seen != self._seen:
             self._seen = seen
             slotted = [m if isinstance(m, SlotLinear) else None for m in seen]
-            self._sites = (_site(slotted[:3], self.qkv_slices), _site(slotted[3:4]),
-                           _site(slotted[4:6], self.gate_up_slices), _site(slotted[6:]))
+            self._sites = (_site(slotted[:3], self.qkv_slices, self.qkv_t.shape[1]), _site(slotted[3:4]),
+                           _site(slotted[4:6], self.gate_up_slices, self.gate_up_t.shape[1]), _site(slotted[6:]))
         return self._sites
 
 
-def _site(modules: list[SlotLinear | None], parts: tuple[slice | None, ...] = (None,)) -> SlotSite | None:
-    return SlotSite(modules, parts) if any(m is not None for m in modules) else None
+def _site(modules: list[SlotLinear | None], parts: tuple[slice | None, ...] = (None,),
+          width: int | None = None) -> SlotSite | None:
+    return SlotSite(modules, parts, width) if any(m is not None for m in modules) else None
 
 
 class PackedLlama:

@@ -15,11 +15,17 @@
  * Sums run in independent lanes of ranks (eight, then four, then one), vectorised with `omp simd` (no
  * OpenMP runtime is linked: -fopenmp-simd only enables the pragmas).
  *
- * `rahf_lora_site` does the modules that read one input and add into one output (q/k/v, gate/up) in one
- * call: inside a forward, each call from Python costs several times what it costs in a tight loop (its
- * code and data are cold after the weights streamed by), so a decode step makes four calls a layer, not
- * seven. Each module reaches its group's plan through a cell its SlotLinear keeps pointed at it.
+ * `site` does the modules that read one input and add into one output (q/k/v, gate/up) in one call:
+ * inside a forward, each call from Python costs several times what it costs in a tight loop (its code and
+ * data are cold after the weights streamed by), so a decode step makes four calls a layer, not seven.
+ * Each module reaches its group's plan through a cell its SlotLinear keeps pointed at it.
+ *
+ * Built as a Python extension module (`lora_rows`, two METH_FASTCALL functions at the end), not a plain
+ * library called through ctypes: inside a forward a ctypes call converting seven integers through libffi
+ * took ~4.5 us, a direct call taking four ~1 us, and a step makes 120 of them.
  */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
 #include <stdint.h>
 
 struct rahf_rows {
@@ -130,8 +136,8 @@ static inline void expand(const float *b, int64_t r, int64_t out, const float *h
     }
 }
 
-void rahf_lora_rows(const struct rahf_rows *rows, const struct rahf_factors *f, const float *x, int64_t ldx,
-                    float *y, int64_t ldy)
+static void lora_rows(const struct rahf_rows *rows, const struct rahf_factors *f, const float *x, int64_t ldx,
+                      float *y, int64_t ldy)
 {
     const int64_t n = rows->n, r = rows->r, in = f->in, out = f->out;
     const int64_t *tokens = rows->tokens, *slots = rows->slots;
@@ -165,20 +171,76 @@ struct rahf_site_module {
     int64_t column;                          /* where its output starts in y's rows */
 };
 
+/* A site: modules reading x [total, ldx] and adding into y [total, ldy], both rows contiguous. */
+struct rahf_site {
+    int64_t n, ldx, ldy;
+    const struct rahf_site_module *m;
+};
+
 /* Every module's rows, or nothing at all (returning 0) when one of them needs more than the kernel or
  * its plan was made for another token count than `total`: the caller then takes its own path. */
-int64_t rahf_lora_site(int64_t n, const struct rahf_site_module *m, int64_t total, const float *x, int64_t ldx,
-                       float *y, int64_t ldy)
+static int lora_site(const struct rahf_site *s, int64_t total, const float *x, float *y)
 {
-    for (int64_t i = 0; i < n; i++) {
+    const struct rahf_site_module *m = s->m;
+    for (int64_t i = 0; i < s->n; i++) {
         const struct rahf_plan *p = *m[i].plan;
         if (p->state == RAHF_OTHER || (p->state == RAHF_ROWS && p->total != total))
             return 0;
     }
-    for (int64_t i = 0; i < n; i++) {
+    for (int64_t i = 0; i < s->n; i++) {
         const struct rahf_plan *p = *m[i].plan;
         if (p->state == RAHF_ROWS)
-            rahf_lora_rows(p->rows, m[i].f, x, ldx, y + m[i].column, ldy);
+            lora_rows(p->rows, m[i].f, x, s->ldx, y + m[i].column, s->ldy);
     }
     return 1;
+}
+
+/* The Python side passes addresses as ints (lora_kernel.py owns every struct and shape; nothing is checked
+ * here but the argument count and that each is an int). */
+static int int_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *name, int64_t *out)
+{
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "%s takes %zd ints (%zd given)", name, want, nargs);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < want; i++) {
+        out[i] = PyLong_AsLongLong(args[i]);
+        if (out[i] == -1 && PyErr_Occurred())
+            return -1;
+    }
+    return 0;
+}
+
+/* rows(&rahf_rows, &rahf_factors, x, ldx, y, ldy): one module's rows. */
+static PyObject *py_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int64_t a[6];
+    if (int_args(args, nargs, 6, "rows", a) < 0)
+        return NULL;
+    lora_rows((const struct rahf_rows *)(intptr_t)a[0], (const struct rahf_factors *)(intptr_t)a[1],
+              (const float *)(intptr_t)a[2], a[3], (float *)(intptr_t)a[4], a[5]);
+    Py_RETURN_NONE;
+}
+
+/* site(&rahf_site, total, x, y) -> whether it did the rows. */
+static PyObject *py_site(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int64_t a[4];
+    if (int_args(args, nargs, 4, "site", a) < 0)
+        return NULL;
+    return PyBool_FromLong(lora_site((const struct rahf_site *)(intptr_t)a[0], a[1], (const float *)(intptr_t)a[2],
+                                     (float *)(intptr_t)a[3]));
+}
+
+static PyMethodDef methods[] = {
+    {"rows", (PyCFunction)(void (*)(void))py_rows, METH_FASTCALL, "one module's one-token rows"},
+    {"site", (PyCFunction)(void (*)(void))py_site, METH_FASTCALL, "a site's modules' rows, or nothing"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "lora_rows", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit_lora_rows(void)
+{
+    return PyModule_Create(&module);
 }

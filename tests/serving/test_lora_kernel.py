@@ -67,12 +67,22 @@ def test_the_build_is_cached_and_leaves_no_partial_files(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [first.path.name]
 
 
-def test_a_missing_or_failing_compiler_is_named(tmp_path):
+def test_a_missing_or_failing_compiler_or_missing_headers_are_named(tmp_path, monkeypatch):
     with pytest.raises(KernelUnavailable, match="no C compiler .*no-such-cc"):
         build_row_kernel(tmp_path, compiler="no-such-cc")
     with pytest.raises(KernelUnavailable, match="false failed"):
         build_row_kernel(tmp_path, compiler="false")
+    monkeypatch.setattr(lora_kernel, "_include", lambda: str(tmp_path / "include"))  # a Python without its headers
+    with pytest.raises(KernelUnavailable, match="no Python headers .*python3-dev"):
+        build_row_kernel(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_kernel_refuses_calls_it_cannot_read(kernel):
+    with pytest.raises(TypeError, match="site takes 4 ints \\(2 given\\)"):
+        kernel.site(1, 2)
+    with pytest.raises(TypeError):
+        kernel.rows(1, 2, 3, 4, 5, "y")
 
 
 def test_without_the_kernel_slots_use_torch_and_say_why(lively_model_dir, monkeypatch, caplog):
@@ -139,7 +149,7 @@ def test_a_site_adds_its_modules_rows_in_one_call_and_follows_a_regrouping(livel
     modules = [slots.model.get_submodule(attn + n) for n in ("q_proj", "k_proj", "v_proj")]
     bounds = [0, *itertools.accumulate(m.out_features for m in modules)]
     parts = [slice(lo, hi) for lo, hi in itertools.pairwise(bounds)]
-    site = SlotSite(modules, parts)
+    site = SlotSite(modules, parts, bounds[-1])
     x = torch.randn(3, modules[0].in_features)
 
     def by_site() -> torch.Tensor:
@@ -155,8 +165,7 @@ def test_a_site_adds_its_modules_rows_in_one_call_and_follows_a_regrouping(livel
 
     def c_call(total: int) -> tuple[int, torch.Tensor]:
         out = torch.zeros(3, bounds[-1])
-        done = slots.kernel.site(site._count, site._address, total, x.data_ptr(), x.stride(0), out.data_ptr(),
-                                 out.stride(0))
+        done = slots.kernel.site(site._address, total, x.data_ptr(), out.data_ptr())
         return done, out
 
     qv, k = slots.slot_of("qv"), slots.slot_of("k")

@@ -12,6 +12,7 @@ import torch
 
 from rahf_serve import lora_kernel
 from rahf_serve.engine import Engine
+from rahf_serve.lora_slots import SlotSite
 from rahf_serve.models import load_base
 from rahf_serve.packed_llama import unsupported_reason
 from rahf_serve.registry import AdapterRegistry
@@ -103,6 +104,24 @@ def test_the_packed_forward_serves_exactly_what_transformers_forward_serves(engi
         if g_prompt is not None:
             assert [x.logprob for x in g_prompt[1:]] == pytest.approx([x.logprob for x in w_prompt[1:]], abs=1e-4)
 
+
+def test_every_site_is_handed_the_rows_the_kernel_reads_unchecked(engines, monkeypatch):
+    """The kernel reads a site's input as [total, in] float32 and adds into its output as [total, width],
+    each with its rows back to back, and nothing on the hot path checks it: every step the forward runs
+    (decode-only, prompt chunks beside decoding rows, every kind of row) must hand them so."""
+    packed, _ = engines
+    seen, add = [], SlotSite.add
+
+    def checked(site: SlotSite, x: torch.Tensor, out: torch.Tensor, total: int) -> None:
+        layout = site._struct
+        seen.append((x.is_contiguous(), out.is_contiguous(), x.dtype == out.dtype == torch.float32,
+                     tuple(x.shape) == (total, layout.ldx), tuple(out.shape) == (total, layout.ldy)))
+        add(site, x, out, total)
+
+    monkeypatch.setattr(SlotSite, "add", checked)
+    run_together(packed, batch_of_every_kind())
+    assert len(seen) > 100
+    assert [s for s in seen if not all(s)] == []
 
 def test_without_the_row_kernel_the_packed_forward_serves_the_same(engines, lively_model_dir, bundles):
     """Where the C row kernel cannot be built (or on a GPU), one-token LoRA rows go through torch's batched

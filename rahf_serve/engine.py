@@ -77,10 +77,10 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 512, "cpu": 64}
 """Compute of one step, in tokens, by device type. On a 2-core CPU a step of 8 decoding rows costs about
 as much as 30 tokens of Linear work, so 64 keeps a running stream's token gaps near 2x their normal
 length while a 4,000-token prompt is fed (docs/serving.md); a GPU has compute to spare."""
-DEFAULT_MAX_STEP_SLOWDOWN = {"cpu": 1.8}
+DEFAULT_MAX_STEP_SLOWDOWN = {"cpu": 1.7}
 """What `rahf-serve` paces steps to, by device type, when --max-step-slowdown is not given. On the 2-core
-CPU a 4,000-token prompt joining 8 streams left their worst gap at 1.98x of the same streams' gap with
-nothing joining at 1.8 (2.10x at 2, ~3.2x unpaced), the long prompt's first token 1.4x later than at 2
+CPU a 4,000-token prompt joining 8 streams left their worst gap at 1.92x of the same streams' gap with
+nothing joining at 1.7 (2.09x at 1.8, ~3.2x unpaced), the long prompt's first token 1.1x later than at 1.8
 (docs/serving.md): the bound is below 2 because the streams' gaps carry noise the pacer's steps do not.
 Not measured on a GPU, so off there. `Engine` itself defaults to no pacer: chunk sizes then depend on token
 counts only, not on timings, which keeps library runs and tests reproducible to the last bit."""

@@ -13,6 +13,10 @@ prediction, and aims at the bound divided by the `quantile` of those ratios (0.9
 to miss as the recent ones did, 95% of them would stay under the bound), never lower than a quarter of
 the way from 1 to it (a noisy machine slows a long prompt but does not stop it). The step times' tail is
 longer than their mean error says: aiming two mean errors below the bound left 4-6% of steps above it.
+Until it has `warmup` misses to take a quantile of, it assumes they are at least `prior_miss`: with none
+it aimed at the bound itself, and the first chunk it predicted was often the slowest step of a long
+prompt's join (2.09x at a bound of 1.8 where the project's CPU's misses have a 95th percentile of
+1.09-1.12 and a 99th of about 1.17).
 
 The two costs are a weighted least-squares fit over recent chunked steps, not one average per unit of
 work, so the price of a chunk follows its context at the ratio of attention to Linear time this machine
@@ -76,7 +80,7 @@ class StepPacer:
     """Moving statistics of step times; `caps` turns them into the prompt tokens each row may feed."""
 
     def __init__(self, slowdown: float, key_cost: float, smoothing: float = 0.25, quantile: float = 0.95,
-                 refresh_every: int = 16, window: int = 128) -> None:
+                 refresh_every: int = 16, window: int = 128, prior_miss: float = 1.15, warmup: int = 16) -> None:
         if not slowdown > 1.0:
             raise RahfError(f"--max-step-slowdown must be above 1.0 (got {slowdown}): at 1.0 no prompt could be fed "
                              "while other rows decode")
@@ -90,6 +94,8 @@ class StepPacer:
         """the quantile of recent misses (time over prediction) the aim leaves room for (0: aim at the bound)"""
         self.misses: deque[float] = deque(maxlen=window)
         """the latest chunked steps' time over their predicted time"""
+        self.prior_miss, self.warmup = prior_miss, warmup
+        """the least miss factor assumed while fewer than `warmup` misses were seen"""
         self.refresh_every = refresh_every
         """chunked steps after which the prompts sit a step out to time a decode-only step again (0: never)"""
         self.decode_seconds: float | None = None
@@ -130,10 +136,12 @@ class StepPacer:
         self._moments = new if old is None else tuple(self._mix(o, n) for o, n in zip(old, new, strict=True))
 
     def miss_factor(self) -> float:
-        """How much longer than predicted a step may take: the `quantile` of recent misses, at least 1."""
-        if not self.quantile or not self.misses:
+        """How much longer than predicted a step may take: the `quantile` of recent misses, at least 1, and
+        at least `prior_miss` until `warmup` misses were seen (1 when `quantile` is 0: aim at the bound)."""
+        if not self.quantile:
             return 1.0
-        return max(1.0, quantile(self.misses, self.quantile))
+        seen = quantile(self.misses, self.quantile) if self.misses else 1.0
+        return max(1.0, seen, self.prior_miss if len(self.misses) < self.warmup else 1.0)
 
     def costs(self) -> tuple[float, float] | None:
         """(seconds a prompt token adds, seconds a key adds), or None before any chunk was timed."""

@@ -49,7 +49,7 @@ def test_step_pacer_is_on_by_default_on_cpu_and_can_be_turned_off(lively_model_d
         engine = build_engine(build_parser().parse_args(["--base", str(lively_model_dir), "--device", "cpu", *flags]))
         return engine.max_step_slowdown
 
-    assert slowdown() == 1.8
+    assert slowdown() == 1.7
     assert slowdown("--max-step-slowdown", "off") is None
     assert slowdown("--max-step-slowdown", "3") == 3.0
 
@@ -65,7 +65,7 @@ def test_vllm_takes_the_default_slowdown_silently():
     from app.server import _resolve_slowdown
 
     assert build_parser().parse_args(["--engine", "vllm"]).max_step_slowdown is None
-    assert _resolve_slowdown(None, "cuda") is None and _resolve_slowdown(None, "cpu") == 1.8
+    assert _resolve_slowdown(None, "cuda") is None and _resolve_slowdown(None, "cpu") == 1.7
 
 
 def test_serves_adapter_dir_and_named_adapter(lively_model_dir, adapter_dir, tmp_path):

@@ -341,6 +341,7 @@ def test_a_paced_engine_caps_prompt_work_at_its_allowance(runtime, monkeypatch, 
     pacer = engine._pacer
     cost = engine._key_cost
     pacer.decode_seconds = 0.010  # allowance: 10 ms a step, a token 1 ms, a key `cost` ms
+    pacer.prior_miss = 1.0  # no step is observed, so no miss: aim at the bound
     monkeypatch.setattr(pacer, "costs", lambda: (0.001, 0.001 * cost))
     monkeypatch.setattr(pacer, "observe", lambda *args: None)
     steps.clear()

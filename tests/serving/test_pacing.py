@@ -55,8 +55,8 @@ def test_predictions_that_miss_move_the_aim_below_the_bound():
     pacer = StepPacer(2.0, PRIOR, smoothing=0.5, quantile=0.9, refresh_every=0)  # the aim alone
     pacer.observe(8, 0, 0, 0.100)
     pacer.observe(8, 20, chunk_keys(0, 20), 0.180)  # the first chunk sets the costs; nothing was predicted yet
-    assert not pacer.misses and pacer.miss_factor() == 1.0
-    steady = pacer.caps(8, [100])[0]
+    assert not pacer.misses and pacer.miss_factor() == pacer.prior_miss == 1.15  # nothing seen: the prior
+    first = pacer.caps(8, [100])[0]
     # nine steps as predicted, then one 20% over, ten times: the 90% quantile of the misses is the slow ones'
     keys = chunk_keys(0, 20)
     for _ in range(10):
@@ -66,7 +66,7 @@ def test_predictions_that_miss_move_the_aim_below_the_bound():
     assert pacer.miss_factor() == pytest.approx(1.2, rel=0.02)
     token, key = pacer.costs()
     aimed = pacer.caps(8, [100])[0]
-    assert aimed < steady
+    assert aimed < first
     spent = lambda n: token * n + key * chunk_keys(100, n)  # noqa: E731
     assert spent(aimed) <= (2.0 / pacer.miss_factor() - 1.0) * 0.100 < spent(aimed + 1)
     for seconds in (0.180, 1.0) * 20:  # a wild spell: the aim stops at a quarter of the allowance
@@ -77,6 +77,24 @@ def test_predictions_that_miss_move_the_aim_below_the_bound():
     spent = lambda n: token * n + key * chunk_keys(100, n)  # noqa: E731
     assert floor == 1 or spent(floor) <= 0.25 * 0.100 < spent(floor + 1)
 
+
+def test_until_it_has_seen_enough_misses_the_pacer_assumes_the_prior():
+    """With no history the aim is below the bound by `prior_miss`, not at it; once `warmup` predictions were
+    timed, their quantile alone decides (here they were exact: the aim returns to the bound)."""
+    pacer = StepPacer(2.0, PRIOR, smoothing=0.5, prior_miss=1.25, warmup=4, refresh_every=0)
+    pacer.observe(8, 0, 0, 0.100)
+    pacer.observe(8, 20, chunk_keys(0, 20), 0.180)
+    token, key = pacer.costs()
+    spent = lambda n: token * n + key * chunk_keys(100, n)  # noqa: E731
+    cautious = pacer.caps(8, [100])[0]
+    assert spent(cautious) <= (2.0 / 1.25 - 1.0) * 0.100 < spent(cautious + 1)
+    for _ in range(4):
+        assert pacer.miss_factor() == 1.25
+        token, key = pacer.costs()
+        pacer.observe(8, 20, chunk_keys(0, 20), 0.100 * (1 + (token * 20 + key * chunk_keys(0, 20)) / 0.100))
+    assert len(pacer.misses) == 4 and pacer.miss_factor() == pytest.approx(1.0)
+    assert pacer.caps(8, [100])[0] > cautious
+    assert StepPacer(2.0, PRIOR, quantile=0.0).miss_factor() == 1.0  # aiming at the bound ignores the prior
 
 def test_a_quantile_outside_zero_to_one_is_refused():
     with pytest.raises(RahfError, match="quantile"):

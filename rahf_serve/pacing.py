@@ -14,7 +14,7 @@ to miss as the recent ones did, 95% of them would stay under the bound), never l
 the way from 1 to it (a noisy machine slows a long prompt but does not stop it). The step times' tail is
 longer than their mean error says: aiming two mean errors below the bound left 4-6% of steps above it.
 Until it has `warmup` misses to take a quantile of, it assumes they are at least `prior_miss`: with none
-it aimed at the bound itself, and the first chunk it predicted was often the slowest step of a long
+it aimed at the bound itself, and the first chunk it predicted could be the slowest step of a long
 prompt's join (2.09x at a bound of 1.8 where the project's CPU's misses have a 95th percentile of
 1.09-1.12 and a 99th of about 1.17).
 

@@ -100,12 +100,9 @@ class RowKernel:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        spec = importlib.util.spec_from_loader("lora_rows", importlib.machinery.ExtensionFileLoader("lora_rows",
-                                                                                                  str(path)))
-        if spec is None:
-            raise ImportError(f"no loader for {path}")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        loader = importlib.machinery.ExtensionFileLoader("lora_rows", str(path))
+        module = importlib.util.module_from_spec(importlib.machinery.ModuleSpec("lora_rows", loader, origin=str(path)))
+        loader.exec_module(module)
         self.rows: Callable[[int, int, int, int, int, int], None] = module.rows
         self.site: Callable[[int, int, int, int], bool] = module.site
 
@@ -126,8 +123,9 @@ def _flags() -> list[str]:
 def _compile(cc: str, flags: list[str], source: Path, directory: Path, path: Path) -> None:
     if shutil.which(cc) is None:
         raise KernelUnavailable(f"no C compiler ({cc!r} is not on PATH; set CC)")
-    if not (Path(_include()) / "Python.h").is_file():
-        raise KernelUnavailable(f"no Python headers at {_include()} (on Debian and Ubuntu: apt install python3-dev)")
+    include = _include()
+    if not (Path(include) / "Python.h").is_file():
+        raise KernelUnavailable(f"no Python headers at {include} (on Debian and Ubuntu: apt install python3-dev)")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         # Built beside its final name and renamed: a process that loads it never sees half a file.

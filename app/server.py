@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from rahf_serve.engine import DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_STEP_SLOWDOWN
+from rahf_serve.engine import DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_STEP_SLOWDOWN, LORA_DTYPES
 from rahf_serve.engine_api import ServingEngine
 from rahf_serve.errors import RahfError
 from rahf_serve.models import EMBEDDED_ALIAS, load_base, load_base_skeleton
@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-lora-rank", type=int, default=64,
                    help="largest LoRA rank a slot takes (a blend's is the sum of its adapters': the two shipped "
                         "r16 bundles blend to r32); larger adapters fail to load, larger blends get a 400")
+    p.add_argument("--lora-dtype", choices=("auto", *LORA_DTYPES), default="auto",
+                   help="built-in engine: what LoRA factors are stored in (auto = the model's dtype). bfloat16 under "
+                        "a float32 model halves the memory of resident adapters and the bytes an adapter row reads, "
+                        "but rounds the factors: results are no longer PEFT's to the last bit (vLLM: --vllm-arg "
+                        "lora_dtype=...)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = torch's default); 1 is faster on a machine shared with other jobs")
     p.add_argument("--engine", choices=("builtin", "vllm"), default="builtin",
@@ -160,12 +165,16 @@ def build_engine(args: argparse.Namespace) -> ServingEngine:
 
         base = load_base(args.base, device=args.device, dtype=args.dtype)
         budget = {"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}
+        lora_dtype = None if args.lora_dtype == "auto" else LORA_DTYPES[args.lora_dtype]
         return Engine(base, max_batch=args.max_batch, max_queue=args.max_queue, max_new_tokens=args.max_new_tokens,
                       max_model_len=args.max_model_len, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                      lora_dtype=lora_dtype,
                       max_step_slowdown=_resolve_slowdown(args.max_step_slowdown, base.device.type), **budget)
     if args.max_step_slowdown not in (None, OFF):
         raise RahfError("--max-step-slowdown only applies to the built-in engine (vLLM paces with "
                         "--max-num-batched-tokens)")
+    if args.lora_dtype != "auto":
+        raise RahfError("--lora-dtype only applies to the built-in engine (vLLM takes --vllm-arg lora_dtype=...)")
     from rahf_serve.vllm_engine import VllmEngine, VllmOptions
 
     options = VllmOptions(

@@ -5,6 +5,7 @@
     OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --loaded 64          # also with 56 more adapters resident
     OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --torch-too          # the kernel against torch's matmuls
     OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --call-cost          # ... and against the calls alone
+    OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --lora-dtype bfloat16  # factors stored in bfloat16
 
 The engine's path: a packed decode step (one token per row) through a `SlotCache` with `LoraSlots`, on the
 forward `Engine._forward` runs (`PackedLlama` for llama bases), with the slots set once per step as the
@@ -17,9 +18,9 @@ step time, a ratio the median over runs of that run's ratio. Rows start with 256
 "walk": base rows with the forward's LoRA path on, i.e. what looking for LoRA work costs when there is none.
 
 The floor, measured in the same runs: a step cannot read the LoRA factors its rows use faster than this
-machine streams memory. Each run also times one matrix-vector product over a buffer of as many float32
-as the layout's factors (each distinct slot's A and B, in each module where it has weights): what those
-bytes cost at best. The floor is (base step + that) / base step; a layout gets below it only as far as
+machine streams memory. Each run also times one matrix-vector product over a buffer of as many bytes
+as the layout's factors (each distinct slot's A and B, in each module where it has weights, in the slots'
+dtype): what those bytes cost at best. The floor is (base step + that) / base step; a layout gets below it only as far as
 its reads overlap with compute, which a memory-bound decode step leaves little room for.
 
 Adapter rows run through the C row kernel (`rahf_serve.lora_kernel`) where it builds, as in the engine;
@@ -117,7 +118,7 @@ def decode(model: torch.nn.Module, packed: PackedLlama | None, cache: SlotCache,
 
 
 def factor_count(adapters: list[LoraWeights]) -> int:
-    """How many float32 factors a step whose rows use `adapters` (each once) must read: their A and B."""
+    """How many factors a step whose rows use `adapters` (each once) must read: their A and B."""
     return sum(a.numel() + b.numel() for lora in adapters for a, b in lora.modules.values())
 
 
@@ -164,6 +165,8 @@ def main() -> None:
                     help="also time adapter rows with torch's batched matmuls instead of the C kernel, interleaved")
     ap.add_argument("--call-cost", action="store_true",
                     help="also time adapter rows with a no-op in the C kernel's place (the calls alone), interleaved")
+    ap.add_argument("--lora-dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="what the slots store the factors in (rahf-serve --lora-dtype)")
     args = ap.parse_args()
     if args.shape == "smollm2-135m":
         model = load_base("smollm2-135m-instruct", device="cpu", dtype="float32").model.eval()
@@ -174,7 +177,8 @@ def main() -> None:
         weights = [random_lora(model, ALL, 0), random_lora(model, ALL[:4], 1)]
         label = f"random {args.shape} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters), " \
                 "random r16 LoRAs on every Linear and on q/k/v/o"
-    slots = LoraSlots(model, max_loras=max(8, args.loaded), max_rank=RANK)
+    dtype = getattr(torch, args.lora_dtype)
+    slots = LoraSlots(model, max_loras=max(8, args.loaded), max_rank=RANK, dtype=dtype)
     kernel = slots.kernel
     if (args.torch_too or args.call_cost) and kernel is None:
         ap.error("--torch-too and --call-cost need the C row kernel, which is not available here (see the log)")
@@ -185,7 +189,8 @@ def main() -> None:
     max_len = CONTEXT + 2 * args.runs * args.steps * 4 * (2 if fillers else 1) + 8
     packed = packed_forward_for(model, max_len)
     forward = "transformers" if packed is None else "packed-llama"
-    print(f"# {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); {label}; fp32; "
+    print(f"# {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); {label}; fp32, "
+          f"factors in {args.lora_dtype}; "
           f"{forward} forward; packed decode steps at {CONTEXT}+ tokens of context; median of {args.runs} runs x "
           f"{args.steps} steps; adapter rows: {'C row kernel' if kernel else 'torch batched matmuls'}")
     extra = f" {'base, same, mixed: ' + str(args.loaded) + ' loaded / 8':>34}" if fillers else ""
@@ -210,7 +215,8 @@ def main() -> None:
             call_times: dict[str, list[float]] = {"same": [], "mixed": []}
             floors: dict[str, list[float]] = {"same": [], "mixed": []}
             used = {"same": [weights[0]], "mixed": [weights[i % 2] for i in range(min(rows, 8))]}
-            buffers = {k: torch.ones(factor_count(used[k]) // 1024, 1024) for k in floors}
+            floats = {k: factor_count(used[k]) * dtype.itemsize // 4 for k in floors}  # as many bytes
+            buffers = {k: torch.ones(floats[k] // 1024, 1024) for k in floors}
             for _ in range(args.runs):
                 for kind, layout in layouts.items():
                     times[kind].append(decode(model, packed, cache, slots, layout, args.steps))

@@ -85,6 +85,9 @@ nothing joining at 1.7 (2.09x at 1.8, ~3.2x unpaced), the long prompt's first to
 Not measured on a GPU, so off there. `Engine` itself defaults to no pacer: chunk sizes then depend on token
 counts only, not on timings, which keeps library runs and tests reproducible to the last bit."""
 
+LORA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""What `--lora-dtype` may store LoRA factors in (besides the model's own dtype, its default)."""
+
 
 @dataclass
 class _Row:
@@ -120,14 +123,16 @@ class _Loaded:
 class Engine:
     def __init__(self, base: BaseModel, *, max_batch: int = 16, max_queue: int = 64, max_new_tokens: int = 1024,
                  max_model_len: int | None = None, max_num_batched_tokens: int | None = None,
-                 max_loras: int = 8, max_lora_rank: int = 64, max_step_slowdown: float | None = None,
+                 max_loras: int = 8, max_lora_rank: int = 64, lora_dtype: torch.dtype | None = None,
+                 max_step_slowdown: float | None = None,
                  packed_forward: bool = True, metrics: ServingMetrics | None = None) -> None:
         """`max_model_len`: the most tokens a request may span (prompt + max_tokens); None = the model's
         context, at most DEFAULT_MAX_MODEL_LEN. `max_num_batched_tokens`: the compute of one step, in tokens
         (decoding rows count about one each; prefilling rows share the rest in prompt chunks); None = by
         device, DEFAULT_MAX_NUM_BATCHED_TOKENS. `max_loras`:
         adapters and blends resident in LoRA slots at once; `max_lora_rank`: the largest rank a slot takes (a
-        blend's is the sum of its adapters'). `max_step_slowdown`: a step that feeds prompt chunks next to
+        blend's is the sum of its adapters'); `lora_dtype`: what their factors are stored in (None: the model's
+        dtype; `LoraSlots`). `max_step_slowdown`: a step that feeds prompt chunks next to
         decoding rows takes at most this many times a decode-only step, by measured time (`pacing`); None =
         the token budget alone. `packed_forward`: run llama-family bases through `PackedLlama` (fewer
         operators a step, same results) rather than transformers' forward; bases it does not cover keep
@@ -155,7 +160,8 @@ class Engine:
         self._loaded: dict[str, _Loaded] = {}
         self._blends = BlendCache()
         self.max_lora_rank = max_lora_rank
-        self._slots = LoraSlots(self.model, max_loras=max_loras, max_rank=max_lora_rank, loader=self._lora_for)
+        self._slots = LoraSlots(self.model, max_loras=max_loras, max_rank=max_lora_rank, loader=self._lora_for,
+                                dtype=lora_dtype)
         self._eos = _eos_ids(base)
         self._pending: queue.SimpleQueue[_Row] = queue.SimpleQueue()
         self._deferred: list[_Row] = []

@@ -50,10 +50,15 @@ class Rows(ctypes.Structure):
 
 
 class Factors(ctypes.Structure):
-    """A module's slot tensors (C `struct rahf_factors`): A [slots, rank, in], B transposed [slots, rank, out]."""
+    """A module's slot tensors (C `struct rahf_factors`): A [slots, rank, in], B transposed [slots, rank, out],
+    and their element type (a `FACTOR_DTYPES` index)."""
 
     _fields_ = [("in_features", _I64), ("out_features", _I64), ("A", _PTR), ("a_stride", _I64), ("B", _PTR),
-                ("b_stride", _I64)]
+                ("b_stride", _I64), ("dtype", _I64)]
+
+
+FACTOR_DTYPES = (torch.float32, torch.bfloat16)
+"""The factor types the kernel reads (C `RAHF_F32`, `RAHF_BF16`); its inputs and outputs are float32."""
 
 
 class Plan(ctypes.Structure):
@@ -85,11 +90,14 @@ def rows_for(tokens: torch.Tensor | None, slots: torch.Tensor, rank: int) -> Row
 
 
 def factors_for(slot_a: torch.Tensor, slot_b: torch.Tensor) -> Factors:
-    """The struct for float32 slot tensors [slots, rank, in] and [slots, rank, out], contiguous."""
+    """The struct for slot tensors [slots, rank, in] and [slots, rank, out], contiguous, of one of
+    `FACTOR_DTYPES`."""
     if not (slot_a.is_contiguous() and slot_b.is_contiguous()):
         raise ValueError("the row kernel reads contiguous slot tensors")
+    if slot_a.dtype != slot_b.dtype or slot_a.dtype not in FACTOR_DTYPES:
+        raise ValueError(f"the row kernel reads float32 or bfloat16 factors, not {slot_a.dtype} and {slot_b.dtype}")
     return Factors(slot_a.shape[2], slot_b.shape[2], slot_a.data_ptr(), slot_a.stride(0), slot_b.data_ptr(),
-                   slot_b.stride(0))
+                   slot_b.stride(0), FACTOR_DTYPES.index(slot_a.dtype))
 
 
 class RowKernel:

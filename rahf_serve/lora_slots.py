@@ -9,7 +9,9 @@ small C kernel (`rahf_serve.lora_kernel`), one call for all of them in all the m
 (`SlotSite`); elsewhere, or without a C compiler, two batched matmuls do it (one slot in use; one-token
 rows on nearby slots, as a band; a prompt chunk), gathering copies of the factors only for rows on
 widely spread slots. Nothing is registered per forward (PEFT's mixed-batch path hooks every LoRA layer
-on every call), and the cost follows the batch, never the number of resident adapters.
+on every call), and the cost follows the batch, never the number of resident adapters. Factors are
+stored in the model's dtype, or in another (`--lora-dtype`): bfloat16 under a float32 model halves the
+bytes an adapter row reads, which the kernel widens as it reads them and torch's products take widened.
 
 A row whose adapter has no weights in a module costs that module nothing: modules are grouped by the set
 of slots that have weights in them, and each group gets its own row plan per step, in which such rows are
@@ -23,6 +25,7 @@ Slots beyond `max_loras` are taken back least recently used first, never from a 
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
 import re
 from collections import Counter, OrderedDict
@@ -36,6 +39,7 @@ from torch import nn
 from .bundle.layout import LORA_KEY, PEFT_PREFIX, WEIGHTS_FILE, Bundle
 from .errors import BundleError, CorruptBundleError, FingerprintMismatch, LimitExceeded, RahfError
 from .lora_kernel import (
+    FACTOR_DTYPES,
     Plan,
     RowKernel,
     Site,
@@ -45,6 +49,8 @@ from .lora_kernel import (
     row_kernel,
     rows_for,
 )
+
+log = logging.getLogger(__name__)
 
 # Fields that only shape training or initialisation, or describe the bundle: the stored weights say it all.
 _IGNORED_FIELDS = {
@@ -245,7 +251,7 @@ class SlotLinear(nn.Module):
     """A Linear plus, per batch row, the LoRA of that row's slot."""
 
     def __init__(self, base_layer: nn.Linear, rows: _Rows, slots: int, max_rank: int,
-                 kernel: RowKernel | None = None) -> None:
+                 kernel: RowKernel | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
         self._plan_cell = ctypes.c_void_p()
@@ -254,16 +260,20 @@ class SlotLinear(nn.Module):
         self._views: dict[tuple[int | None, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         """factor views by (slot, rank, count), see `_factors`"""
         w = base_layer.weight
+        dtype = dtype or w.dtype
         # One extra, never written slot: base rows of a mixed batch gather zeros from it.
         with torch.inference_mode(False):
             self.register_buffer("slot_A", torch.zeros(slots + 1, max_rank, base_layer.in_features,
-                                                       dtype=w.dtype, device=w.device), persistent=False)
+                                                       dtype=dtype, device=w.device), persistent=False)
             self.register_buffer("slot_B", torch.zeros(slots + 1, max_rank, base_layer.out_features,
-                                                       dtype=w.dtype, device=w.device), persistent=False)
+                                                       dtype=dtype, device=w.device), persistent=False)
+        self._widen = None if dtype == w.dtype else w.dtype
+        """the model's dtype, when the factors are stored in another (`--lora-dtype`): torch's products
+        take them widened (exactly, for bfloat16 factors of a float32 model), the kernel as they are"""
         self._kernel = kernel
         # The slot tensors are never reallocated, so the kernel's view of them is made once.
-        self._factors_struct = factors_for(self.slot_A, self.slot_B)
-        self._factors_address = ctypes.addressof(self._factors_struct)
+        self._factors_struct = factors_for(self.slot_A, self.slot_B) if kernel is not None else None
+        self._factors_address = 0 if self._factors_struct is None else ctypes.addressof(self._factors_struct)
 
     @property
     def rows(self) -> _Rows:
@@ -307,8 +317,9 @@ class SlotLinear(nn.Module):
             self._add_single(x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1]), n, plan)
             return out
         a, b = self._factors(None, r)
-        h = torch.bmm(x.reshape(n, -1, x.shape[-1]), a.index_select(0, plan.index).transpose(1, 2))
-        out.view(n, -1, out.shape[-1]).baddbmm_(h, b.index_select(0, plan.index))
+        a, b = self._widened(a.index_select(0, plan.index), b.index_select(0, plan.index))
+        h = torch.bmm(x.reshape(n, -1, x.shape[-1]), a.transpose(1, 2))
+        out.view(n, -1, out.shape[-1]).baddbmm_(h, b)
         return out
 
     def add_packed(self, x: torch.Tensor, out: torch.Tensor, part: slice | None = None) -> None:
@@ -338,14 +349,15 @@ class SlotLinear(nn.Module):
         if plan.gather is not None:
             tokens, slots = plan.gather
             a, b = self._factors(None, r)  # copied row by row as stored, then transposed as a view
-            a_t, b = a.index_select(0, slots).transpose(1, 2), b.index_select(0, slots)
+            a, b = self._widened(a.index_select(0, slots), b.index_select(0, slots))
+            a_t = a.transpose(1, 2)
             if isinstance(tokens, int):  # the first `tokens` positions: read and written in place
                 out[:tokens].add_(torch.bmm(torch.bmm(x[:tokens, None], a_t), b)[:, 0])
             else:
                 h = torch.bmm(x.index_select(0, tokens)[:, None], a_t)
                 out.index_add_(0, tokens, torch.bmm(h, b)[:, 0])
         for start, end, slot in plan.segments:
-            a_t, b = self._factors(slot, r)
+            a_t, b = self._widened(*self._factors(slot, r))
             out[start:end].addmm_(torch.mm(x[start:end], a_t), b)
 
     def _factors(self, slot: int | None, r: int, count: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -366,9 +378,15 @@ class SlotLinear(nn.Module):
             self._views[key] = views
         return views
 
+    def _widened(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors (views of the slots or gathered copies) in the dtype torch's products take."""
+        if self._widen is None:
+            return a, b
+        return a.to(self._widen), b.to(self._widen)
+
     def _add_single(self, x: torch.Tensor, out: torch.Tensor, n: int, plan: _Rows) -> None:
         # Gathering copies each row's factors; with one LoRA in the batch they are used where they lie.
-        a_t, b = self._factors(plan.single, plan.rank)
+        a_t, b = self._widened(*self._factors(plan.single, plan.rank))
         h = torch.mm(x, a_t)
         if plan.mask is not None:
             h.view(n, -1, plan.rank).mul_(plan.mask)
@@ -389,7 +407,7 @@ class SlotLinear(nn.Module):
         out[:, column:column + self.out_features].add_(y)
 
     def _band_rows(self, x: torch.Tensor, out: torch.Tensor, r: int, band: _Band) -> None:
-        a_t, b = self._factors(band.lo, r, band.count)
+        a_t, b = self._widened(*self._factors(band.lo, r, band.count))
         first = isinstance(band.tokens, int)
         rows = x[:band.tokens] if first else x.index_select(0, band.tokens)  # type: ignore[misc]
         if band.place is None:
@@ -462,13 +480,19 @@ def _plan_packed(plan: _Rows, slots: Sequence[int | None], tokens: Sequence[int]
         plan.gather = (positions, torch.tensor(single_slots, device=device))
 
 
-def _kernel_for(model: nn.Module, wanted: bool | None) -> RowKernel | None:
+def _kernel_for(model: nn.Module, wanted: bool | None, dtype: torch.dtype) -> RowKernel | None:
     if wanted is False:
         return None
     weight = next(model.parameters())
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         if wanted:
             raise RahfError(f"the LoRA row kernel runs on float32 CPU models, not {weight.dtype} on {weight.device}")
+        return None
+    if dtype not in FACTOR_DTYPES:
+        if wanted:
+            raise RahfError(f"the LoRA row kernel reads float32 or bfloat16 factors, not {dtype}")
+        log.warning("LoRA factors in %s: adapter rows go through torch's products, not the row kernel (which "
+                    "reads float32 or bfloat16 ones)", dtype)
         return None
     return build_row_kernel() if wanted else row_kernel()
 
@@ -491,16 +515,21 @@ class LoraSlots:
     `loader(name)` gives the LoraWeights of a name that `ensure` finds not resident.
     `kernel`: whether packed steps' one-token rows use the C row kernel; None (the default) uses it when the
     model is float32 on CPU and the kernel builds here, True insists (KernelUnavailable if it cannot).
+    `dtype`: what the factors are stored in (`--lora-dtype`); None, the model's dtype.
     """
 
     def __init__(self, model: nn.Module, *, max_loras: int = 8, max_rank: int = 16, targets: Iterable[str] = (),
-                 loader: Callable[[str], LoraWeights] | None = None, kernel: bool | None = None) -> None:
+                 loader: Callable[[str], LoraWeights] | None = None, kernel: bool | None = None,
+                 dtype: torch.dtype | None = None) -> None:
         if max_loras < 1 or max_rank < 1:
             raise RahfError("--max-loras and --max-lora-rank must be at least 1")
         if any(isinstance(m, SlotLinear) or hasattr(m, "base_layer") for m in model.modules()):
             raise RahfError("LoraSlots needs a plain model: this one already has LoRA layers (PEFT or slots)")
         self.model = model
-        self.kernel = _kernel_for(model, kernel)
+        self.dtype = dtype or next(model.parameters()).dtype
+        """what the factors are stored in: the model's dtype by default; bfloat16 under a float32 model
+        halves what adapter rows read (and round the factors: no longer PEFT's results to the last bit)"""
+        self.kernel = _kernel_for(model, kernel, self.dtype)
         """the C row kernel, or None: torch's batched matmuls"""
         self.max_loras = max_loras
         self.max_rank = max_rank
@@ -633,7 +662,7 @@ class LoraSlots:
         rank = max((self._ranks[s] for s in slots if s is not None), default=0)
         if rank == 0:
             return
-        like = next(iter(self._wrapped.values())).slot_A
+        like = next(iter(self._wrapped.values())).weight
         device = like.device
         used = {s for s in slots if s is not None}
         if tokens is not None:  # from here on, a "row" is one token of the packed sequence
@@ -697,7 +726,7 @@ class LoraSlots:
     def _wrap(self, path: str) -> None:
         parent, _, leaf = path.rpartition(".")
         module = SlotLinear(self._linears[path], self._groups[frozenset()], self.max_loras, self.max_rank,
-                            self.kernel)
+                            self.kernel, self.dtype)
         setattr(self.model.get_submodule(parent), leaf, module)
         self._wrapped[path] = module
         self._touched[path] = set()

@@ -5,9 +5,11 @@
  * lora_layout_bench.py). Here a row costs one pass over its A and one over its B, read where they lie in
  * the slot tensors, and a module costs one call for all its rows.
  *
- * Layout (rahf_serve/lora_slots.py): A of slot s starts at A + s * a_stride, rank k's row of `in` floats
- * at + k * in; B is stored transposed, rank k's row of `out` floats at B + s * b_stride + k * out. x and y
- * are row-major with row strides ldx and ldy (y may be a column slice of a wider output). tokens: the
+ * Layout (rahf_serve/lora_slots.py): A of slot s starts at A + s * a_stride, rank k's row of `in` factors
+ * at + k * in; B is stored transposed, rank k's row of `out` factors at B + s * b_stride + k * out (strides
+ * in elements). Factors are float32, or bfloat16 (`--lora-dtype`: half the memory and half the bytes a row
+ * reads), widened exactly to float32 as they are read; x and y are float32, row-major with row strides ldx
+ * and ldy (y may be a column slice of a wider output). tokens: the
  * rows' positions in x and y, or NULL for 0 .. n-1. Each row's arithmetic depends on that row alone, so
  * a row's result does not change with the batch around it. What stays fixed for a step (the rows) and for
  * a module (its factors) comes in two structs made once, so a call converts six arguments, not fourteen.
@@ -35,124 +37,159 @@ struct rahf_rows {
     int64_t r;
 };
 
+enum { RAHF_F32 = 0, RAHF_BF16 = 1 };
+
 struct rahf_factors {
     int64_t in, out;
-    const float *A;
+    const void *A;
     int64_t a_stride;
-    const float *B;
+    const void *B;
     int64_t b_stride;
+    int64_t dtype;
 };
 
-/* Start the streams of a row's factors, the first two lines of each rank's A and B row: issued together,
- * their first misses overlap instead of each pass waiting on its own (about a tenth off a step's kernel
- * time, benchmarks/adapter_row_bench.py). */
-static inline void prefetch_row(const float *a, const float *b, int64_t r, int64_t in, int64_t out)
+/* Each function below is written once for both factor types and specialised by inlining with `dtype` a
+ * constant, so the float32 code is what it was before bfloat16 existed and both loops vectorise. */
+#define SPECIALISED static inline __attribute__((always_inline))
+
+SPECIALISED int64_t size_of(int dtype)
+{
+    return dtype == RAHF_BF16 ? 2 : 4;
+}
+
+/* Element j of the factor row at p as float32; a bfloat16 is the top half of the float32 it rounds. */
+SPECIALISED float load(const char *p, int64_t j, int dtype)
+{
+    if (dtype == RAHF_BF16) {
+        union { uint32_t u; float f; } c = {.u = (uint32_t)((const uint16_t *)p)[j] << 16};
+        return c.f;
+    }
+    return ((const float *)p)[j];
+}
+
+/* Start the streams of a row's factors, the first two cache lines of each rank's A and B row: issued
+ * together, their first misses overlap instead of each pass waiting on its own (about a tenth off a step's
+ * kernel time, benchmarks/adapter_row_bench.py). `a_row`, `b_row`: a rank's row in bytes. */
+SPECIALISED void prefetch_row(const char *a, const char *b, int64_t r, int64_t a_row, int64_t b_row)
 {
     for (int64_t k = 0; k < r; k++) {
-        __builtin_prefetch(a + k * in);
-        __builtin_prefetch(a + k * in + 16);
-        __builtin_prefetch(b + k * out);
-        __builtin_prefetch(b + k * out + 16);
+        __builtin_prefetch(a + k * a_row);
+        __builtin_prefetch(a + k * a_row + 64);
+        __builtin_prefetch(b + k * b_row);
+        __builtin_prefetch(b + k * b_row + 64);
     }
 }
 
 /* h[k] = A[k] . x for k < r: ranks in blocks of eight lanes (eight streams read at once), then four, then one. */
-static inline void shrink(const float *a, int64_t r, int64_t in, const float *restrict x, float *restrict h)
+SPECIALISED void shrink(const char *a, int64_t r, int64_t in, const float *restrict x, float *restrict h, int dtype)
 {
+    const int64_t row = in * size_of(dtype);
     int64_t k = 0;
     for (; k + 8 <= r; k += 8) {
-        const float *restrict a0 = a + k * in, *restrict a1 = a0 + in, *restrict a2 = a1 + in,
-                    *restrict a3 = a2 + in, *restrict a4 = a3 + in, *restrict a5 = a4 + in,
-                    *restrict a6 = a5 + in, *restrict a7 = a6 + in;
+        const char *restrict a0 = a + k * row, *restrict a1 = a0 + row, *restrict a2 = a1 + row,
+                   *restrict a3 = a2 + row, *restrict a4 = a3 + row, *restrict a5 = a4 + row,
+                   *restrict a6 = a5 + row, *restrict a7 = a6 + row;
         float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
 #pragma omp simd reduction(+:s0, s1, s2, s3, s4, s5, s6, s7)
         for (int64_t j = 0; j < in; j++) {
             const float v = x[j];
-            s0 += a0[j] * v;
-            s1 += a1[j] * v;
-            s2 += a2[j] * v;
-            s3 += a3[j] * v;
-            s4 += a4[j] * v;
-            s5 += a5[j] * v;
-            s6 += a6[j] * v;
-            s7 += a7[j] * v;
+            s0 += load(a0, j, dtype) * v;
+            s1 += load(a1, j, dtype) * v;
+            s2 += load(a2, j, dtype) * v;
+            s3 += load(a3, j, dtype) * v;
+            s4 += load(a4, j, dtype) * v;
+            s5 += load(a5, j, dtype) * v;
+            s6 += load(a6, j, dtype) * v;
+            s7 += load(a7, j, dtype) * v;
         }
         h[k] = s0, h[k + 1] = s1, h[k + 2] = s2, h[k + 3] = s3;
         h[k + 4] = s4, h[k + 5] = s5, h[k + 6] = s6, h[k + 7] = s7;
     }
     for (; k + 4 <= r; k += 4) {
-        const float *restrict a0 = a + k * in, *restrict a1 = a0 + in, *restrict a2 = a1 + in,
-                    *restrict a3 = a2 + in;
+        const char *restrict a0 = a + k * row, *restrict a1 = a0 + row, *restrict a2 = a1 + row,
+                   *restrict a3 = a2 + row;
         float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
 #pragma omp simd reduction(+:s0, s1, s2, s3)
         for (int64_t j = 0; j < in; j++) {
             const float v = x[j];
-            s0 += a0[j] * v;
-            s1 += a1[j] * v;
-            s2 += a2[j] * v;
-            s3 += a3[j] * v;
+            s0 += load(a0, j, dtype) * v;
+            s1 += load(a1, j, dtype) * v;
+            s2 += load(a2, j, dtype) * v;
+            s3 += load(a3, j, dtype) * v;
         }
         h[k] = s0, h[k + 1] = s1, h[k + 2] = s2, h[k + 3] = s3;
     }
     for (; k < r; k++) {
-        const float *restrict a0 = a + k * in;
+        const char *restrict a0 = a + k * row;
         float s0 = 0;
 #pragma omp simd reduction(+:s0)
         for (int64_t j = 0; j < in; j++)
-            s0 += a0[j] * x[j];
+            s0 += load(a0, j, dtype) * x[j];
         h[k] = s0;
     }
 }
 
 /* y += sum_k h[k] B[k], in the same blocks of ranks. */
-static inline void expand(const float *b, int64_t r, int64_t out, const float *h, float *restrict y)
+SPECIALISED void expand(const char *b, int64_t r, int64_t out, const float *h, float *restrict y, int dtype)
 {
+    const int64_t row = out * size_of(dtype);
     int64_t k = 0;
     for (; k + 8 <= r; k += 8) {
-        const float *restrict b0 = b + k * out, *restrict b1 = b0 + out, *restrict b2 = b1 + out,
-                    *restrict b3 = b2 + out, *restrict b4 = b3 + out, *restrict b5 = b4 + out,
-                    *restrict b6 = b5 + out, *restrict b7 = b6 + out;
+        const char *restrict b0 = b + k * row, *restrict b1 = b0 + row, *restrict b2 = b1 + row,
+                   *restrict b3 = b2 + row, *restrict b4 = b3 + row, *restrict b5 = b4 + row,
+                   *restrict b6 = b5 + row, *restrict b7 = b6 + row;
         const float h0 = h[k], h1 = h[k + 1], h2 = h[k + 2], h3 = h[k + 3], h4 = h[k + 4], h5 = h[k + 5],
                     h6 = h[k + 6], h7 = h[k + 7];
 #pragma omp simd
         for (int64_t j = 0; j < out; j++)
-            y[j] += h0 * b0[j] + h1 * b1[j] + h2 * b2[j] + h3 * b3[j] + h4 * b4[j] + h5 * b5[j] + h6 * b6[j]
-                    + h7 * b7[j];
+            y[j] += h0 * load(b0, j, dtype) + h1 * load(b1, j, dtype) + h2 * load(b2, j, dtype)
+                    + h3 * load(b3, j, dtype) + h4 * load(b4, j, dtype) + h5 * load(b5, j, dtype)
+                    + h6 * load(b6, j, dtype) + h7 * load(b7, j, dtype);
     }
     for (; k + 4 <= r; k += 4) {
-        const float *restrict b0 = b + k * out, *restrict b1 = b0 + out, *restrict b2 = b1 + out,
-                    *restrict b3 = b2 + out;
+        const char *restrict b0 = b + k * row, *restrict b1 = b0 + row, *restrict b2 = b1 + row,
+                   *restrict b3 = b2 + row;
         const float h0 = h[k], h1 = h[k + 1], h2 = h[k + 2], h3 = h[k + 3];
 #pragma omp simd
         for (int64_t j = 0; j < out; j++)
-            y[j] += h0 * b0[j] + h1 * b1[j] + h2 * b2[j] + h3 * b3[j];
+            y[j] += h0 * load(b0, j, dtype) + h1 * load(b1, j, dtype) + h2 * load(b2, j, dtype)
+                    + h3 * load(b3, j, dtype);
     }
     for (; k < r; k++) {
-        const float *restrict b0 = b + k * out;
+        const char *restrict b0 = b + k * row;
         const float h0 = h[k];
 #pragma omp simd
         for (int64_t j = 0; j < out; j++)
-            y[j] += h0 * b0[j];
+            y[j] += h0 * load(b0, j, dtype);
+    }
+}
+
+SPECIALISED void rows_of(const struct rahf_rows *rows, const struct rahf_factors *f, const float *x, int64_t ldx,
+                         float *y, int64_t ldy, int dtype)
+{
+    const int64_t n = rows->n, r = rows->r, in = f->in, out = f->out, size = size_of(dtype);
+    const int64_t *tokens = rows->tokens, *slots = rows->slots;
+    const char *A = f->A, *B = f->B;
+    const int64_t a_slot = f->a_stride * size, b_slot = f->b_stride * size;
+    float h[r > 0 ? r : 1];
+    if (n > 0)
+        prefetch_row(A + slots[0] * a_slot, B + slots[0] * b_slot, r, in * size, out * size);
+    for (int64_t i = 0; i < n; i++) {
+        if (i + 1 < n)  /* the next row's streams start while this one computes */
+            prefetch_row(A + slots[i + 1] * a_slot, B + slots[i + 1] * b_slot, r, in * size, out * size);
+        const int64_t t = tokens ? tokens[i] : i;
+        shrink(A + slots[i] * a_slot, r, in, x + t * ldx, h, dtype);
+        expand(B + slots[i] * b_slot, r, out, h, y + t * ldy, dtype);
     }
 }
 
 static void lora_rows(const struct rahf_rows *rows, const struct rahf_factors *f, const float *x, int64_t ldx,
                       float *y, int64_t ldy)
 {
-    const int64_t n = rows->n, r = rows->r, in = f->in, out = f->out;
-    const int64_t *tokens = rows->tokens, *slots = rows->slots;
-    const float *A = f->A, *B = f->B;
-    const int64_t a_stride = f->a_stride, b_stride = f->b_stride;
-    float h[r > 0 ? r : 1];
-    if (n > 0)
-        prefetch_row(A + slots[0] * a_stride, B + slots[0] * b_stride, r, in, out);
-    for (int64_t i = 0; i < n; i++) {
-        if (i + 1 < n)  /* the next row's streams start while this one computes */
-            prefetch_row(A + slots[i + 1] * a_stride, B + slots[i + 1] * b_stride, r, in, out);
-        const int64_t t = tokens ? tokens[i] : i;
-        shrink(A + slots[i] * a_stride, r, in, x + t * ldx, h);
-        expand(B + slots[i] * b_stride, r, out, h, y + t * ldy);
-    }
+    if (f->dtype == RAHF_BF16)
+        rows_of(rows, f, x, ldx, y, ldy, RAHF_BF16);
+    else
+        rows_of(rows, f, x, ldx, y, ldy, RAHF_F32);
 }
 
 /* A module group's plan for the step, as lora_slots._Rows.publish writes it. */

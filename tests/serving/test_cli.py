@@ -9,6 +9,7 @@ import time
 
 import httpx
 import pytest
+import torch
 
 from app.server import build_parser
 from rahf_serve.sources import split_adapter_arg
@@ -52,6 +53,20 @@ def test_step_pacer_is_on_by_default_on_cpu_and_can_be_turned_off(lively_model_d
     assert slowdown() == 1.7
     assert slowdown("--max-step-slowdown", "off") is None
     assert slowdown("--max-step-slowdown", "3") == 3.0
+
+
+def test_lora_dtype_reaches_the_slots_and_only_the_built_in_engine_takes_it(lively_model_dir):
+    from app.server import build_engine
+    from rahf_serve.errors import RahfError
+
+    def slots_dtype(*flags):
+        engine = build_engine(build_parser().parse_args(["--base", str(lively_model_dir), "--device", "cpu", *flags]))
+        return engine._slots.dtype
+
+    assert slots_dtype() == torch.float32  # the model's
+    assert slots_dtype("--lora-dtype", "bfloat16") == torch.bfloat16
+    with pytest.raises(RahfError, match="--lora-dtype only applies to the built-in engine"):
+        build_engine(build_parser().parse_args(["--engine", "vllm", "--lora-dtype", "bfloat16"]))
 
 
 @pytest.mark.parametrize("value", ["1", "0.5", "fast"])

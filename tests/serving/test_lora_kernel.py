@@ -32,14 +32,16 @@ def reference(x, y, rows, A, B, r):
 
 @pytest.mark.parametrize("r", [1, 3, 4, 7, 8, 12, 13, 16])
 @pytest.mark.parametrize("positions", ["first", "scattered"])
-def test_rows_equal_their_products_and_leave_other_rows_alone(kernel, r, positions):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_equal_their_products_and_leave_other_rows_alone(kernel, r, positions, dtype):
     """Ranks below, at and past the kernel's eight- and four-rank blocks and their remainders, rows sharing
     slots, ranks below the slots' capacity (16), an output that is a column slice of a wider one, inputs
-    with a row stride."""
+    with a row stride; factors in float32 and in bfloat16 (against the float64 products of the factors as
+    stored: widening a bfloat16 is exact)."""
     g = torch.Generator().manual_seed(r)
     slots, capacity, d_in, d_out = 5, 16, 37, 23
-    A = torch.randn(slots, capacity, d_in, generator=g)
-    B = torch.randn(slots, capacity, d_out, generator=g)
+    A = torch.randn(slots, capacity, d_in, generator=g).to(dtype)
+    B = torch.randn(slots, capacity, d_out, generator=g).to(dtype)
     x = torch.randn(9, d_in + 5, generator=g)[:, 2:2 + d_in]  # rows d_in + 5 apart
     wide = torch.randn(9, d_out + 11, generator=g)
     y = wide[:, 4:4 + d_out]
@@ -56,6 +58,14 @@ def test_rows_equal_their_products_and_leave_other_rows_alone(kernel, r, positio
     untouched = [t for t in range(9) if t not in tokens]
     assert torch.equal(wide[untouched], before[untouched])  # rows that are not LoRA rows
     assert torch.equal(wide[:, :4], before[:, :4]) and torch.equal(wide[:, 4 + d_out:], before[:, 4 + d_out:])
+
+
+def test_the_kernel_reads_only_factors_it_knows(kernel):
+    A, B = torch.zeros(2, 4, 8, dtype=torch.float16), torch.zeros(2, 4, 8, dtype=torch.float16)
+    with pytest.raises(ValueError, match="float32 or bfloat16 factors, not torch.float16"):
+        lora_kernel.factors_for(A, B)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        lora_kernel.factors_for(A.float(), B.bfloat16())
 
 
 def test_the_build_is_cached_and_leaves_no_partial_files(tmp_path):
@@ -104,6 +114,15 @@ def test_insisting_on_the_kernel_for_a_model_it_cannot_run_is_refused(lively_mod
     with pytest.raises(RahfError, match="float32 CPU models, not torch.bfloat16"):
         LoraSlots(model, max_loras=2, max_rank=4, kernel=True)
     assert LoraSlots(model, max_loras=2, max_rank=4).kernel is None  # chosen automatically: torch's products
+
+
+def test_factors_the_kernel_cannot_read_go_through_torch_and_say_so(lively_model_dir, caplog):
+    model = copy.deepcopy(load_lively(lively_model_dir).model)
+    with pytest.raises(RahfError, match="float32 or bfloat16 factors, not torch.float16"):
+        LoraSlots(model, max_loras=2, max_rank=4, kernel=True, dtype=torch.float16)
+    with caplog.at_level("WARNING", logger="rahf_serve.lora_slots"):
+        slots = LoraSlots(model, max_loras=2, max_rank=4, dtype=torch.float16)
+    assert slots.kernel is None and "LoRA factors in torch.float16" in caplog.text
 
 
 def one_module_adapter(model_dir, path: str) -> tuple[LoraSlots, torch.nn.Module, torch.Tensor, torch.Tensor]:

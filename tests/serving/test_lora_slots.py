@@ -173,6 +173,39 @@ def test_one_token_rows_on_many_slots_equal_each_row_alone(tiny, layout, decode_
     assert all((p.kernel is not None) == kernel and (p.band is None and p.gather is None) == kernel for p in plans)
 
 
+def rounded(weights: LoraWeights) -> LoraWeights:
+    """What bfloat16 slots hold of `weights` (the scaling already folded into B), as float32."""
+    return LoraWeights({m: (a.bfloat16().float(), b.bfloat16().float()) for m, (a, b) in weights.modules.items()})
+
+
+@KERNEL
+def test_bfloat16_factors_are_the_adapters_rounded_at_half_the_memory(tiny, kernel):
+    """--lora-dtype bfloat16 under a float32 model: in every wrapped module, decoding rows and prompt
+    chunks of every kind of row get what float32 slots holding the same factors rounded to bfloat16 give
+    (widening is exact; only the order of the sums may differ), packed rows still equal each row alone,
+    and the slot tensors take half the bytes."""
+    base, bundles = tiny
+    half = LoraSlots(copy.deepcopy(base.model).eval(), max_loras=4, max_rank=16, kernel=kernel, dtype=torch.bfloat16)
+    full = LoraSlots(copy.deepcopy(base.model).eval(), max_loras=4, max_rank=16, kernel=kernel)
+    weights = load_all(half, bundles)
+    for name, w in weights.items():
+        full.load_weights(name, rounded(w))
+    full.load_weights("mix", rounded(blend_lora([(weights[n], w) for n, w in MIX])))
+    names = LAYOUTS["mixed"]
+    rows, tokens = [None if n is None else half.slot_of(n) for n in names], [1, 1, 5, 1, 1, 4]
+    assert rows == [None if n is None else full.slot_of(n) for n in names]
+    g = torch.Generator().manual_seed(4)
+    for path, module in half._wrapped.items():
+        assert module.slot_A.dtype == torch.bfloat16
+        assert 2 * module.slot_A.nbytes == full._wrapped[path].slot_A.nbytes
+        x = torch.randn(1, sum(tokens), module.in_features, generator=g)
+        with torch.no_grad():
+            half.set_rows(rows, tokens)
+            full.set_rows(rows, tokens)
+            torch.testing.assert_close(module(x), full._wrapped[path](x), atol=1e-5, rtol=1e-5)
+    assert_packed_equals_each_row_alone(half, rows, tokens)
+
+
 def test_sixty_four_resident_adapters_give_the_same_logits_as_one(tiny):
     base, bundles = tiny
     model = copy.deepcopy(base.model).eval()

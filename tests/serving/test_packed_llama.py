@@ -34,10 +34,10 @@ def bundles(tmp_path_factory, lively_model_dir) -> Path:
     return root
 
 
-def served(model_dir: Path, bundles: Path, packed: bool) -> Iterator[Engine]:
+def served(model_dir: Path, bundles: Path, packed: bool, lora_dtype: torch.dtype | None = None) -> Iterator[Engine]:
     # A small token budget: the long prompt is fed in chunks beside decoding rows.
     engine = Engine(load_lively(model_dir), max_batch=8, max_new_tokens=64, max_num_batched_tokens=48,
-                    packed_forward=packed)
+                    packed_forward=packed, lora_dtype=lora_dtype)
     AdapterRegistry(engine, bundles).load_dir()
     with engine:
         yield engine
@@ -137,6 +137,25 @@ def test_without_the_row_kernel_the_packed_forward_serves_the_same(engines, live
         assert_same_streams(run_together(engine, reqs), run_together(plain, reqs))
     finally:
         next(gen, None)
+
+
+def test_bfloat16_factors_serve_the_same_through_the_kernel_and_torch(lively_model_dir, bundles):
+    """--lora-dtype bfloat16: the kernel reads the factors as stored, torch's products (prompt chunks, and
+    every row where there is no kernel) take them widened; every kind of row gets the same tokens both ways."""
+    with_kernel = served(lively_model_dir, bundles, True, torch.bfloat16)
+    engines = [next(with_kernel)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lora_kernel, "_built", [None])
+        without = served(lively_model_dir, bundles, True, torch.bfloat16)
+        engines.append(next(without))
+    try:
+        assert [e._slots.kernel is not None for e in engines] == [True, False]
+        assert {m.slot_A.dtype for e in engines for m in e._slots._wrapped.values()} == {torch.bfloat16}
+        reqs = batch_of_every_kind()
+        assert_same_streams(run_together(engines[0], reqs), run_together(engines[1], reqs))
+    finally:
+        for gen in (with_kernel, without):
+            next(gen, None)
 
 
 def test_modules_wrapped_after_steps_ran_are_used(lively_model_dir, bundles):

@@ -147,6 +147,13 @@ def no_op_kernel() -> RowKernel:
     return build_row_kernel(source.parent, source=source)
 
 
+def rows_by(kernel: RowKernel | None) -> str:
+    if kernel is None:
+        return "torch batched matmuls"
+    shared = kernel.openmp and torch.get_num_threads() > 1
+    return "C row kernel, " + ("sites shared over torch's threads" if shared else "one thread")
+
+
 def paired_ratio(other: list[float], base: list[float]) -> float:
     """The median over runs of each run's ratio (both timed in the same run, so load swings cancel)."""
     return statistics.median(o / b for o, b in zip(other, base, strict=True))
@@ -192,7 +199,7 @@ def main() -> None:
     print(f"# {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); {label}; fp32, "
           f"factors in {args.lora_dtype}; "
           f"{forward} forward; packed decode steps at {CONTEXT}+ tokens of context; median of {args.runs} runs x "
-          f"{args.steps} steps; adapter rows: {'C row kernel' if kernel else 'torch batched matmuls'}")
+          f"{args.steps} steps; adapter rows: {rows_by(kernel)}")
     extra = f" {'base, same, mixed: ' + str(args.loaded) + ' loaded / 8':>34}" if fillers else ""
     extra += f" {'torch same/base':>15} {'torch mixed/base':>16}" if args.torch_too else ""
     extra += f" {'calls same/base':>15} {'calls mixed/base':>16}" if args.call_cost else ""

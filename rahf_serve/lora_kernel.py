@@ -10,6 +10,10 @@ It is a Python extension module compiled once per source, flags and Python ABI i
 imported from there; the structs it reads are ctypes Structures the slots own. Where there is no compiler
 or no Python headers (Debian's python3-dev), the build fails, or `RAHF_LORA_KERNEL=0`, `row_kernel()` says
 why once in the log and the slots keep torch's products, which give the same results up to float rounding.
+
+Where torch's threads are GNU OpenMP's (its Linux wheels), the kernel is built with -fopenmp, binds to that
+same runtime, and shares a site's rows between torch's threads; elsewhere, or if that build fails, a site
+runs on the calling thread alone.
 """
 
 from __future__ import annotations
@@ -113,6 +117,8 @@ class RowKernel:
         loader.exec_module(module)
         self.rows: Callable[[int, int, int, int, int, int], None] = module.rows
         self.site: Callable[[int, int, int, int], bool] = module.site
+        self.openmp = bool(getattr(module, "openmp", False))
+        """whether a site's rows are shared between torch's OpenMP threads (built with -fopenmp)"""
 
 
 def _include() -> str:
@@ -126,6 +132,18 @@ def _flags() -> list[str]:
     if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() != "DEFAULT":
         flags += ["-mavx2", "-mfma"]  # what torch found this CPU has (AVX2 or AVX-512, which includes both)
     return flags
+
+
+def torch_on_libgomp() -> bool:
+    """Whether torch's threads are GNU OpenMP's, loaded in this process: a kernel built with -fopenmp then
+    binds to that runtime (by its soname) and shares a site's rows between torch's threads rather than
+    threads of its own that would compete with them."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return False
+    try:
+        return "/libgomp" in Path("/proc/self/maps").read_text()
+    except OSError:  # not Linux
+        return False
 
 
 def _compile(cc: str, flags: list[str], source: Path, directory: Path, path: Path) -> None:
@@ -158,14 +176,24 @@ def build_row_kernel(cache: Path | None = None, compiler: str | None = None, sou
     no-op in the kernel's place)."""
     from .models import cache_root
 
+    cc = compiler or os.environ.get("CC") or "cc"
+    directory = cache or cache_root() / "kernels"
     flags = _flags()
+    if torch_on_libgomp():
+        try:
+            return _build(cc, [*flags, "-fopenmp"], source, directory)
+        except KernelUnavailable as err:
+            log.info("LoRA row kernel built without OpenMP (each site on one thread): %s", err)
+    return _build(cc, flags, source, directory)
+
+
+def _build(cc: str, flags: list[str], source: Path, directory: Path) -> RowKernel:
     abi = str(sysconfig.get_config_var("EXT_SUFFIX"))
     key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + platform.machine().encode()
                          + abi.encode()).hexdigest()[:16]
-    directory = cache or cache_root() / "kernels"
     path = directory / f"{source.stem}-{key}.so"
     if not path.is_file():  # a cached build needs no compiler
-        _compile(compiler or os.environ.get("CC") or "cc", flags, source, directory, path)
+        _compile(cc, flags, source, directory, path)
     try:
         return RowKernel(path)
     except (ImportError, OSError, AttributeError) as err:

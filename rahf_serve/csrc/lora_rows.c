@@ -14,8 +14,7 @@
  * a row's result does not change with the batch around it. What stays fixed for a step (the rows) and for
  * a module (its factors) comes in two structs made once, so a call converts six arguments, not fourteen.
  *
- * Sums run in independent lanes of ranks (eight, then four, then one), vectorised with `omp simd` (no
- * OpenMP runtime is linked: -fopenmp-simd only enables the pragmas).
+ * Sums run in independent lanes of ranks (eight, then four, then one), vectorised with `omp simd`.
  *
  * `site` does the modules that read one input and add into one output (q/k/v, gate/up) in one call:
  * inside a forward, each call from Python costs several times what it costs in a tight loop (its code and
@@ -29,6 +28,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 struct rahf_rows {
     int64_t n;
@@ -164,17 +166,18 @@ SPECIALISED void expand(const char *b, int64_t r, int64_t out, const float *h, f
     }
 }
 
-SPECIALISED void rows_of(const struct rahf_rows *rows, const struct rahf_factors *f, const float *x, int64_t ldx,
-                         float *y, int64_t ldy, int dtype)
+/* Rows lo .. hi-1 of `rows`. */
+SPECIALISED void rows_of(const struct rahf_rows *rows, int64_t lo, int64_t hi, const struct rahf_factors *f,
+                         const float *x, int64_t ldx, float *y, int64_t ldy, int dtype)
 {
-    const int64_t n = rows->n, r = rows->r, in = f->in, out = f->out, size = size_of(dtype);
+    const int64_t n = hi, r = rows->r, in = f->in, out = f->out, size = size_of(dtype);
     const int64_t *tokens = rows->tokens, *slots = rows->slots;
     const char *A = f->A, *B = f->B;
     const int64_t a_slot = f->a_stride * size, b_slot = f->b_stride * size;
     float h[r > 0 ? r : 1];
-    if (n > 0)
-        prefetch_row(A + slots[0] * a_slot, B + slots[0] * b_slot, r, in * size, out * size);
-    for (int64_t i = 0; i < n; i++) {
+    if (lo < n)
+        prefetch_row(A + slots[lo] * a_slot, B + slots[lo] * b_slot, r, in * size, out * size);
+    for (int64_t i = lo; i < n; i++) {
         if (i + 1 < n)  /* the next row's streams start while this one computes */
             prefetch_row(A + slots[i + 1] * a_slot, B + slots[i + 1] * b_slot, r, in * size, out * size);
         const int64_t t = tokens ? tokens[i] : i;
@@ -183,13 +186,13 @@ SPECIALISED void rows_of(const struct rahf_rows *rows, const struct rahf_factors
     }
 }
 
-static void lora_rows(const struct rahf_rows *rows, const struct rahf_factors *f, const float *x, int64_t ldx,
-                      float *y, int64_t ldy)
+static void lora_rows(const struct rahf_rows *rows, int64_t lo, int64_t hi, const struct rahf_factors *f,
+                      const float *x, int64_t ldx, float *y, int64_t ldy)
 {
     if (f->dtype == RAHF_BF16)
-        rows_of(rows, f, x, ldx, y, ldy, RAHF_BF16);
+        rows_of(rows, lo, hi, f, x, ldx, y, ldy, RAHF_BF16);
     else
-        rows_of(rows, f, x, ldx, y, ldy, RAHF_F32);
+        rows_of(rows, lo, hi, f, x, ldx, y, ldy, RAHF_F32);
 }
 
 /* A module group's plan for the step, as lora_slots._Rows.publish writes it. */
@@ -214,21 +217,68 @@ struct rahf_site {
     const struct rahf_site_module *m;
 };
 
+/* What a row of a module costs: the factors it reads (in elements). */
+static double row_cost(const struct rahf_plan *p, const struct rahf_factors *f)
+{
+    return (double)p->rows->r * (double)(f->in + f->out);
+}
+
+/* The share [c0, c1) of a site's work, its modules' rows in order, each row weighed by `row_cost` and done
+ * by the share its middle falls in: whoever does a row, its arithmetic is the same. */
+static void site_share(const struct rahf_site *s, const float *x, float *y, double c0, double c1)
+{
+    const struct rahf_site_module *m = s->m;
+    double at = 0;
+    for (int64_t i = 0; i < s->n; i++) {
+        const struct rahf_plan *p = *m[i].plan;
+        if (p->state != RAHF_ROWS)
+            continue;
+        const int64_t n = p->rows->n;
+        const double w = row_cost(p, m[i].f);
+        int64_t lo = 0, hi = n;
+        while (lo < n && at + (lo + 0.5) * w < c0)
+            lo++;
+        while (hi > lo && at + (hi - 0.5) * w >= c1)
+            hi--;
+        if (lo < hi)
+            lora_rows(p->rows, lo, hi, m[i].f, x, s->ldx, y + m[i].column, s->ldy);
+        at += n * w;
+    }
+}
+
+/* Below this many factors a site's rows are not shared between threads: waking them costs more. */
+#define RAHF_SHARED_WORK (1 << 14)
+
 /* Every module's rows, or nothing at all (returning 0) when one of them needs more than the kernel or
- * its plan was made for another token count than `total`: the caller then takes its own path. */
+ * its plan was made for another token count than `total`: the caller then takes its own path.
+ *
+ * Where the module is built with OpenMP (against the runtime torch already loaded, so its threads are
+ * torch's), a site with enough rows shares them between as many threads as torch's products use: the
+ * factors of a step's rows are read at one core's speed otherwise, while its base matmuls use every
+ * core. */
 static int lora_site(const struct rahf_site *s, int64_t total, const float *x, float *y)
 {
     const struct rahf_site_module *m = s->m;
+    double work = 0;
     for (int64_t i = 0; i < s->n; i++) {
         const struct rahf_plan *p = *m[i].plan;
         if (p->state == RAHF_OTHER || (p->state == RAHF_ROWS && p->total != total))
             return 0;
-    }
-    for (int64_t i = 0; i < s->n; i++) {
-        const struct rahf_plan *p = *m[i].plan;
         if (p->state == RAHF_ROWS)
-            lora_rows(p->rows, m[i].f, x, s->ldx, y + m[i].column, s->ldy);
+            work += p->rows->n * row_cost(p, m[i].f);
     }
+#ifdef _OPENMP
+    const int threads = omp_get_max_threads();
+    if (threads > 1 && work >= RAHF_SHARED_WORK) {
+#pragma omp parallel num_threads(threads)
+        {
+            const double share = work / omp_get_num_threads();
+            site_share(s, x, y, share * omp_get_thread_num(), share * (omp_get_thread_num() + 1));
+        }
+        return 1;
+    }
+#endif
+    site_share(s, x, y, 0, work + 1);
     return 1;
 }
 
@@ -254,8 +304,9 @@ static PyObject *py_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     int64_t a[6];
     if (int_args(args, nargs, 6, "rows", a) < 0)
         return NULL;
-    lora_rows((const struct rahf_rows *)(intptr_t)a[0], (const struct rahf_factors *)(intptr_t)a[1],
-              (const float *)(intptr_t)a[2], a[3], (float *)(intptr_t)a[4], a[5]);
+    const struct rahf_rows *rows = (const struct rahf_rows *)(intptr_t)a[0];
+    lora_rows(rows, 0, rows->n, (const struct rahf_factors *)(intptr_t)a[1], (const float *)(intptr_t)a[2], a[3],
+              (float *)(intptr_t)a[4], a[5]);
     Py_RETURN_NONE;
 }
 
@@ -279,5 +330,15 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "lora_rows", NULL, -1
 
 PyMODINIT_FUNC PyInit_lora_rows(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+#ifdef _OPENMP
+    const int openmp = 1;
+#else
+    const int openmp = 0;
+#endif
+    if (m != NULL && PyModule_AddIntConstant(m, "openmp", openmp) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

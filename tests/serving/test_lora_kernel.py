@@ -60,6 +60,72 @@ def test_rows_equal_their_products_and_leave_other_rows_alone(kernel, r, positio
     assert torch.equal(wide[:, :4], before[:, :4]) and torch.equal(wide[:, 4 + d_out:], before[:, 4 + d_out:])
 
 
+def site_of(shapes: list[tuple[int, int]], rows: lora_kernel.Rows, total: int, dtype: torch.dtype, seed: int):
+    """A site of modules [in, out] reading one input: (address, x, y, the Python objects the C call reads);
+    every module's group plans `rows`."""
+    g = torch.Generator().manual_seed(seed)
+    plan = lora_kernel.Plan(lora_kernel.Plan.ROWS, total, ctypes.addressof(rows))
+    cell = ctypes.c_void_p(ctypes.addressof(plan))
+    keep: list[object] = [plan, cell]
+    entries, column = [], 0
+    for d_in, d_out in shapes:
+        A = torch.randn(8, 16, d_in, generator=g).to(dtype)
+        B = torch.randn(8, 16, d_out, generator=g).to(dtype)
+        factors = lora_kernel.factors_for(A, B)
+        keep += [A, B, factors]
+        entries.append(lora_kernel.SiteModule(ctypes.addressof(cell), ctypes.addressof(factors), column))
+        column += d_out
+    array = (lora_kernel.SiteModule * len(entries))(*entries)
+    site = lora_kernel.Site(len(entries), shapes[0][0], column, ctypes.addressof(array))
+    keep += [array, site]
+    return ctypes.addressof(site), torch.randn(total, shapes[0][0], generator=g), column, keep
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_site_shared_between_threads_gives_each_row_what_one_thread_gives(kernel, dtype):
+    """Built with OpenMP where torch runs on GNU OpenMP (as here), a site with enough rows shares them between
+    torch's threads, each row done whole by one thread: for any thread count, modules of different sizes and
+    rows on different slots (some sharing one, at scattered positions), the output is bit for bit what one
+    thread gives, which is each row's products."""
+    assert kernel.openmp == lora_kernel.torch_on_libgomp()
+    total, positions, slot_of = 13, [0, 2, 3, 5, 6, 7, 8, 10, 11, 12], [3, 0, 7, 1, 1, 4, 6, 2, 5, 0]
+    tokens, slots = torch.tensor(positions), torch.tensor(slot_of)
+    rows = lora_kernel.rows_for(tokens, slots, 16)
+    address, x, width, keep = site_of([(96, 96), (96, 32), (96, 48)], rows, total, dtype, seed=7)
+    threads = torch.get_num_threads()
+    outputs = {}
+    try:
+        for n in (1, 2, 3, 5):
+            torch.set_num_threads(n)
+            y = torch.zeros(total, width)
+            assert kernel.site(address, total, x.data_ptr(), y.data_ptr())
+            outputs[n] = y
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(y, outputs[1]) for y in outputs.values())
+    A, B = keep[2], keep[3]  # the first module's factors
+    want = reference(x, torch.zeros(total, 96), list(zip(positions, slot_of, strict=True)), A, B, 16)
+    torch.testing.assert_close(outputs[1][:, :96].double(), want, atol=1e-4, rtol=1e-5)
+    assert not outputs[1][[1, 4, 9]].any()  # rows that are not LoRA rows
+
+
+def test_where_openmp_is_not_torch_s_or_does_not_build_sites_run_on_one_thread(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(lora_kernel, "torch_on_libgomp", lambda: False)
+    assert not build_row_kernel(tmp_path / "a").openmp
+    monkeypatch.setattr(lora_kernel, "torch_on_libgomp", lambda: True)
+    compile_ = lora_kernel._compile
+
+    def no_openmp(cc, flags, *args):
+        if "-fopenmp" in flags:
+            raise KernelUnavailable("cc failed (1): unrecognized command-line option '-fopenmp'")
+        compile_(cc, flags, *args)
+
+    monkeypatch.setattr(lora_kernel, "_compile", no_openmp)
+    with caplog.at_level("INFO", logger="rahf_serve.lora_kernel"):
+        kernel = build_row_kernel(tmp_path / "b")
+    assert not kernel.openmp and "without OpenMP" in caplog.text and "-fopenmp" in caplog.text
+
+
 def test_the_kernel_reads_only_factors_it_knows(kernel):
     A, B = torch.zeros(2, 4, 8, dtype=torch.float16), torch.zeros(2, 4, 8, dtype=torch.float16)
     with pytest.raises(ValueError, match="float32 or bfloat16 factors, not torch.float16"):

@@ -50,8 +50,8 @@ struct rahf_factors {
     int64_t dtype;
 };
 
-/* Each function below is written once for both factor types and specialised by inlining with `dtype` a
- * constant, so the float32 code is what it was before bfloat16 existed and both loops vectorise. */
+/* Each function below is written once for both factor types and inlined with `dtype` a constant: each
+ * type gets its own loops, vectorised, with no branch on the type inside them. */
 #define SPECIALISED static inline __attribute__((always_inline))
 
 SPECIALISED int64_t size_of(int dtype)
@@ -170,15 +170,15 @@ SPECIALISED void expand(const char *b, int64_t r, int64_t out, const float *h, f
 SPECIALISED void rows_of(const struct rahf_rows *rows, int64_t lo, int64_t hi, const struct rahf_factors *f,
                          const float *x, int64_t ldx, float *y, int64_t ldy, int dtype)
 {
-    const int64_t n = hi, r = rows->r, in = f->in, out = f->out, size = size_of(dtype);
+    const int64_t r = rows->r, in = f->in, out = f->out, size = size_of(dtype);
     const int64_t *tokens = rows->tokens, *slots = rows->slots;
     const char *A = f->A, *B = f->B;
     const int64_t a_slot = f->a_stride * size, b_slot = f->b_stride * size;
     float h[r > 0 ? r : 1];
-    if (lo < n)
+    if (lo < hi)
         prefetch_row(A + slots[lo] * a_slot, B + slots[lo] * b_slot, r, in * size, out * size);
-    for (int64_t i = lo; i < n; i++) {
-        if (i + 1 < n)  /* the next row's streams start while this one computes */
+    for (int64_t i = lo; i < hi; i++) {
+        if (i + 1 < hi)  /* the next row's streams start while this one computes */
             prefetch_row(A + slots[i + 1] * a_slot, B + slots[i + 1] * b_slot, r, in * size, out * size);
         const int64_t t = tokens ? tokens[i] : i;
         shrink(A + slots[i] * a_slot, r, in, x + t * ldx, h, dtype);

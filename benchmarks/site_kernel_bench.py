@@ -1,0 +1,105 @@
+"""The row kernel's site calls alone, without the forward around them: one thread against torch's threads,
+float32 factors against bfloat16.
+
+    python benchmarks/site_kernel_bench.py                   # 8 rows on 8 slots, SmolLM2-135M's sites
+    python benchmarks/site_kernel_bench.py --rows 1 8 16 --threads 1 2
+
+SmolLM2-135M's 120 sites (per layer q/k/v, o, gate/up, down), every module with r16 factors on 8 slots
+(108 MB in float32: more than the last-level cache, so each pass reads them from memory, as a decode step
+does), rows on slots 0..7 in turn. One time is one pass over all sites; every combination of thread count and
+factor type is timed in every round, in turn, and a figure is the median over rounds. Before each pass a small
+matmul wakes torch's threads, as the base products around each site call do in a step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rahf_serve import lora_kernel  # noqa: E402
+
+RANK, SLOTS = 16, 8
+HIDDEN, INTERMEDIATE, KV, LAYERS = 576, 1536, 192, 30
+SITES = [(HIDDEN, [HIDDEN, KV, KV]), (HIDDEN, [HIDDEN]), (HIDDEN, [INTERMEDIATE, INTERMEDIATE]), (INTERMEDIATE, [HIDDEN])]
+
+
+class Sites:
+    """Every site of the model for `rows` one-token rows, factors in `dtype`; `run()` times one pass."""
+
+    def __init__(self, kernel: lora_kernel.RowKernel, rows: int, dtype: torch.dtype) -> None:
+        self.kernel, self.rows = kernel, rows
+        slots = torch.arange(rows, dtype=torch.int64) % SLOTS
+        self._rows = lora_kernel.rows_for(None, slots, RANK)
+        self._plan = lora_kernel.Plan(lora_kernel.Plan.ROWS, rows, ctypes.addressof(self._rows))
+        self._cell = ctypes.c_void_p(ctypes.addressof(self._plan))
+        self._keep: list[object] = [slots]
+        self.calls: list[tuple[int, int, int]] = []
+        g = torch.Generator().manual_seed(0)
+        for _ in range(LAYERS):
+            for d_in, outs in SITES:
+                entries, column = [], 0
+                for d_out in outs:
+                    a = torch.randn(SLOTS + 1, RANK, d_in, generator=g).to(dtype)
+                    b = torch.randn(SLOTS + 1, RANK, d_out, generator=g).to(dtype)
+                    factors = lora_kernel.factors_for(a, b)
+                    entries.append(lora_kernel.SiteModule(ctypes.addressof(self._cell), ctypes.addressof(factors),
+                                                          column))
+                    self._keep += [a, b, factors]
+                    column += d_out
+                array = (lora_kernel.SiteModule * len(entries))(*entries)
+                site = lora_kernel.Site(len(entries), d_in, column, ctypes.addressof(array))
+                x, y = torch.randn(rows, d_in, generator=g), torch.zeros(rows, column)
+                self._keep += [array, site, x, y]
+                self.calls.append((ctypes.addressof(site), x.data_ptr(), y.data_ptr()))
+
+    def run(self) -> float:
+        site, rows = self.kernel.site, self.rows
+        start = time.perf_counter()
+        for address, x, y in self.calls:
+            site(address, rows, x, y)
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=[8])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, torch.get_num_threads()])
+    ap.add_argument("--rounds", type=int, default=41)
+    args = ap.parse_args()
+    kernel = lora_kernel.build_row_kernel()
+    threads = sorted(set(args.threads))
+    print(f"# {platform.machine()}, torch {torch.__version__}; kernel {'with' if kernel.openmp else 'without'} "
+          f"OpenMP; SmolLM2-135M's {LAYERS * len(SITES)} sites, r{RANK} factors on {SLOTS} slots; median of "
+          f"{args.rounds} rounds, ms per pass over every site")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    print(f"{'rows':>4} " + " ".join(f"{f'{d} {t}T':>14}" for d in dtypes for t in threads)
+          + " " + " ".join(f"{f'{d} {threads[-1]}T/1T':>16}" for d in dtypes if threads[0] == 1 and len(threads) > 1))
+    wake = torch.randn(64, 64)
+    for rows in args.rows:
+        sites = {d: Sites(kernel, rows, dtype) for d, dtype in dtypes.items()}
+        times: dict[tuple[str, int], list[float]] = {(d, t): [] for d in dtypes for t in threads}
+        for _ in range(args.rounds + 2):
+            for (d, t), runs in times.items():
+                torch.set_num_threads(t)
+                torch.mm(wake, wake)
+                runs.append(sites[d].run())
+        med = {k: statistics.median(v[2:]) * 1e3 for k, v in times.items()}  # two rounds to warm up
+        line = f"{rows:>4} " + " ".join(f"{med[d, t]:>14.2f}" for d in dtypes for t in threads)
+        if threads[0] == 1 and len(threads) > 1:
+            ratio = {d: statistics.median(a / b for a, b in zip(times[d, threads[-1]][2:], times[d, 1][2:],
+                                                                strict=True)) for d in dtypes}
+            line += " " + " ".join(f"{ratio[d]:>16.3f}" for d in dtypes)
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -183,7 +183,8 @@ def build_row_kernel(cache: Path | None = None, compiler: str | None = None, sou
         try:
             return _build(cc, [*flags, "-fopenmp"], source, directory)
         except KernelUnavailable as err:
-            log.info("LoRA row kernel built without OpenMP (each site on one thread): %s", err)
+            log.info("LoRA row kernel: the build with OpenMP failed (%s); building it without OpenMP, each site "
+                     "on one thread", err)
     return _build(cc, flags, source, directory)
 
 

@@ -109,7 +109,7 @@ def test_a_site_shared_between_threads_gives_each_row_what_one_thread_gives(kern
     assert not outputs[1][[1, 4, 9]].any()  # rows that are not LoRA rows
 
 
-def test_where_openmp_is_not_torch_s_or_does_not_build_sites_run_on_one_thread(tmp_path, monkeypatch, caplog):
+def test_sites_run_on_one_thread_where_torch_has_no_gnu_openmp_or_that_build_fails(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(lora_kernel, "torch_on_libgomp", lambda: False)
     assert not build_row_kernel(tmp_path / "a").openmp
     monkeypatch.setattr(lora_kernel, "torch_on_libgomp", lambda: True)

@@ -33,7 +33,8 @@ SITES = [(HIDDEN, [HIDDEN, KV, KV]), (HIDDEN, [HIDDEN]), (HIDDEN, [INTERMEDIATE,
 
 
 class Sites:
-    """Every site of the model for `rows` one-token rows, factors in `dtype`; `run()` times one pass."""
+    """Every site of the model for `rows` one-token rows, factors in `dtype`; `run(threads)` times one pass
+    with the rows of each site shared between `threads` threads (as a plan made under torch's count says)."""
 
     def __init__(self, kernel: lora_kernel.RowKernel, rows: int, dtype: torch.dtype) -> None:
         self.kernel, self.rows = kernel, rows
@@ -61,7 +62,8 @@ class Sites:
                 self._keep += [array, site, x, y]
                 self.calls.append((ctypes.addressof(site), x.data_ptr(), y.data_ptr()))
 
-    def run(self) -> float:
+    def run(self, threads: int) -> float:
+        self._plan.threads = threads
         site, rows = self.kernel.site, self.rows
         start = time.perf_counter()
         for address, x, y in self.calls:
@@ -91,7 +93,7 @@ def main() -> None:
             for (d, t), runs in times.items():
                 torch.set_num_threads(t)
                 torch.mm(wake, wake)
-                runs.append(sites[d].run())
+                runs.append(sites[d].run(t))
         med = {k: statistics.median(v[2:]) * 1e3 for k, v in times.items()}  # two rounds to warm up
         line = f"{rows:>4} " + " ".join(f"{med[d, t]:>14.2f}" for d in dtypes for t in threads)
         if threads[0] == 1 and len(threads) > 1:

@@ -68,10 +68,10 @@ FACTOR_DTYPES = (torch.float32, torch.bfloat16)
 class Plan(ctypes.Structure):
     """A module group's plan for the step as the site call reads it (C `struct rahf_plan`): `state` NONE (no row
     uses its modules' slots), ROWS (every LoRA row is one token, at `rows`) or OTHER (more than the kernel
-    does), and the step's token count."""
+    does), the step's token count, and how many threads a site may share its rows between (torch's count)."""
 
     NONE, ROWS, OTHER = 0, 1, 2
-    _fields_ = [("state", _I64), ("total", _I64), ("rows", _PTR)]
+    _fields_ = [("state", _I64), ("total", _I64), ("rows", _PTR), ("threads", _I64)]
 
 
 class SiteModule(ctypes.Structure):

@@ -243,6 +243,9 @@ class _Rows:
             view.state, view.rows = Plan.NONE, None
         elif self.kernel is not None and not self.segments:  # a decode-only step: all in the kernel
             view.state, view.rows = Plan.ROWS, self.kernel.address
+            # torch's count, not the OpenMP setting of the thread that will run the forward: in a thread
+            # torch has not yet run a parallel loop on, that is still the number of cores.
+            view.threads = torch.get_num_threads()
         else:
             view.state, view.rows = Plan.OTHER, None
 

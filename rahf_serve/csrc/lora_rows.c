@@ -203,6 +203,8 @@ struct rahf_plan {
                                       token, at `rows`; OTHER: more than this kernel does (prompt chunks) */
     int64_t total;                 /* the step's token count */
     const struct rahf_rows *rows;
+    int64_t threads;               /* torch's thread count when the plan was made: the most a site shares
+                                      its rows between (a thread's own OpenMP setting can differ from torch's) */
 };
 
 struct rahf_site_module {
@@ -253,30 +255,35 @@ static void site_share(const struct rahf_site *s, const float *x, float *y, doub
  * its plan was made for another token count than `total`: the caller then takes its own path.
  *
  * Where the module is built with OpenMP (against the runtime torch already loaded, so its threads are
- * torch's), a site with enough rows shares them between as many threads as torch's products use: the
+ * torch's), a site with enough rows shares them between as many threads as torch's products use (the
+ * plans say how many): the
  * factors of a step's rows are read at one core's speed otherwise, while its base matmuls use every
  * core. */
 static int lora_site(const struct rahf_site *s, int64_t total, const float *x, float *y)
 {
     const struct rahf_site_module *m = s->m;
     double work = 0;
+    int64_t threads = 1;
     for (int64_t i = 0; i < s->n; i++) {
         const struct rahf_plan *p = *m[i].plan;
         if (p->state == RAHF_OTHER || (p->state == RAHF_ROWS && p->total != total))
             return 0;
-        if (p->state == RAHF_ROWS)
+        if (p->state == RAHF_ROWS) {
             work += p->rows->n * row_cost(p, m[i].f);
+            threads = p->threads > threads ? p->threads : threads;
+        }
     }
 #ifdef _OPENMP
-    const int threads = omp_get_max_threads();
     if (threads > 1 && work >= RAHF_SHARED_WORK) {
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads((int)threads)
         {
             const double share = work / omp_get_num_threads();
             site_share(s, x, y, share * omp_get_thread_num(), share * (omp_get_thread_num() + 1));
         }
         return 1;
     }
+#else
+    (void)threads;
 #endif
     site_share(s, x, y, 0, work + 1);
     return 1;

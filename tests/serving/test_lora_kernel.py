@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import itertools
+import threading
 
 import pytest
 import torch
@@ -61,8 +62,8 @@ def test_rows_equal_their_products_and_leave_other_rows_alone(kernel, r, positio
 
 
 def site_of(shapes: list[tuple[int, int]], rows: lora_kernel.Rows, total: int, dtype: torch.dtype, seed: int):
-    """A site of modules [in, out] reading one input: (address, x, y, the Python objects the C call reads);
-    every module's group plans `rows`."""
+    """A site of modules [in, out] reading one input: (address, x, output width, the Python objects the C call
+    reads, the plan first); every module's group plans `rows`."""
     g = torch.Generator().manual_seed(seed)
     plan = lora_kernel.Plan(lora_kernel.Plan.ROWS, total, ctypes.addressof(rows))
     cell = ctypes.c_void_p(ctypes.addressof(plan))
@@ -84,29 +85,43 @@ def site_of(shapes: list[tuple[int, int]], rows: lora_kernel.Rows, total: int, d
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_site_shared_between_threads_gives_each_row_what_one_thread_gives(kernel, dtype):
     """Built with OpenMP where torch runs on GNU OpenMP (as here), a site with enough rows shares them between
-    torch's threads, each row done whole by one thread: for any thread count, modules of different sizes and
-    rows on different slots (some sharing one, at scattered positions), the output is bit for bit what one
-    thread gives, which is each row's products."""
+    as many threads as its plans say, each row done whole by one thread: for any thread count, modules of
+    different sizes and rows on different slots (some sharing one, at scattered positions), the output is bit
+    for bit what one thread gives, which is each row's products."""
     assert kernel.openmp == lora_kernel.torch_on_libgomp()
     total, positions, slot_of = 13, [0, 2, 3, 5, 6, 7, 8, 10, 11, 12], [3, 0, 7, 1, 1, 4, 6, 2, 5, 0]
     tokens, slots = torch.tensor(positions), torch.tensor(slot_of)
     rows = lora_kernel.rows_for(tokens, slots, 16)
     address, x, width, keep = site_of([(96, 96), (96, 32), (96, 48)], rows, total, dtype, seed=7)
-    threads = torch.get_num_threads()
-    outputs = {}
-    try:
-        for n in (1, 2, 3, 5):
-            torch.set_num_threads(n)
-            y = torch.zeros(total, width)
-            assert kernel.site(address, total, x.data_ptr(), y.data_ptr())
-            outputs[n] = y
-    finally:
-        torch.set_num_threads(threads)
+    plan, outputs = keep[0], {}
+    for n in (1, 2, 3, 5):
+        plan.threads = n
+        y = torch.zeros(total, width)
+        assert kernel.site(address, total, x.data_ptr(), y.data_ptr())
+        outputs[n] = y
     assert all(torch.equal(y, outputs[1]) for y in outputs.values())
     A, B = keep[2], keep[3]  # the first module's factors
     want = reference(x, torch.zeros(total, 96), list(zip(positions, slot_of, strict=True)), A, B, 16)
     torch.testing.assert_close(outputs[1][:, :96].double(), want, atol=1e-4, rtol=1e-5)
     assert not outputs[1][[1, 4, 9]].any()  # rows that are not LoRA rows
+
+
+def test_plans_carry_torch_s_thread_count_to_the_thread_that_runs_the_forward(lively_model_dir):
+    """A site shares its rows between as many threads as torch's products use: the count a plan carries is
+    torch's, also on a thread that has not run a parallel loop yet, whose own OpenMP setting is still the
+    number of cores (as the engine's thread is before its first big product)."""
+    slots, module, _, _ = one_module_adapter(lively_model_dir, "model.layers.0.self_attn.q_proj")
+    threads, seen = torch.get_num_threads(), []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            worker = threading.Thread(target=lambda: (slots.set_rows([slots.slot_of("one")], [1]),
+                                                      seen.append(module.rows.view.threads)))
+            worker.start()
+            worker.join()
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1, 3]
 
 
 def test_sites_run_on_one_thread_where_torch_has_no_gnu_openmp_or_that_build_fails(tmp_path, monkeypatch, caplog):

@@ -5,7 +5,7 @@ float32 factors against bfloat16.
     python benchmarks/site_kernel_bench.py --rows 1 8 16 --threads 1 2
 
 SmolLM2-135M's 120 sites (per layer q/k/v, o, gate/up, down), every module with r16 factors on 8 slots
-(108 MB in float32: more than the last-level cache, so each pass reads them from memory, as a decode step
+(156 MB in float32 for eight rows: more than the last-level cache, so each pass reads them from memory, as a decode step
 does), rows on slots 0..7 in turn. One time is one pass over all sites; every combination of thread count and
 factor type is timed in every round, in turn, and a figure is the median over rounds. Before each pass a small
 matmul wakes torch's threads, as the base products around each site call do in a step.

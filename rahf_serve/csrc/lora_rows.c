@@ -14,7 +14,8 @@
  * a row's result does not change with the batch around it. What stays fixed for a step (the rows) and for
  * a module (its factors) comes in two structs made once, so a call converts six arguments, not fourteen.
  *
- * Sums run in independent lanes of ranks (eight, then four, then one), vectorised with `omp simd`.
+ * Sums run in independent lanes of ranks (eight, then four, then one), vectorised with `omp simd`, each
+ * product fused into its sum where the CPU has FMA; a bfloat16 A is read one rank after another (below).
  *
  * `site` does the modules that read one input and add into one output (q/k/v, gate/up) in one call:
  * inside a forward, each call from Python costs several times what it costs in a tight loop (its code and
@@ -69,6 +70,15 @@ SPECIALISED float load(const char *p, int64_t j, int dtype)
     return ((const float *)p)[j];
 }
 
+/* a * b + c, fused where the CPU has it: one rounding instead of two, and a pass over a step's sites at
+ * eight rows ~7% shorter (fewer instructions between the loads; benchmarks/site_kernel_bench.py). Only
+ * where the build targets FMA: elsewhere fmaf is a slow library call. */
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+#define MULADD(a, b, c) __builtin_fmaf((a), (b), (c))
+#else
+#define MULADD(a, b, c) ((a) * (b) + (c))
+#endif
+
 /* Start the streams of a row's factors, the first two cache lines of each rank's A and B row: issued
  * together, their first misses overlap instead of each pass waiting on its own (about a tenth off a step's
  * kernel time, benchmarks/adapter_row_bench.py). `a_row`, `b_row`: a rank's row in bytes. */
@@ -82,12 +92,16 @@ SPECIALISED void prefetch_row(const char *a, const char *b, int64_t r, int64_t a
     }
 }
 
-/* h[k] = A[k] . x for k < r: ranks in blocks of eight lanes (eight streams read at once), then four, then one. */
+/* h[k] = A[k] . x for k < r: ranks in blocks of eight lanes (eight streams read at once), then four, then one.
+ * A bfloat16 A goes one rank at a time instead, its ranks' rows one stream in order: its rows are half as
+ * long, and a pass over a step's sites at eight rows took ~5% longer with eight short streams at once than
+ * with one (benchmarks/site_kernel_bench.py); a float32 A took ~7% longer with one. */
 SPECIALISED void shrink(const char *a, int64_t r, int64_t in, const float *restrict x, float *restrict h, int dtype)
 {
     const int64_t row = in * size_of(dtype);
+    const int lanes = dtype != RAHF_BF16;
     int64_t k = 0;
-    for (; k + 8 <= r; k += 8) {
+    for (; lanes && k + 8 <= r; k += 8) {
         const char *restrict a0 = a + k * row, *restrict a1 = a0 + row, *restrict a2 = a1 + row,
                    *restrict a3 = a2 + row, *restrict a4 = a3 + row, *restrict a5 = a4 + row,
                    *restrict a6 = a5 + row, *restrict a7 = a6 + row;
@@ -95,29 +109,29 @@ SPECIALISED void shrink(const char *a, int64_t r, int64_t in, const float *restr
 #pragma omp simd reduction(+:s0, s1, s2, s3, s4, s5, s6, s7)
         for (int64_t j = 0; j < in; j++) {
             const float v = x[j];
-            s0 += load(a0, j, dtype) * v;
-            s1 += load(a1, j, dtype) * v;
-            s2 += load(a2, j, dtype) * v;
-            s3 += load(a3, j, dtype) * v;
-            s4 += load(a4, j, dtype) * v;
-            s5 += load(a5, j, dtype) * v;
-            s6 += load(a6, j, dtype) * v;
-            s7 += load(a7, j, dtype) * v;
+            s0 = MULADD(load(a0, j, dtype), v, s0);
+            s1 = MULADD(load(a1, j, dtype), v, s1);
+            s2 = MULADD(load(a2, j, dtype), v, s2);
+            s3 = MULADD(load(a3, j, dtype), v, s3);
+            s4 = MULADD(load(a4, j, dtype), v, s4);
+            s5 = MULADD(load(a5, j, dtype), v, s5);
+            s6 = MULADD(load(a6, j, dtype), v, s6);
+            s7 = MULADD(load(a7, j, dtype), v, s7);
         }
         h[k] = s0, h[k + 1] = s1, h[k + 2] = s2, h[k + 3] = s3;
         h[k + 4] = s4, h[k + 5] = s5, h[k + 6] = s6, h[k + 7] = s7;
     }
-    for (; k + 4 <= r; k += 4) {
+    for (; lanes && k + 4 <= r; k += 4) {
         const char *restrict a0 = a + k * row, *restrict a1 = a0 + row, *restrict a2 = a1 + row,
                    *restrict a3 = a2 + row;
         float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
 #pragma omp simd reduction(+:s0, s1, s2, s3)
         for (int64_t j = 0; j < in; j++) {
             const float v = x[j];
-            s0 += load(a0, j, dtype) * v;
-            s1 += load(a1, j, dtype) * v;
-            s2 += load(a2, j, dtype) * v;
-            s3 += load(a3, j, dtype) * v;
+            s0 = MULADD(load(a0, j, dtype), v, s0);
+            s1 = MULADD(load(a1, j, dtype), v, s1);
+            s2 = MULADD(load(a2, j, dtype), v, s2);
+            s3 = MULADD(load(a3, j, dtype), v, s3);
         }
         h[k] = s0, h[k + 1] = s1, h[k + 2] = s2, h[k + 3] = s3;
     }
@@ -126,7 +140,7 @@ SPECIALISED void shrink(const char *a, int64_t r, int64_t in, const float *restr
         float s0 = 0;
 #pragma omp simd reduction(+:s0)
         for (int64_t j = 0; j < in; j++)
-            s0 += load(a0, j, dtype) * x[j];
+            s0 = MULADD(load(a0, j, dtype), x[j], s0);
         h[k] = s0;
     }
 }
@@ -144,9 +158,9 @@ SPECIALISED void expand(const char *b, int64_t r, int64_t out, const float *h, f
                     h6 = h[k + 6], h7 = h[k + 7];
 #pragma omp simd
         for (int64_t j = 0; j < out; j++)
-            y[j] += h0 * load(b0, j, dtype) + h1 * load(b1, j, dtype) + h2 * load(b2, j, dtype)
-                    + h3 * load(b3, j, dtype) + h4 * load(b4, j, dtype) + h5 * load(b5, j, dtype)
-                    + h6 * load(b6, j, dtype) + h7 * load(b7, j, dtype);
+            y[j] += MULADD(h7, load(b7, j, dtype), MULADD(h6, load(b6, j, dtype), MULADD(h5, load(b5, j, dtype),
+                    MULADD(h4, load(b4, j, dtype), MULADD(h3, load(b3, j, dtype), MULADD(h2, load(b2, j, dtype),
+                    MULADD(h1, load(b1, j, dtype), h0 * load(b0, j, dtype))))))));
     }
     for (; k + 4 <= r; k += 4) {
         const char *restrict b0 = b + k * row, *restrict b1 = b0 + row, *restrict b2 = b1 + row,
@@ -154,15 +168,15 @@ SPECIALISED void expand(const char *b, int64_t r, int64_t out, const float *h, f
         const float h0 = h[k], h1 = h[k + 1], h2 = h[k + 2], h3 = h[k + 3];
 #pragma omp simd
         for (int64_t j = 0; j < out; j++)
-            y[j] += h0 * load(b0, j, dtype) + h1 * load(b1, j, dtype) + h2 * load(b2, j, dtype)
-                    + h3 * load(b3, j, dtype);
+            y[j] += MULADD(h3, load(b3, j, dtype), MULADD(h2, load(b2, j, dtype),
+                    MULADD(h1, load(b1, j, dtype), h0 * load(b0, j, dtype))));
     }
     for (; k < r; k++) {
         const char *restrict b0 = b + k * row;
         const float h0 = h[k];
 #pragma omp simd
         for (int64_t j = 0; j < out; j++)
-            y[j] += h0 * load(b0, j, dtype);
+            y[j] = MULADD(h0, load(b0, j, dtype), y[j]);
     }
 }
 

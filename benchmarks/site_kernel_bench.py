@@ -3,11 +3,15 @@ float32 factors against bfloat16.
 
     python benchmarks/site_kernel_bench.py                   # 8 rows on 8 slots, SmolLM2-135M's sites
     python benchmarks/site_kernel_bench.py --rows 1 8 16 --threads 1 2
+    git show HEAD~1:rahf_serve/csrc/lora_rows.c > /tmp/old.c
+    python benchmarks/site_kernel_bench.py --against /tmp/old.c     # this kernel against another source
 
 SmolLM2-135M's 120 sites (per layer q/k/v, o, gate/up, down), every module with r16 factors on 8 slots
 (156 MB in float32 for eight rows: more than the last-level cache, so each pass reads them from memory, as a decode step
 does), rows on slots 0..7 in turn. One time is one pass over all sites; every combination of thread count and
-factor type is timed in every round, in turn, and a figure is the median over rounds. Before each pass a small
+factor type is timed in every round, in turn, and a figure is the median over rounds. `--against FILE`: the
+kernel built from another source is timed in the same rounds, on factors of its own, and each ratio (this
+kernel over that one) is the median over rounds of the round's ratio. Before each pass a small
 matmul wakes torch's threads, as the base products around each site call do in a step.
 """
 
@@ -76,30 +80,40 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[8])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, torch.get_num_threads()])
     ap.add_argument("--rounds", type=int, default=41)
+    ap.add_argument("--against", type=Path, help="another kernel source (csrc/lora_rows.c of another commit)")
     args = ap.parse_args()
     kernel = lora_kernel.build_row_kernel()
+    other = lora_kernel.build_row_kernel(source=args.against) if args.against else None
     threads = sorted(set(args.threads))
     print(f"# {platform.machine()}, torch {torch.__version__}; kernel {'with' if kernel.openmp else 'without'} "
           f"OpenMP; SmolLM2-135M's {LAYERS * len(SITES)} sites, r{RANK} factors on {SLOTS} slots; median of "
           f"{args.rounds} rounds, ms per pass over every site")
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     print(f"{'rows':>4} " + " ".join(f"{f'{d} {t}T':>14}" for d in dtypes for t in threads)
-          + " " + " ".join(f"{f'{d} {threads[-1]}T/1T':>16}" for d in dtypes if threads[0] == 1 and len(threads) > 1))
+          + " " + " ".join(f"{f'{d} {threads[-1]}T/1T':>16}" for d in dtypes if threads[0] == 1 and len(threads) > 1)
+          + (" " + " ".join(f"{f'{d} {t}T vs other':>18}" for d in dtypes for t in threads) if other else ""))
     wake = torch.randn(64, 64)
     for rows in args.rows:
         sites = {d: Sites(kernel, rows, dtype) for d, dtype in dtypes.items()}
+        others = {d: Sites(other, rows, dtype) for d, dtype in dtypes.items()} if other else {}
         times: dict[tuple[str, int], list[float]] = {(d, t): [] for d in dtypes for t in threads}
+        against: dict[tuple[str, int], list[float]] = {(d, t): [] for d in others for t in threads}
         for _ in range(args.rounds + 2):
             for (d, t), runs in times.items():
-                torch.set_num_threads(t)
-                torch.mm(wake, wake)
-                runs.append(sites[d].run(t))
+                for pass_of, into in ((sites, runs), (others, against.get((d, t)))):
+                    if into is not None:
+                        torch.set_num_threads(t)
+                        torch.mm(wake, wake)
+                        into.append(pass_of[d].run(t))
         med = {k: statistics.median(v[2:]) * 1e3 for k, v in times.items()}  # two rounds to warm up
         line = f"{rows:>4} " + " ".join(f"{med[d, t]:>14.2f}" for d in dtypes for t in threads)
         if threads[0] == 1 and len(threads) > 1:
             ratio = {d: statistics.median(a / b for a, b in zip(times[d, threads[-1]][2:], times[d, 1][2:],
                                                                 strict=True)) for d in dtypes}
             line += " " + " ".join(f"{ratio[d]:>16.3f}" for d in dtypes)
+        if against:
+            line += " " + " ".join(f"{statistics.median(a / b for a, b in zip(times[k][2:], v[2:], strict=True)):>18.3f}"
+                                   for k, v in against.items())
         print(line)
 
 

@@ -71,10 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest LoRA rank a slot takes (a blend's is the sum of its adapters': the two shipped "
                         "r16 bundles blend to r32); larger adapters fail to load, larger blends get a 400")
     p.add_argument("--lora-dtype", choices=("auto", *LORA_DTYPES), default="auto",
-                   help="built-in engine: what LoRA factors are stored in (auto = the model's dtype). bfloat16 under "
-                        "a float32 model halves the memory of resident adapters and the bytes an adapter row reads, "
-                        "but rounds the factors: results are no longer PEFT's to the last bit (vLLM: --vllm-arg "
-                        "lora_dtype=...)")
+                   help="what LoRA factors are stored in (auto = the model's dtype; vLLM's lora_dtype with --engine "
+                        "vllm). bfloat16 under a float32 model halves the memory of resident adapters and the bytes "
+                        "an adapter row reads, but rounds the factors: results are no longer PEFT's to the last bit")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = torch's default); 1 is faster on a machine shared with other jobs")
     p.add_argument("--engine", choices=("builtin", "vllm"), default="builtin",
@@ -173,14 +172,12 @@ def build_engine(args: argparse.Namespace) -> ServingEngine:
     if args.max_step_slowdown not in (None, OFF):
         raise RahfError("--max-step-slowdown only applies to the built-in engine (vLLM paces with "
                         "--max-num-batched-tokens)")
-    if args.lora_dtype != "auto":
-        raise RahfError("--lora-dtype only applies to the built-in engine (vLLM takes --vllm-arg lora_dtype=...)")
     from rahf_serve.vllm_engine import VllmEngine, VllmOptions
 
     options = VllmOptions(
         max_num_seqs=args.max_batch, max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
         max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
-        tensor_parallel_size=args.tensor_parallel_size or 1, pipeline_parallel_size=args.pipeline_parallel_size or 1,
+        lora_dtype=args.lora_dtype, tensor_parallel_size=args.tensor_parallel_size or 1, pipeline_parallel_size=args.pipeline_parallel_size or 1,
         gpu_memory_utilization=args.gpu_memory_utilization or 0.9, kv_cache_gib=args.kv_cache_gib,
         enable_prefix_caching=not args.no_prefix_caching, steering=not args.vllm_compile,
         engine_args=dict(_engine_arg(a) for a in args.vllm_arg))

@@ -55,18 +55,22 @@ def test_step_pacer_is_on_by_default_on_cpu_and_can_be_turned_off(lively_model_d
     assert slowdown("--max-step-slowdown", "3") == 3.0
 
 
-def test_lora_dtype_reaches_the_slots_and_only_the_built_in_engine_takes_it(lively_model_dir):
+def test_lora_dtype_reaches_the_slots_or_vllm_s_engine_arguments(lively_model_dir):
     from app.server import build_engine
-    from rahf_serve.errors import RahfError
 
-    def slots_dtype(*flags):
-        engine = build_engine(build_parser().parse_args(["--base", str(lively_model_dir), "--device", "cpu", *flags]))
-        return engine._slots.dtype
+    def engine(*flags):
+        return build_engine(build_parser().parse_args(["--base", str(lively_model_dir), "--device", "cpu", *flags]))
 
-    assert slots_dtype() == torch.float32  # the model's
-    assert slots_dtype("--lora-dtype", "bfloat16") == torch.bfloat16
-    with pytest.raises(RahfError, match="--lora-dtype only applies to the built-in engine"):
-        build_engine(build_parser().parse_args(["--engine", "vllm", "--lora-dtype", "bfloat16"]))
+    assert engine()._slots.dtype == torch.float32  # the model's
+    assert engine("--lora-dtype", "bfloat16")._slots.dtype == torch.bfloat16
+
+    def vllm_lora_dtype(*flags):  # what EngineArgs would get (vLLM itself is not needed to build them)
+        options = engine("--engine", "vllm", *flags).options
+        return options.engine_kwargs("path", "name", "float32", 1024).get("lora_dtype", "unset")
+
+    assert vllm_lora_dtype() == "unset"  # vLLM's own default: the model's dtype
+    assert vllm_lora_dtype("--lora-dtype", "bfloat16") == torch.bfloat16
+    assert vllm_lora_dtype("--lora-dtype", "float32") == torch.float32  # a name vLLM's literal leaves out
 
 
 @pytest.mark.parametrize("value", ["1", "0.5", "fast"])

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,17 +63,17 @@ def adapter_dir(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def vllm_server(adapter_dir, tmp_path_factory, real_model_dir) -> Iterator[Served]:
+@contextmanager
+def launched(adapter_dir: Path, log: Path, *flags: str) -> Iterator[Served]:
+    """`rahf-serve --engine vllm` on the bundles in `adapter_dir` with extra `flags`, logging to `log`."""
     exe = vllm_command()
     port = free_port()
-    log = tmp_path_factory.mktemp("vllm-log") / "rahf-serve.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
            # vLLM's default binding ("auto") fails on these VMs; one core keeps it out of other jobs' way.
            "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0")}
     cmd = [str(exe), "--engine", "vllm", "--port", str(port), "--no-ui", "--adapter-dir", str(adapter_dir),
            "--device", "cpu", "--max-model-len", "1024", "--max-new-tokens", "64", "--kv-cache-gib", "1",
-           "--max-lora-rank", str(MAX_LORA_RANK), "--max-loras", "4"]
+           "--max-lora-rank", str(MAX_LORA_RANK), "--max-loras", "4", *flags]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
@@ -92,11 +93,24 @@ def vllm_server(adapter_dir, tmp_path_factory, real_model_dir) -> Iterator[Serve
 
 
 @pytest.fixture(scope="module")
-def builtin_server(adapter_dir, real_model_dir) -> Iterator[Served]:
-    """The built-in engine on the same base and bundles, in this process, for reference outputs."""
+def vllm_server(adapter_dir, tmp_path_factory, real_model_dir) -> Iterator[Served]:
+    with launched(adapter_dir, tmp_path_factory.mktemp("vllm-log") / "rahf-serve.log") as served:
+        yield served
+
+
+@contextmanager
+def builtin(adapter_dir: Path, **engine_options) -> Iterator[Served]:
+    """The built-in engine on the same base and bundles, in this process."""
     engine = Engine(load_base("smollm2-135m-instruct", device="cpu", dtype="float32"), max_new_tokens=64,
-                    max_model_len=1024, max_lora_rank=MAX_LORA_RANK)
+                    max_model_len=1024, max_lora_rank=MAX_LORA_RANK, **engine_options)
     registry = AdapterRegistry(engine, adapter_dir)
     registry.load_dir()
     with engine, LiveServer(create_app(engine, registry)) as live:
         yield Served(live.url, Path(os.devnull), adapter_dir)
+
+
+@pytest.fixture(scope="module")
+def builtin_server(adapter_dir, real_model_dir) -> Iterator[Served]:
+    """The built-in engine on the same base and bundles, for reference outputs."""
+    with builtin(adapter_dir) as served:
+        yield served

@@ -177,7 +177,8 @@ def build_engine(args: argparse.Namespace) -> ServingEngine:
     options = VllmOptions(
         max_num_seqs=args.max_batch, max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
         max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
-        lora_dtype=args.lora_dtype, tensor_parallel_size=args.tensor_parallel_size or 1, pipeline_parallel_size=args.pipeline_parallel_size or 1,
+        lora_dtype=args.lora_dtype,
+        tensor_parallel_size=args.tensor_parallel_size or 1, pipeline_parallel_size=args.pipeline_parallel_size or 1,
         gpu_memory_utilization=args.gpu_memory_utilization or 0.9, kv_cache_gib=args.kv_cache_gib,
         enable_prefix_caching=not args.no_prefix_caching, steering=not args.vllm_compile,
         engine_args=dict(_engine_arg(a) for a in args.vllm_arg))

@@ -156,6 +156,7 @@ def _resolve_slowdown(given: float | None, device_type: str) -> float | None:
 
 def build_engine(args: argparse.Namespace) -> ServingEngine:
     """The engine `--engine` names; vLLM is imported only when chosen."""
+    lora_dtype = None if args.lora_dtype == "auto" else LORA_DTYPES[args.lora_dtype]
     if args.engine == "builtin":
         given = [f"--{k.replace('_', '-')}" for k in _VLLM_ONLY if getattr(args, k)]
         if given:
@@ -164,7 +165,6 @@ def build_engine(args: argparse.Namespace) -> ServingEngine:
 
         base = load_base(args.base, device=args.device, dtype=args.dtype)
         budget = {"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}
-        lora_dtype = None if args.lora_dtype == "auto" else LORA_DTYPES[args.lora_dtype]
         return Engine(base, max_batch=args.max_batch, max_queue=args.max_queue, max_new_tokens=args.max_new_tokens,
                       max_model_len=args.max_model_len, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                       lora_dtype=lora_dtype,
@@ -177,7 +177,7 @@ def build_engine(args: argparse.Namespace) -> ServingEngine:
     options = VllmOptions(
         max_num_seqs=args.max_batch, max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens,
         max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
-        lora_dtype=args.lora_dtype,
+        lora_dtype=lora_dtype,
         tensor_parallel_size=args.tensor_parallel_size or 1, pipeline_parallel_size=args.pipeline_parallel_size or 1,
         gpu_memory_utilization=args.gpu_memory_utilization or 0.9, kv_cache_gib=args.kv_cache_gib,
         enable_prefix_caching=not args.no_prefix_caching, steering=not args.vllm_compile,

@@ -26,8 +26,8 @@ class VllmOptions:
     """Largest LoRA rank vLLM reserves room for; a blend's rank is the sum of its adapters'."""
     max_cpu_loras: int | None = None
     """LoRAs vLLM keeps in host memory; others are read again from their folders when used."""
-    lora_dtype: str = "auto"
-    """What vLLM stores LoRA factors in (`--lora-dtype`): "auto" (the model's dtype) or a torch dtype's name."""
+    lora_dtype: torch.dtype | None = None
+    """What vLLM stores LoRA factors in (`--lora-dtype`); None = the model's dtype."""
     tensor_parallel_size: int = 1
     """GPUs one copy of the model is split over."""
     pipeline_parallel_size: int = 1
@@ -59,8 +59,8 @@ class VllmOptions:
         )
         if self.max_num_batched_tokens is not None:
             kwargs["max_num_batched_tokens"] = self.max_num_batched_tokens
-        if self.lora_dtype != "auto":  # as a dtype: vLLM's names for it leave out float32
-            kwargs["lora_dtype"] = getattr(torch, self.lora_dtype)
+        if self.lora_dtype is not None:  # as a dtype: vLLM's names for it leave out float32
+            kwargs["lora_dtype"] = self.lora_dtype
         if self.kv_cache_gib is not None:
             kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_gib * 2**30)
         if self.steering:

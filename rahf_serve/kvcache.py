@@ -21,7 +21,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,9 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from .errors import BaseModelError, QueueFull, RequestTooLarge
+
+if TYPE_CHECKING:
+    from .forward_kernel import ForwardKernel
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 """Model types whose attention writes the cache only through `Cache.update` and attends through the
@@ -251,6 +254,8 @@ class SlotCache(Cache):
         # Zeros, not empty: masked keys still enter q.k before the mask, and garbage could be inf/NaN.
         self.storage = torch.zeros((shape.layers, 2, max_rows, shape.kv_heads, max_len, shape.head_dim),
                                    dtype=dtype, device=device)
+        self.planes: tuple[torch.Tensor, ...] = self.storage.unbind(0)
+        """each layer's keys and values [2, max_rows, kv_heads, max_len, head_dim], made once"""
         super().__init__(layers=[_SlotLayer(self, i) for i in range(shape.layers)])
         self._lengths: list[int] = []
         self._step: SlotStep | None = None
@@ -399,21 +404,28 @@ class SlotCache(Cache):
         transformers' attention functions return it: [1, total, heads, head_dim]."""
         return self.attend_packed(layer, query[0].transpose(0, 1), scaling)[None]
 
-    def attend_packed(self, layer: int, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
+    def attend_packed(self, layer: int, query: torch.Tensor, scaling: float | None,
+                      kernel: ForwardKernel | None = None) -> torch.Tensor:
         """Attention of the step's queries [total, heads, head_dim] (one per packed token) over their rows'
-        slots: [total, heads, head_dim]."""
+        slots: [total, heads, head_dim]. With `kernel` (float32 on CPU) one-token rows attend in its C loop
+        and prompt chunks through torch's."""
         slot = self.layers[layer]
         keys, values = slot.keys, slot.values
         assert keys is not None and values is not None
-        groups = self.step.groups
-        if len(groups) == 1 and groups[0].decode:  # decoding rows only, the common step: no copy out
+        step = self.step
+        groups = step.groups
+        if kernel is None and len(groups) == 1 and groups[0].decode:  # decoding rows only: no copy out
             g = groups[0]
             o = F.scaled_dot_product_attention(query[:, :, None], keys[g.rows, :, :g.width],
                                                values[g.rows, :, :g.width], attn_mask=g.mask, scale=scaling,
                                                enable_gqa=True)
             return o.view(query.shape)
-        out = torch.empty_like(query)
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         for g in groups:
+            if kernel is not None and g.decode:
+                scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+                kernel.attend_rows(query, g.tokens, step.rows, step.columns, self.planes[layer], scale, out)
+                continue
             q = query[g.tokens]  # [queries, heads, head_dim]
             q = q[:, :, None] if g.decode else q.transpose(0, 1)[None]
             o = F.scaled_dot_product_attention(q, keys[g.rows, :, :g.width], values[g.rows, :, :g.width],

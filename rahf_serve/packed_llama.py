@@ -12,6 +12,8 @@ new tokens in one sequence) with
   (no transpose operator per call), and o_proj and down_proj an `addmm` that adds the residual as well;
 - rotary angles from a table built once, indexed by each token's position;
 - keys and values written straight into the `SlotCache`, attention through its per-row groups;
+- for float32 on CPU, the norms, the rotation with the cache write and one-token rows' attention each one
+  call of a C loop (`forward_kernel`), where torch spends longer dispatching them than computing;
 - steering added to the residual stream after a block, as `rahf_serve.steering` hooks would.
 
 It returns the logits of each feeding row's last token and, when asked, the final hidden states (prompt
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .forward_kernel import ForwardKernel, forward_kernel
 from .kvcache import SlotCache, SlotStep
 from .lora_slots import SlotLinear, SlotSite
 
@@ -140,8 +143,14 @@ class PackedLlama:
         sin = angles.sin() * scale
         half = sin.shape[-1] // 2
         self.sin_signed = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1).to(weight.dtype)
+        self.kernel: ForwardKernel | None = None
+        """the C operators, where they run this model (float32 on CPU) and build here"""
+        if weight.dtype == torch.float32 and weight.device.type == "cpu":
+            self.kernel = forward_kernel()
 
     def _norm(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel.rms_norm(h, weight, self.eps)
         if h.dtype == torch.float32:  # one operator, bit-identical to LlamaRMSNorm in float32 (measured)
             return F.rms_norm(h, weight.shape, weight, self.eps)
         # LlamaRMSNorm's operations in its order (float32 statistics), so results match it.
@@ -159,9 +168,11 @@ class PackedLlama:
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         q_end = heads * head_dim
         k_end = q_end + kv_heads * head_dim
-        # [total, 1, head_dim]; rotate_half(x) * sin == the halves of x swapped, times sin with its first half
-        # negated, so one flip replaces transformers' neg and cat.
-        cos, sin = self.cos[step.columns][:, None], self.sin_signed[step.columns][:, None]
+        kernel = self.kernel
+        if kernel is None:
+            # [total, 1, head_dim]; rotate_half(x) * sin == the halves of x swapped, times sin with its first
+            # half negated, so one flip replaces transformers' neg and cat.
+            cos, sin = self.cos[step.columns][:, None], self.sin_signed[step.columns][:, None]
         h = self.embed(ids[0])  # [total, hidden]: every product below is one 2-D matmul
         for i, blk in enumerate(self.blocks):
             qkv_lora, o_lora, gate_up_lora, down_lora = blk.sites() if lora else _NO_SITES
@@ -169,10 +180,17 @@ class PackedLlama:
             qkv = torch.mm(x, blk.qkv_t)
             if qkv_lora is not None:
                 qkv_lora.add(x, qkv, total)
-            qk = qkv[:, :k_end].view(total, heads + kv_heads, head_dim)  # q and k side by side: one rotation
-            qk = torch.addcmul(qk * cos, qk.view(total, heads + kv_heads, 2, head_dim // 2).flip(-2).view_as(qk), sin)
-            cache.write(i, qk[:, heads:], qkv[:, k_end:].view(total, kv_heads, head_dim))
-            o = cache.attend_packed(i, qk[:, :heads], self.scaling).view(total, q_end)
+            if kernel is not None:
+                kernel.rotate_and_store(qkv, heads, self.cos, self.sin_signed, step.rows, step.columns,
+                                        cache.planes[i])
+                q = qkv[:, :q_end].view(total, heads, head_dim)
+            else:
+                qk = qkv[:, :k_end].view(total, heads + kv_heads, head_dim)  # q and k side by side: one rotation
+                qk = torch.addcmul(qk * cos, qk.view(total, heads + kv_heads, 2, head_dim // 2).flip(-2).view_as(qk),
+                                   sin)
+                cache.write(i, qk[:, heads:], qkv[:, k_end:].view(total, kv_heads, head_dim))
+                q = qk[:, :heads]
+            o = cache.attend_packed(i, q, self.scaling, kernel).view(total, q_end)
             h = torch.addmm(h, o, blk.o_t)  # the residual add inside the product
             if o_lora is not None:  # LoRA is linear: adding it to h adds it to o_proj's output
                 o_lora.add(o, h, total)

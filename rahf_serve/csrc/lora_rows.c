@@ -26,8 +26,7 @@
  * library called through ctypes: inside a forward a ctypes call converting seven integers through libffi
  * took ~4.5 us, a direct call taking four ~1 us, and a step makes 120 of them.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "extension.h"
 #include <stdint.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -351,15 +350,5 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "lora_rows", NULL, -1
 
 PyMODINIT_FUNC PyInit_lora_rows(void)
 {
-    PyObject *m = PyModule_Create(&module);
-#ifdef _OPENMP
-    const int openmp = 1;
-#else
-    const int openmp = 0;
-#endif
-    if (m != NULL && PyModule_AddIntConstant(m, "openmp", openmp) < 0) {
-        Py_DECREF(m);
-        return NULL;
-    }
-    return m;
+    return with_openmp_flag(PyModule_Create(&module));
 }

@@ -11,9 +11,10 @@ import threading
 import pytest
 import torch
 
-from rahf_serve import lora_kernel
+from rahf_serve import c_extension, lora_kernel
+from rahf_serve.c_extension import KernelUnavailable
 from rahf_serve.errors import RahfError
-from rahf_serve.lora_kernel import KernelUnavailable, build_row_kernel
+from rahf_serve.lora_kernel import build_row_kernel
 from rahf_serve.lora_slots import LoraSlots, LoraWeights, SlotSite
 from tests.serving.conftest import load_lively
 
@@ -88,7 +89,7 @@ def test_a_site_shared_between_threads_gives_each_row_what_one_thread_gives(kern
     as many threads as its plans say, each row done whole by one thread: for any thread count, modules of
     different sizes and rows on different slots (some sharing one, at scattered positions), the output is bit
     for bit what one thread gives, which is each row's products."""
-    assert kernel.openmp == lora_kernel.torch_on_libgomp()
+    assert kernel.openmp == c_extension.torch_on_libgomp()
     total, positions, slot_of = 13, [0, 2, 3, 5, 6, 7, 8, 10, 11, 12], [3, 0, 7, 1, 1, 4, 6, 2, 5, 0]
     tokens, slots = torch.tensor(positions), torch.tensor(slot_of)
     rows = lora_kernel.rows_for(tokens, slots, 16)
@@ -125,18 +126,18 @@ def test_plans_carry_torch_s_thread_count_to_the_thread_that_runs_the_forward(li
 
 
 def test_sites_run_on_one_thread_where_torch_has_no_gnu_openmp_or_that_build_fails(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(lora_kernel, "torch_on_libgomp", lambda: False)
+    monkeypatch.setattr(c_extension, "torch_on_libgomp", lambda: False)
     assert not build_row_kernel(tmp_path / "a").openmp
-    monkeypatch.setattr(lora_kernel, "torch_on_libgomp", lambda: True)
-    compile_ = lora_kernel._compile
+    monkeypatch.setattr(c_extension, "torch_on_libgomp", lambda: True)
+    compile_ = c_extension._compile
 
     def no_openmp(cc, flags, *args):
         if "-fopenmp" in flags:
             raise KernelUnavailable("cc failed (1): unrecognized command-line option '-fopenmp'")
         compile_(cc, flags, *args)
 
-    monkeypatch.setattr(lora_kernel, "_compile", no_openmp)
-    with caplog.at_level("INFO", logger="rahf_serve.lora_kernel"):
+    monkeypatch.setattr(c_extension, "_compile", no_openmp)
+    with caplog.at_level("INFO", logger="rahf_serve.c_extension"):
         kernel = build_row_kernel(tmp_path / "b")
     assert not kernel.openmp and "without OpenMP" in caplog.text and "-fopenmp" in caplog.text
 
@@ -163,7 +164,7 @@ def test_a_missing_or_failing_compiler_or_missing_headers_are_named(tmp_path, mo
         build_row_kernel(tmp_path, compiler="no-such-cc")
     with pytest.raises(KernelUnavailable, match="false failed"):
         build_row_kernel(tmp_path, compiler="false")
-    monkeypatch.setattr(lora_kernel, "_include", lambda: str(tmp_path / "include"))  # a Python without its headers
+    monkeypatch.setattr(c_extension, "include", lambda: str(tmp_path / "include"))  # a Python without its headers
     with pytest.raises(KernelUnavailable, match="no Python headers .*python3-dev"):
         build_row_kernel(tmp_path)
     assert list(tmp_path.iterdir()) == []
@@ -178,14 +179,14 @@ def test_the_kernel_refuses_calls_it_cannot_read(kernel):
 
 def test_without_the_kernel_slots_use_torch_and_say_why(lively_model_dir, monkeypatch, caplog):
     base = load_lively(lively_model_dir)
-    monkeypatch.setattr(lora_kernel, "_built", [])  # as in a fresh process
+    monkeypatch.setattr(lora_kernel._kernel, "_built", [])  # as in a fresh process
     monkeypatch.setenv("CC", "no-such-cc")
     monkeypatch.setenv("RAHF_SERVE_CACHE", "/nonexistent-cache")  # nothing cached to fall back on
     with caplog.at_level("WARNING", logger="rahf_serve.lora_kernel"):
         slots = LoraSlots(copy.deepcopy(base.model), max_loras=2, max_rank=4)
     assert slots.kernel is None
     assert "LoRA row kernel unavailable" in caplog.text and "no-such-cc" in caplog.text
-    monkeypatch.setattr(lora_kernel, "_built", [])
+    monkeypatch.setattr(lora_kernel._kernel, "_built", [])
     monkeypatch.setenv("RAHF_LORA_KERNEL", "0")
     assert LoraSlots(copy.deepcopy(base.model), max_loras=2, max_rank=4).kernel is None
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rahf_serve import lora_kernel
+from rahf_serve import forward_kernel, lora_kernel
 from rahf_serve.engine import Engine
 from rahf_serve.lora_slots import SlotSite
 from rahf_serve.models import load_base
@@ -95,6 +95,7 @@ def assert_same_streams(got: list[list[StreamEvent]], want: list[list[StreamEven
 def test_the_packed_forward_serves_exactly_what_transformers_forward_serves(engines):
     packed, plain = engines
     assert (packed.forward_impl, plain.forward_impl) == ("packed-llama", "transformers")
+    assert packed._packed.kernel is not None  # the C operators: norms, rotation and cache write, decode attention
     reqs = batch_of_every_kind()
     got, want = run_together(packed, reqs), run_together(plain, reqs)
     assert_same_streams(got, want)
@@ -123,16 +124,20 @@ def test_every_site_is_handed_the_rows_the_kernel_reads_unchecked(engines, monke
     assert len(seen) > 100
     assert [s for s in seen if not all(s)] == []
 
-def test_without_the_row_kernel_the_packed_forward_serves_the_same(engines, lively_model_dir, bundles):
-    """Where the C row kernel cannot be built (or on a GPU), one-token LoRA rows go through torch's batched
-    matmuls, on column slices of the fused q/k/v and gate/up products: the same tokens as with the kernel."""
+@pytest.mark.parametrize("missing", [("row",), ("forward",), ("row", "forward")])
+def test_without_the_c_kernels_the_packed_forward_serves_the_same(engines, lively_model_dir, bundles, missing):
+    """Where a C kernel cannot be built (or on a GPU), torch does its part: one-token LoRA rows go through
+    torch's batched matmuls on column slices of the fused q/k/v and gate/up products, and the norms, rotation,
+    cache write and attention through torch's operators: the same tokens as with the kernels."""
     _, plain = engines
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lora_kernel, "_built", [None])  # as where it cannot be built
+        for name in missing:  # as where it cannot be built
+            mp.setattr({"row": lora_kernel, "forward": forward_kernel}[name]._kernel, "_built", [None])
         gen = served(lively_model_dir, bundles, True)
         engine = next(gen)
     try:
-        assert engine._slots.kernel is None and plain._slots.kernel is not None
+        assert (engine._slots.kernel is None) == ("row" in missing)
+        assert (engine._packed.kernel is None) == ("forward" in missing)
         reqs = batch_of_every_kind()
         assert_same_streams(run_together(engine, reqs), run_together(plain, reqs))
     finally:
@@ -145,7 +150,7 @@ def test_bfloat16_factors_serve_the_same_through_the_kernel_and_torch(lively_mod
     with_kernel = served(lively_model_dir, bundles, True, torch.bfloat16)
     engines = [next(with_kernel)]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lora_kernel, "_built", [None])
+        mp.setattr(lora_kernel._kernel, "_built", [None])
         without = served(lively_model_dir, bundles, True, torch.bfloat16)
         engines.append(next(without))
     try:

@@ -1,0 +1,108 @@
+"""The packed forward with and without its C per-token operators, against the weight-streaming floor.
+
+    OMP_NUM_THREADS=1 python benchmarks/forward_ops_bench.py --threads 1
+    python benchmarks/forward_ops_bench.py --rows 1 8 --context 48 2000 --runs 41
+
+One process, the real default model in float32: for each (rows, context) a decode step of `rows` one-token
+rows whose slots already hold `context` tokens, run by the engine's packed forward with the C operators
+(`forward_kernel`: norms, rotation with the cache write, one-token attention) and with torch's, and the
+weight-streaming floor (every Linear layer's GEMV of one decode step, back to back, as in serve_bench.py),
+the three in turn each round. Reports each one's median ms and the medians of the per-round ratios
+(floor / forward: the share of the floor reached; C / torch). The rows' logits of both forwards are compared
+once (their largest difference is printed). No LoRA rows: their cost is adapter_row_bench.py's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rahf_serve.forward_kernel import forward_kernel  # noqa: E402
+from rahf_serve.kvcache import SlotCache, pack_inputs  # noqa: E402
+from rahf_serve.models import load_base  # noqa: E402
+from rahf_serve.packed_llama import PackedLlama  # noqa: E402
+
+
+def prepared(model: torch.nn.Module, rows: int, context: int, max_len: int, held: torch.Tensor) -> SlotCache:
+    """A cache of `rows` rows holding `context` tokens each, the slots' contents `held`."""
+    cache = SlotCache.for_model(model, rows, max_len)
+    cache.storage.copy_(held)
+    cache.add(rows)
+    cache.begin_step([context] * rows)
+    cache.end_step()
+    return cache
+
+
+def step(forward: PackedLlama, cache: SlotCache, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """One decode step of every row (then the rows' lengths put back, so each round decodes at the same
+    length): its seconds and logits."""
+    rows = cache.rows
+    start = time.perf_counter()
+    logits, _ = forward(ids, cache.begin_step([1] * rows), cache, {}, lora=False)
+    cache.end_step()
+    took = time.perf_counter() - start
+    for r in range(rows):
+        cache._lengths[r] -= 1
+    return took, logits
+
+
+def floor(linears: list[torch.nn.Linear], inputs: list[torch.Tensor], rows: int) -> float:
+    start = time.perf_counter()
+    for m, x in zip(linears, inputs, strict=True):
+        torch.mm(x.expand(rows, -1), m.weight.t())
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 8], help="one-token rows per step")
+    ap.add_argument("--context", type=int, nargs="+", default=[48, 2000], help="tokens each row already holds")
+    ap.add_argument("--runs", type=int, default=41, help="rounds (the first five are warm-up, not counted)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if forward_kernel() is None:
+        sys.exit("the forward kernel is unavailable here (see the log line above)")
+    model = load_base("smollm2-135m-instruct", device="cpu", dtype="float32").model.eval()
+    max_len = max(args.context) + 1
+    forwards = {"C": PackedLlama(model, max_len), "torch": PackedLlama(model, max_len)}
+    forwards["torch"].kernel = None
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(1, m.in_features) for m in linears]
+    generator = torch.Generator().manual_seed(0)
+    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
+          f"thread(s); ms per decode step, medians of {args.runs - 5} rounds")
+    with torch.inference_mode():
+        for rows in args.rows:
+            for context in args.context:
+                # Both caches hold the same random keys and values (attention's cost does not depend on them).
+                held = torch.randn(SlotCache.for_model(model, rows, max_len).storage.shape, generator=generator)
+                caches = {name: prepared(model, rows, context, max_len, held) for name in forwards}
+                ids = pack_inputs([[100 + r] for r in range(rows)], "cpu")
+                times: dict[str, list[float]] = {"floor": [], "C": [], "torch": []}
+                for _ in range(args.runs):
+                    times["floor"].append(floor(linears, inputs, rows))
+                    for name, forward in forwards.items():
+                        times[name].append(step(forward, caches[name], ids)[0])
+                kept = {k: v[5:] for k, v in times.items()}
+                logits = [step(forward, caches[name], ids)[1] for name, forward in forwards.items()]
+                ms = {k: statistics.median(v) * 1e3 for k, v in kept.items()}
+                ratio = {(a, b): statistics.median(x / y for x, y in zip(kept[a], kept[b], strict=True))
+                         for a, b in (("floor", "C"), ("floor", "torch"), ("C", "torch"))}
+                print(f"rows {rows:2d} context {context:5d}: floor {ms['floor']:6.2f}  C {ms['C']:6.2f}  "
+                      f"torch {ms['torch']:6.2f}  floor/C {ratio['floor', 'C']:.3f}  "
+                      f"floor/torch {ratio['floor', 'torch']:.3f}  C/torch {ratio['C', 'torch']:.3f}  "
+                      f"max |logit diff| {(logits[0] - logits[1]).abs().max().item():.1e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+/* The packed llama forward's small per-token operators on CPU, float32: RMSNorm, rotary embedding with the
+ * KV cache write, and the attention of one-token (decoding) rows over their cache slots.
+ *
+ * Why C: on a one-row decode step of a small model each of these is a few microseconds of arithmetic that
+ * torch spends 15-50 us dispatching (a norm ~40 us inside the step, the attention ~50 us, the rotation and
+ * the cache write five operators between them): ~7 ms of a 45 ms SmolLM2-135M step beside 38 ms of weight
+ * streaming. Here each is one call (benchmarks/forward_ops_bench.py measures the step with and without).
+ *
+ * Layouts (rahf_serve/packed_llama.py and kvcache.py own them; nothing is checked here):
+ *   activations [tokens, ld] row-major float32;
+ *   a layer's cache [2 (keys, values), max_rows, kv_heads, max_len, head_dim], contiguous;
+ *   rotary tables [positions, head_dim]: cos, and sin with its first half negated, so that with the two
+ *   halves of x swapped (x') the rotation is x * cos + x' * sin, transformers' rotate_half in one formula.
+ * Each token's arithmetic depends on that token alone (and, in the attention, on its row's cache), so a
+ * row's result does not change with the batch around it.
+ *
+ * Built as a Python extension module (`forward_ops`), the arguments ints (addresses and sizes) and floats.
+ */
+#include "extension.h"
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* y[t] = w * x[t] / sqrt(mean(x[t]^2) + eps), LlamaRMSNorm in float32. */
+static void rms_norm(const float *restrict x, const float *restrict w, float *restrict y, int64_t tokens, int64_t n,
+                     float eps)
+{
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *restrict xt = x + t * n;
+        float *restrict yt = y + t * n;
+        float sum = 0;
+#pragma omp simd reduction(+:sum)
+        for (int64_t j = 0; j < n; j++)
+            sum += xt[j] * xt[j];
+        const float inv = 1.0f / sqrtf(sum / (float)n + eps);
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++)
+            yt[j] = w[j] * (xt[j] * inv);
+    }
+}
+
+/* y = x rotated (y may be x): the halves of a head computed together, so in place needs no copy. */
+static inline void rotate(const float *x, float *y, const float *restrict cos, const float *restrict sin,
+                          int64_t head_dim)
+{
+    const int64_t half = head_dim / 2;
+#pragma omp simd
+    for (int64_t j = 0; j < half; j++) {
+        const float a = x[j], b = x[j + half];
+        y[j] = a * cos[j] + b * sin[j];
+        y[j + half] = b * cos[j + half] + a * sin[j + half];
+    }
+}
+
+struct layout {
+    int64_t heads, kv_heads, head_dim, max_rows, max_len;
+};
+
+/* The offset of (row, kv head, column) in a layer's keys; its value lies `plane` further. */
+static inline int64_t slot_at(const struct layout *l, int64_t row, int64_t kv_head, int64_t column)
+{
+    return ((row * l->kv_heads + kv_head) * l->max_len + column) * l->head_dim;
+}
+
+/* For each token t of qkv [tokens, ld] (q heads, then k heads, then v heads): q rotated in place, k rotated
+ * into the cache at (rows[t], columns[t]), v copied there; positions are the columns. */
+static void rotate_and_store(float *qkv, int64_t ld, int64_t tokens, const struct layout *l, const float *cos,
+                             const float *sin, const int64_t *rows, const int64_t *columns, float *cache)
+{
+    const int64_t hd = l->head_dim, plane = l->max_rows * l->kv_heads * l->max_len * hd;
+    for (int64_t t = 0; t < tokens; t++) {
+        float *x = qkv + t * ld;
+        const int64_t p = columns[t];
+        const float *c = cos + p * hd, *s = sin + p * hd;
+        for (int64_t h = 0; h < l->heads; h++)
+            rotate(x + h * hd, x + h * hd, c, s, hd);
+        for (int64_t h = 0; h < l->kv_heads; h++) {
+            float *key = cache + slot_at(l, rows[t], h, p);
+            rotate(x + (l->heads + h) * hd, key, c, s, hd);
+            memcpy(key + plane, x + (l->heads + l->kv_heads + h) * hd, hd * sizeof(float));
+        }
+    }
+}
+
+/* One token's heads that share kv head `g` (`group` of them) over its row's first n keys: out = softmax(scale
+ * q.K) V, scores in `scores` [group, n]. The group is done together so each key and value is read once. */
+static void attend_group(const float *q, int64_t group, const float *keys, const float *values, int64_t n,
+                         int64_t hd, float scale, float *scores, float *out)
+{
+    for (int64_t i = 0; i < group; i++) {
+        const float *restrict qi = q + i * hd;
+        float *restrict si = scores + i * n;
+        for (int64_t j = 0; j < n; j++) {
+            const float *restrict k = keys + j * hd;
+            float d = 0;
+#pragma omp simd reduction(+:d)
+            for (int64_t e = 0; e < hd; e++)
+                d += qi[e] * k[e];
+            si[j] = d * scale;
+        }
+        float top = si[0];
+        for (int64_t j = 1; j < n; j++)
+            top = si[j] > top ? si[j] : top;
+        float sum = 0;
+        for (int64_t j = 0; j < n; j++) {
+            si[j] = expf(si[j] - top);
+            sum += si[j];
+        }
+        const float inv = 1.0f / sum;
+        for (int64_t j = 0; j < n; j++)
+            si[j] *= inv;
+    }
+    for (int64_t i = 0; i < group; i++) {
+        float *restrict oi = out + i * hd;
+        const float *restrict si = scores + i * n;
+#pragma omp simd
+        for (int64_t e = 0; e < hd; e++)
+            oi[e] = 0;
+        for (int64_t j = 0; j < n; j++) {
+            const float *restrict v = values + j * hd;
+            const float p = si[j];
+#pragma omp simd
+            for (int64_t e = 0; e < hd; e++)
+                oi[e] += p * v[e];
+        }
+    }
+}
+
+/* Below this many key reads (tokens x kv heads x keys) an attention call stays on one thread. */
+#define SHARED_KEYS 16384
+
+/* Tokens [first, end) of the step, one query each (q [tokens, ldq], heads side by side), each attending
+ * its row's keys 0 .. columns[t] (its own, written this step, included); out [tokens, heads * head_dim].
+ * Shared between torch's threads (`threads`, OpenMP builds) by (token, kv head) when the work is large.
+ * Returns -1 when the scores' buffer cannot be allocated. */
+static int attend_rows(const float *q, int64_t ldq, int64_t first, int64_t end, const struct layout *l,
+                       const int64_t *rows, const int64_t *columns, const float *cache, float scale, float *out,
+                       int64_t threads)
+{
+    const int64_t hd = l->head_dim, group = l->heads / l->kv_heads;
+    const int64_t plane = l->max_rows * l->kv_heads * l->max_len * hd;
+    int64_t width = 0, keys = 0;
+    for (int64_t t = first; t < end; t++) {
+        width = columns[t] + 1 > width ? columns[t] + 1 : width;
+        keys += columns[t] + 1;
+    }
+    const int64_t tasks = (end - first) * l->kv_heads;
+    int failed = 0;
+#ifdef _OPENMP
+    const int shared = threads > 1 && keys * l->kv_heads >= SHARED_KEYS;
+#pragma omp parallel num_threads(shared ? (int)threads : 1) reduction(|:failed)
+#else
+    (void)threads;
+    (void)keys;
+#endif
+    {
+        float *scores = malloc((size_t)(group * width) * sizeof(float));
+        /* Every thread meets the loop (a worksharing construct), with or without its buffer. */
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t task = 0; task < tasks; task++) {
+            if (scores == NULL) {
+                failed = 1;
+                continue;
+            }
+            const int64_t t = first + task / l->kv_heads, g = task % l->kv_heads;
+            const float *k = cache + slot_at(l, rows[t], g, 0);
+            attend_group(q + t * ldq + g * group * hd, group, k, k + plane, columns[t] + 1, hd, scale, scores,
+                         out + t * l->heads * hd + g * group * hd);
+        }
+        free(scores);
+    }
+    return failed ? -1 : 0;
+}
+
+/* The Python side passes addresses and sizes as ints, eps and scale as floats; only their types are checked. */
+static int parse(PyObject *const *args, Py_ssize_t nargs, const char *name, Py_ssize_t ints, Py_ssize_t floats,
+                 int64_t *i, double *f)
+{
+    if (nargs != ints + floats) {
+        PyErr_Format(PyExc_TypeError, "%s takes %zd ints and %zd floats (%zd arguments given)", name, ints, floats,
+                     nargs);
+        return -1;
+    }
+    for (Py_ssize_t k = 0; k < ints; k++) {
+        i[k] = PyLong_AsLongLong(args[k]);
+        if (i[k] == -1 && PyErr_Occurred())
+            return -1;
+    }
+    for (Py_ssize_t k = 0; k < floats; k++) {
+        f[k] = PyFloat_AsDouble(args[ints + k]);
+        if (f[k] == -1.0 && PyErr_Occurred())
+            return -1;
+    }
+    return 0;
+}
+
+#define PTR(type, v) ((type)(intptr_t)(v))
+
+/* rms_norm(x, w, y, tokens, n, eps) */
+static PyObject *py_rms_norm(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int64_t a[5];
+    double eps;
+    if (parse(args, nargs, "rms_norm", 5, 1, a, &eps) < 0)
+        return NULL;
+    rms_norm(PTR(const float *, a[0]), PTR(const float *, a[1]), PTR(float *, a[2]), a[3], a[4], (float)eps);
+    Py_RETURN_NONE;
+}
+
+/* rotate_and_store(qkv, ld, tokens, heads, kv_heads, head_dim, max_rows, max_len, cos, sin, rows, columns,
+ * cache) */
+static PyObject *py_rotate_and_store(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int64_t a[13];
+    if (parse(args, nargs, "rotate_and_store", 13, 0, a, NULL) < 0)
+        return NULL;
+    const struct layout l = {a[3], a[4], a[5], a[6], a[7]};
+    rotate_and_store(PTR(float *, a[0]), a[1], a[2], &l, PTR(const float *, a[8]), PTR(const float *, a[9]),
+                     PTR(const int64_t *, a[10]), PTR(const int64_t *, a[11]), PTR(float *, a[12]));
+    Py_RETURN_NONE;
+}
+
+/* attend_rows(q, ldq, first, end, heads, kv_heads, head_dim, max_rows, max_len, rows, columns, cache, out,
+ * threads, scale) */
+static PyObject *py_attend_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int64_t a[14];
+    double scale;
+    if (parse(args, nargs, "attend_rows", 14, 1, a, &scale) < 0)
+        return NULL;
+    const struct layout l = {a[4], a[5], a[6], a[7], a[8]};
+    if (attend_rows(PTR(const float *, a[0]), a[1], a[2], a[3], &l, PTR(const int64_t *, a[9]),
+                    PTR(const int64_t *, a[10]), PTR(const float *, a[11]), (float)scale, PTR(float *, a[12]),
+                    a[13]) < 0)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"rms_norm", (PyCFunction)(void (*)(void))py_rms_norm, METH_FASTCALL, "RMSNorm of each token"},
+    {"rotate_and_store", (PyCFunction)(void (*)(void))py_rotate_and_store, METH_FASTCALL,
+     "rotary embedding of q and k, k and v written to the cache"},
+    {"attend_rows", (PyCFunction)(void (*)(void))py_attend_rows, METH_FASTCALL,
+     "attention of one-token rows over their cache slots"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "forward_ops", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit_forward_ops(void)
+{
+    return with_openmp_flag(PyModule_Create(&module));
+}

@@ -1,0 +1,79 @@
+"""The packed llama forward's per-token operators in C (csrc/forward_ops.c), for float32 on CPU: RMSNorm, the
+rotary embedding with the KV cache write, and the attention of one-token rows over their cache slots.
+
+On a one-row decode step of a small model torch spends longer dispatching these than computing them (about
+7 ms of a 45 ms SmolLM2-135M step outside the products); here each is one call. Built on first use
+(`c_extension`); where it cannot be, or `RAHF_FORWARD_KERNEL=0`, `forward_kernel()` says why once in the log
+and the packed forward keeps torch's operators, which give the same results up to float rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from . import c_extension
+from .c_extension import BuiltOnce
+
+log = logging.getLogger(__name__)
+
+SOURCE = c_extension.CSRC / "forward_ops.c"
+
+
+class ForwardKernel:
+    """Typed calls into the extension. Nothing is checked below them: `PackedLlama` and `SlotCache` own the
+    layouts (activations row-major float32, q/k/v side by side in one row, the cache's contiguous slots)."""
+
+    def __init__(self, path: Path, module: ModuleType) -> None:
+        self.path = path
+        self._rms_norm = module.rms_norm
+        self._rotate_and_store = module.rotate_and_store
+        self._attend_rows = module.attend_rows
+        self.openmp = bool(module.openmp)
+        """whether long attention calls are shared between torch's OpenMP threads (built with -fopenmp)"""
+
+    def rms_norm(self, h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """LlamaRMSNorm of each row of h [tokens, hidden] (contiguous)."""
+        out = torch.empty_like(h)
+        self._rms_norm(h.data_ptr(), weight.data_ptr(), out.data_ptr(), h.shape[0], h.shape[1], eps)
+        return out
+
+    def rotate_and_store(self, qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin_signed: torch.Tensor,
+                         rows: torch.Tensor, columns: torch.Tensor, layer: torch.Tensor) -> None:
+        """For each token (row of qkv [tokens, (heads + 2 kv_heads) * head_dim], contiguous): rotate its query
+        heads in place, and write its key heads rotated and its value heads to `layer` [2, max_rows, kv_heads,
+        max_len, head_dim] at (rows[t], columns[t]); its position is its column. `cos`, `sin_signed`: the
+        rotary tables [positions, head_dim], sin's first half negated."""
+        _, max_rows, kv_heads, max_len, head_dim = layer.shape
+        self._rotate_and_store(qkv.data_ptr(), qkv.shape[1], qkv.shape[0], heads, kv_heads, head_dim, max_rows,
+                               max_len, cos.data_ptr(), sin_signed.data_ptr(), rows.data_ptr(), columns.data_ptr(),
+                               layer.data_ptr())
+
+    def attend_rows(self, query: torch.Tensor, tokens: slice, rows: torch.Tensor, columns: torch.Tensor,
+                    layer: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+        """Attention of the one-token rows at `tokens` of the step, query [total, heads, head_dim] (each
+        token's heads contiguous, tokens any stride), over their row's keys 0 .. columns[t] in `layer`, into
+        out [total, heads, head_dim] (contiguous); shared between torch's threads when long enough."""
+        _, max_rows, kv_heads, max_len, head_dim = layer.shape
+        self._attend_rows(query.data_ptr(), query.stride(0), tokens.start, tokens.stop, query.shape[1], kv_heads,
+                          head_dim, max_rows, max_len, rows.data_ptr(), columns.data_ptr(), layer.data_ptr(),
+                          out.data_ptr(), torch.get_num_threads(), scale)
+
+
+def build_forward_kernel(cache: Path | None = None, compiler: str | None = None) -> ForwardKernel:
+    """Compile (unless cached) and load the extension; KernelUnavailable if not."""
+    return ForwardKernel(*c_extension.build_for_torch_threads(SOURCE, "forward_ops",
+                                                             cache or c_extension.kernel_directory(),
+                                                             compiler or c_extension.compiler()))
+
+
+_kernel = BuiltOnce("forward kernel", "RAHF_FORWARD_KERNEL", "the packed forward keeps torch's operators",
+                    build_forward_kernel, log)
+
+
+def forward_kernel() -> ForwardKernel | None:
+    """The extension, built at most once per process; None (with the reason logged once) where it cannot be."""
+    return _kernel.get()

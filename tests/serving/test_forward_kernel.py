@@ -1,0 +1,133 @@
+"""The packed forward's C operators (csrc/forward_ops.c) against torch's: RMSNorm, the rotation with the KV
+cache write, one-token rows' attention; and what happens where they cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rahf_serve import forward_kernel
+from rahf_serve.c_extension import torch_on_libgomp
+from rahf_serve.forward_kernel import ForwardKernel, build_forward_kernel
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory) -> ForwardKernel:
+    return build_forward_kernel(tmp_path_factory.mktemp("kernels"))
+
+
+def randn(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("tokens,hidden", [(1, 576), (5, 64), (3, 37)])
+def test_rms_norm_is_llama_s(kernel, tokens, hidden):
+    h, w = randn(tokens, hidden, seed=1) * 3, randn(hidden, seed=2)
+    want = w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5))
+    got = kernel.rms_norm(h, w, 1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' rotary embedding: x * cos + rotate_half(x) * sin, x [tokens, heads, head_dim]."""
+    half = x.shape[-1] // 2
+    return x * cos[:, None] + torch.cat([-x[..., half:], x[..., :half]], -1) * sin[:, None]
+
+
+def tables(positions: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    angles = torch.outer(torch.arange(positions).float(), 1.0 / 10000 ** (torch.arange(0, head_dim, 2) / head_dim))
+    angles = torch.cat([angles, angles], -1)
+    sin = angles.sin()
+    half = head_dim // 2
+    return angles.cos(), sin, torch.cat([-sin[:, :half], sin[:, half:]], -1)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 16), (2, 1, 8)])
+def test_rotation_rotates_q_in_place_and_writes_k_and_v_to_their_slots_only(kernel, heads, kv_heads, head_dim):
+    max_rows, max_len, tokens = 3, 20, 6
+    rows, columns = torch.tensor([0, 0, 0, 2, 1, 2]), torch.tensor([4, 5, 6, 0, 19, 1])
+    qkv = randn(tokens, (heads + 2 * kv_heads) * head_dim, seed=3)
+    layer = randn(2, max_rows, kv_heads, max_len, head_dim, seed=4)
+    before, original = layer.clone(), qkv.clone()
+    cos, sin, sin_signed = tables(max_len, head_dim)
+    kernel.rotate_and_store(qkv, heads, cos, sin_signed, rows, columns, layer)
+
+    q, k, v = original.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], 1)
+    shape = (tokens, -1, head_dim)
+    torch.testing.assert_close(qkv[:, :heads * head_dim].view(shape), rotated(q.view(shape), cos[columns], sin[columns]))
+    assert torch.equal(qkv[:, heads * head_dim:], original[:, heads * head_dim:])  # k and v left as they were
+    want = before.clone()
+    want[0, rows, :, columns] = rotated(k.view(shape), cos[columns], sin[columns])
+    want[1, rows, :, columns] = v.view(shape)
+    torch.testing.assert_close(layer, want)
+    written = torch.zeros(max_rows, max_len, dtype=torch.bool)
+    written[rows, columns] = True
+    assert torch.equal(layer[:, ~written[:, None].expand(-1, kv_heads, -1)],
+                       before[:, ~written[:, None].expand(-1, kv_heads, -1)])  # nothing else touched
+
+
+def attention(q: torch.Tensor, layer: torch.Tensor, row: int, n: int, scale: float) -> torch.Tensor:
+    """One token's heads [heads, head_dim] over its row's first n keys, by torch's SDPA."""
+    keys, values = layer[0, row, :, :n], layer[1, row, :, :n]
+    return F.scaled_dot_product_attention(q[None, :, None], keys[None], values[None], scale=scale,
+                                          enable_gqa=True)[0, :, 0]
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (4, 1)])
+def test_one_token_rows_attend_their_own_row_s_keys_up_to_their_own(kernel, heads, kv_heads):
+    head_dim, max_rows, max_len = 32, 4, 50
+    rows, columns = torch.tensor([3, 0, 1, 2, 0]), torch.tensor([9, 0, 49, 17, 30])
+    total, tokens = 5, slice(1, 4)  # the group: tokens 1..3; 0 and 4 belong to others
+    qkv = randn(total, (heads + 2 * kv_heads) * head_dim, seed=5)
+    query = qkv[:, :heads * head_dim].view(total, heads, head_dim)  # strided: each token's heads side by side
+    layer = randn(2, max_rows, kv_heads, max_len, head_dim, seed=6)
+    out = torch.full((total, heads, head_dim), 7.0)
+    kernel.attend_rows(query, tokens, rows, columns, layer, 0.125, out)
+    for t in range(total):
+        if tokens.start <= t < tokens.stop:
+            want = attention(query[t], layer, int(rows[t]), int(columns[t]) + 1, 0.125)
+            torch.testing.assert_close(out[t], want, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(out[t], torch.full((heads, head_dim), 7.0))
+
+
+def test_long_rows_shared_between_threads_equal_one_thread_bit_for_bit(kernel):
+    heads, kv_heads, head_dim, rows_n, max_len = 9, 3, 64, 6, 2000
+    rows, columns = torch.arange(rows_n), torch.tensor([1999, 5, 1700, 1000, 64, 1999])  # past the sharing line
+    query = randn(rows_n, heads, head_dim, seed=7)
+    layer = randn(2, rows_n, kv_heads, max_len, head_dim, seed=8)
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out = torch.empty(rows_n, heads, head_dim)
+            kernel.attend_rows(query, slice(0, rows_n), rows, columns, layer, 0.125, out)
+            outs.append(out)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    torch.testing.assert_close(outs[0][2], attention(query[2], layer, 2, 1701, 0.125), rtol=1e-5, atol=1e-6)
+    assert kernel.openmp == torch_on_libgomp()  # so this cannot pass by running on one thread here
+
+
+def test_the_kernel_refuses_calls_it_cannot_read(kernel):
+    with pytest.raises(TypeError, match="rms_norm takes 5 ints and 1 floats \\(2 arguments given\\)"):
+        kernel._rms_norm(1, 2)
+    with pytest.raises(TypeError):
+        kernel._rms_norm(1, 2, 3, 4, 5, "eps")
+
+
+def test_without_the_kernel_the_packed_forward_keeps_torch_s_operators_and_says_why(monkeypatch, caplog):
+    monkeypatch.setattr(forward_kernel._kernel, "_built", [])  # as in a fresh process
+    monkeypatch.setenv("CC", "no-such-cc")
+    monkeypatch.setenv("RAHF_SERVE_CACHE", "/nonexistent-cache")  # nothing cached to fall back on
+    with caplog.at_level("WARNING", logger="rahf_serve.forward_kernel"):
+        assert forward_kernel.forward_kernel() is None
+        assert forward_kernel.forward_kernel() is None
+    assert caplog.text.count("forward kernel unavailable") == 1 and "no-such-cc" in caplog.text
+    monkeypatch.setattr(forward_kernel._kernel, "_built", [])
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv("RAHF_FORWARD_KERNEL", "0")
+    assert forward_kernel.forward_kernel() is None

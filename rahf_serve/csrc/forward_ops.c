@@ -130,8 +130,10 @@ static void attend_group(const float *q, int64_t group, const float *keys, const
     }
 }
 
-/* Below this many key reads (tokens x kv heads x keys) an attention call stays on one thread. */
-#define SHARED_KEYS 16384
+/* Below this many key reads (tokens x kv heads x keys) an attention call stays on one thread: one row at
+ * 2,000 tokens of context (6,000) shared over two threads took a one-row step from 62 to 54 ms
+ * (benchmarks/forward_ops_bench.py --threads 2). */
+#define SHARED_KEYS 4096
 
 /* Tokens [first, end) of the step, one query each (q [tokens, ldq], heads side by side), each attending
  * its row's keys 0 .. columns[t] (its own, written this step, included); out [tokens, heads * head_dim].

@@ -21,9 +21,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 /* y[t] = w * x[t] / sqrt(mean(x[t]^2) + eps), LlamaRMSNorm in float32. */
 static void rms_norm(const float *restrict x, const float *restrict w, float *restrict y, int64_t tokens, int64_t n,

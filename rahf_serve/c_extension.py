@@ -113,9 +113,13 @@ def build(source: Path, name: str, directory: Path, cc: str, extra: Sequence[str
     return path, module
 
 
-def build_for_torch_threads(source: Path, name: str, directory: Path, cc: str) -> tuple[Path, ModuleType]:
-    """`build`, with -fopenmp where torch's threads are GNU OpenMP's (the extension then shares work between
-    them), else, or if that build fails (logged), without: the extension's work stays on the calling thread."""
+def build_for_torch_threads(source: Path, name: str, directory: Path | None = None,
+                            cc: str | None = None) -> tuple[Path, ModuleType]:
+    """`build` (into `kernel_directory()` with `compiler()` unless given), with -fopenmp where torch's threads
+    are GNU OpenMP's (the extension then shares work between them), else, or if that build fails (logged),
+    without: the extension's work stays on the calling thread."""
+    directory = directory or kernel_directory()
+    cc = cc or compiler()
     if torch_on_libgomp():
         try:
             return build(source, name, directory, cc, ["-fopenmp"])

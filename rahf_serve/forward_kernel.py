@@ -65,9 +65,7 @@ class ForwardKernel:
 
 def build_forward_kernel(cache: Path | None = None, compiler: str | None = None) -> ForwardKernel:
     """Compile (unless cached) and load the extension; KernelUnavailable if not."""
-    return ForwardKernel(*c_extension.build_for_torch_threads(SOURCE, "forward_ops",
-                                                             cache or c_extension.kernel_directory(),
-                                                             compiler or c_extension.compiler()))
+    return ForwardKernel(*c_extension.build_for_torch_threads(SOURCE, "forward_ops", cache, compiler))
 
 
 _kernel = BuiltOnce("forward kernel", "RAHF_FORWARD_KERNEL", "the packed forward keeps torch's operators",

@@ -427,10 +427,23 @@ class SlotCache(Cache):
                 kernel.attend_rows(query, g.tokens, step.rows, step.columns, self.planes[layer], scale, out)
                 continue
             q = query[g.tokens]  # [queries, heads, head_dim]
-            q = q[:, :, None] if g.decode else q.transpose(0, 1)[None]
+            if g.decode:
+                o = F.scaled_dot_product_attention(q[:, :, None], keys[g.rows, :, :g.width],
+                                                   values[g.rows, :, :g.width], attn_mask=g.mask, scale=scaling,
+                                                   enable_gqa=True)
+                out[g.tokens] = o[:, :, 0]
+                continue
+            # A prompt chunk's query heads that share a key head stacked as one head of group x queries, so
+            # the attention reads each key head as it lies: with enable_gqa torch copied the keys and values
+            # out to every query head first (four queries at 3,500 keys: 1.08 ms a layer, 0.73 ms so).
+            n, heads, head_dim = q.shape
+            kv_heads = keys.shape[1]
+            group = heads // kv_heads
+            q = q.transpose(0, 1).reshape(1, kv_heads, group * n, head_dim)
+            mask = g.mask.repeat(1, 1, group, 1) if g.mask is not None and group > 1 else g.mask
             o = F.scaled_dot_product_attention(q, keys[g.rows, :, :g.width], values[g.rows, :, :g.width],
-                                               attn_mask=g.mask, scale=scaling, enable_gqa=True)
-            out[g.tokens] = o[:, :, 0] if g.decode else o[0].transpose(0, 1)
+                                               attn_mask=mask, scale=scaling)
+            out[g.tokens] = o.view(heads, n, head_dim).transpose(0, 1)
         return out
 
     @contextmanager

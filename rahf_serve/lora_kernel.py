@@ -107,8 +107,7 @@ class RowKernel:
 def build_row_kernel(cache: Path | None = None, compiler: str | None = None, source: Path = SOURCE) -> RowKernel:
     """Compile (unless cached) and load the kernel; KernelUnavailable if not. `source`: another C file defining
     the module `lora_rows` (benchmarks put a no-op in the kernel's place)."""
-    return RowKernel(*c_extension.build_for_torch_threads(source, "lora_rows", cache or c_extension.kernel_directory(),
-                                                         compiler or c_extension.compiler()))
+    return RowKernel(*c_extension.build_for_torch_threads(source, "lora_rows", cache, compiler))
 
 
 _kernel = BuiltOnce("LoRA row kernel", "RAHF_LORA_KERNEL", "one-token rows use torch's batched matmul",

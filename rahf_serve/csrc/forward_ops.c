@@ -83,22 +83,60 @@ static void rotate_and_store(float *qkv, int64_t ld, int64_t tokens, const struc
     }
 }
 
+/* scores[i][j] = scale q_i . k_j for the `group` query heads q_i sharing these keys, j < n. Keys in blocks of
+ * eight, each block read once for every head (it stays in L1 between them) and its eight dot products summed
+ * in independent lanes: one key at a time, each head over every key, each sum waiting on its previous
+ * multiply-add, the 30 layers' attention of one row at 2,000 tokens took 1.25x as long (14.6 ms against 11.7;
+ * eight rows 114 against 91). */
+static void scores_of(const float *q, int64_t group, const float *keys, int64_t n, int64_t hd, float scale,
+                      float *scores)
+{
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const float *restrict k0 = keys + j * hd, *restrict k1 = k0 + hd, *restrict k2 = k1 + hd,
+                    *restrict k3 = k2 + hd, *restrict k4 = k3 + hd, *restrict k5 = k4 + hd, *restrict k6 = k5 + hd,
+                    *restrict k7 = k6 + hd;
+        for (int64_t i = 0; i < group; i++) {
+            const float *restrict qi = q + i * hd;
+            float d0 = 0, d1 = 0, d2 = 0, d3 = 0, d4 = 0, d5 = 0, d6 = 0, d7 = 0;
+#pragma omp simd reduction(+:d0, d1, d2, d3, d4, d5, d6, d7)
+            for (int64_t e = 0; e < hd; e++) {
+                const float v = qi[e];
+                d0 += v * k0[e];
+                d1 += v * k1[e];
+                d2 += v * k2[e];
+                d3 += v * k3[e];
+                d4 += v * k4[e];
+                d5 += v * k5[e];
+                d6 += v * k6[e];
+                d7 += v * k7[e];
+            }
+            float *si = scores + i * n + j;
+            si[0] = d0 * scale, si[1] = d1 * scale, si[2] = d2 * scale, si[3] = d3 * scale;
+            si[4] = d4 * scale, si[5] = d5 * scale, si[6] = d6 * scale, si[7] = d7 * scale;
+        }
+    }
+    for (; j < n; j++) {
+        const float *restrict k = keys + j * hd;
+        for (int64_t i = 0; i < group; i++) {
+            const float *restrict qi = q + i * hd;
+            float d = 0;
+#pragma omp simd reduction(+:d)
+            for (int64_t e = 0; e < hd; e++)
+                d += qi[e] * k[e];
+            scores[i * n + j] = d * scale;
+        }
+    }
+}
+
 /* One token's heads that share kv head `g` (`group` of them) over its row's first n keys: out = softmax(scale
  * q.K) V, scores in `scores` [group, n]. The group is done together so each key and value is read once. */
 static void attend_group(const float *q, int64_t group, const float *keys, const float *values, int64_t n,
                          int64_t hd, float scale, float *scores, float *out)
 {
+    scores_of(q, group, keys, n, hd, scale, scores);
     for (int64_t i = 0; i < group; i++) {
-        const float *restrict qi = q + i * hd;
         float *restrict si = scores + i * n;
-        for (int64_t j = 0; j < n; j++) {
-            const float *restrict k = keys + j * hd;
-            float d = 0;
-#pragma omp simd reduction(+:d)
-            for (int64_t e = 0; e < hd; e++)
-                d += qi[e] * k[e];
-            si[j] = d * scale;
-        }
         float top = si[0];
         for (int64_t j = 1; j < n; j++)
             top = si[j] > top ? si[j] : top;
@@ -111,15 +149,13 @@ static void attend_group(const float *q, int64_t group, const float *keys, const
         for (int64_t j = 0; j < n; j++)
             si[j] *= inv;
     }
-    for (int64_t i = 0; i < group; i++) {
-        float *restrict oi = out + i * hd;
-        const float *restrict si = scores + i * n;
-#pragma omp simd
-        for (int64_t e = 0; e < hd; e++)
-            oi[e] = 0;
-        for (int64_t j = 0; j < n; j++) {
-            const float *restrict v = values + j * hd;
-            const float p = si[j];
+    for (int64_t i = 0; i < group * hd; i++)
+        out[i] = 0;
+    for (int64_t j = 0; j < n; j++) {
+        const float *restrict v = values + j * hd;
+        for (int64_t i = 0; i < group; i++) {
+            float *restrict oi = out + i * hd;
+            const float p = scores[i * n + j];
 #pragma omp simd
             for (int64_t e = 0; e < hd; e++)
                 oi[e] += p * v[e];

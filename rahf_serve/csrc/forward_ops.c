@@ -270,9 +270,14 @@ static PyObject *py_attend_rows(PyObject *self, PyObject *const *args, Py_ssize_
     if (parse(args, nargs, "attend_rows", 14, 1, a, &scale) < 0)
         return NULL;
     const struct layout l = {a[4], a[5], a[6], a[7], a[8]};
-    if (attend_rows(PTR(const float *, a[0]), a[1], a[2], a[3], &l, PTR(const int64_t *, a[9]),
-                    PTR(const int64_t *, a[10]), PTR(const float *, a[11]), (float)scale, PTR(float *, a[12]),
-                    a[13]) < 0)
+    int done;
+    /* Milliseconds at long contexts, touching no Python object: the server's other threads run meanwhile. */
+    Py_BEGIN_ALLOW_THREADS
+    done = attend_rows(PTR(const float *, a[0]), a[1], a[2], a[3], &l, PTR(const int64_t *, a[9]),
+                       PTR(const int64_t *, a[10]), PTR(const float *, a[11]), (float)scale, PTR(float *, a[12]),
+                       a[13]);
+    Py_END_ALLOW_THREADS
+    if (done < 0)
         return PyErr_NoMemory();
     Py_RETURN_NONE;
 }

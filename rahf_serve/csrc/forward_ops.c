@@ -213,28 +213,6 @@ static int attend_rows(const float *q, int64_t ldq, int64_t first, int64_t end, 
     return failed ? -1 : 0;
 }
 
-/* The Python side passes addresses and sizes as ints, eps and scale as floats; only their types are checked. */
-static int parse(PyObject *const *args, Py_ssize_t nargs, const char *name, Py_ssize_t ints, Py_ssize_t floats,
-                 int64_t *i, double *f)
-{
-    if (nargs != ints + floats) {
-        PyErr_Format(PyExc_TypeError, "%s takes %zd ints and %zd floats (%zd arguments given)", name, ints, floats,
-                     nargs);
-        return -1;
-    }
-    for (Py_ssize_t k = 0; k < ints; k++) {
-        i[k] = PyLong_AsLongLong(args[k]);
-        if (i[k] == -1 && PyErr_Occurred())
-            return -1;
-    }
-    for (Py_ssize_t k = 0; k < floats; k++) {
-        f[k] = PyFloat_AsDouble(args[ints + k]);
-        if (f[k] == -1.0 && PyErr_Occurred())
-            return -1;
-    }
-    return 0;
-}
-
 #define PTR(type, v) ((type)(intptr_t)(v))
 
 /* rms_norm(x, w, y, tokens, n, eps) */
@@ -242,7 +220,7 @@ static PyObject *py_rms_norm(PyObject *self, PyObject *const *args, Py_ssize_t n
 {
     int64_t a[5];
     double eps;
-    if (parse(args, nargs, "rms_norm", 5, 1, a, &eps) < 0)
+    if (parse_args(args, nargs, "rms_norm", 5, 1, a, &eps) < 0)
         return NULL;
     rms_norm(PTR(const float *, a[0]), PTR(const float *, a[1]), PTR(float *, a[2]), a[3], a[4], (float)eps);
     Py_RETURN_NONE;
@@ -253,7 +231,7 @@ static PyObject *py_rms_norm(PyObject *self, PyObject *const *args, Py_ssize_t n
 static PyObject *py_rotate_and_store(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     int64_t a[13];
-    if (parse(args, nargs, "rotate_and_store", 13, 0, a, NULL) < 0)
+    if (parse_args(args, nargs, "rotate_and_store", 13, 0, a, NULL) < 0)
         return NULL;
     const struct layout l = {a[3], a[4], a[5], a[6], a[7]};
     rotate_and_store(PTR(float *, a[0]), a[1], a[2], &l, PTR(const float *, a[8]), PTR(const float *, a[9]),
@@ -267,7 +245,7 @@ static PyObject *py_attend_rows(PyObject *self, PyObject *const *args, Py_ssize_
 {
     int64_t a[14];
     double scale;
-    if (parse(args, nargs, "attend_rows", 14, 1, a, &scale) < 0)
+    if (parse_args(args, nargs, "attend_rows", 14, 1, a, &scale) < 0)
         return NULL;
     const struct layout l = {a[4], a[5], a[6], a[7], a[8]};
     int done;

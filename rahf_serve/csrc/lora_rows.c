@@ -302,27 +302,11 @@ static int lora_site(const struct rahf_site *s, int64_t total, const float *x, f
     return 1;
 }
 
-/* The Python side passes addresses as ints (lora_kernel.py owns every struct and shape; nothing is checked
- * here but the argument count and that each is an int). */
-static int int_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *name, int64_t *out)
-{
-    if (nargs != want) {
-        PyErr_Format(PyExc_TypeError, "%s takes %zd ints (%zd given)", name, want, nargs);
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < want; i++) {
-        out[i] = PyLong_AsLongLong(args[i]);
-        if (out[i] == -1 && PyErr_Occurred())
-            return -1;
-    }
-    return 0;
-}
-
 /* rows(&rahf_rows, &rahf_factors, x, ldx, y, ldy): one module's rows. */
 static PyObject *py_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     int64_t a[6];
-    if (int_args(args, nargs, 6, "rows", a) < 0)
+    if (parse_args(args, nargs, "rows", 6, 0, a, NULL) < 0)
         return NULL;
     const struct rahf_rows *rows = (const struct rahf_rows *)(intptr_t)a[0];
     lora_rows(rows, 0, rows->n, (const struct rahf_factors *)(intptr_t)a[1], (const float *)(intptr_t)a[2], a[3],
@@ -334,7 +318,7 @@ static PyObject *py_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 static PyObject *py_site(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     int64_t a[4];
-    if (int_args(args, nargs, 4, "site", a) < 0)
+    if (parse_args(args, nargs, "site", 4, 0, a, NULL) < 0)
         return NULL;
     return PyBool_FromLong(lora_site((const struct rahf_site *)(intptr_t)a[0], a[1], (const float *)(intptr_t)a[2],
                                      (float *)(intptr_t)a[3]));

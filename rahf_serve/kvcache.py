@@ -203,6 +203,15 @@ AttentionInterface.register(ATTENTION, _slot_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
 
 
+def _decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, g: _Group,
+                      scaling: float | None) -> torch.Tensor:
+    """torch's attention of a run of one-token rows, query [rows, heads, head_dim], over their slots (`keys`,
+    `values` [max_rows, kv_heads, max_len, head_dim]): [rows, heads, head_dim]."""
+    o = F.scaled_dot_product_attention(query[:, :, None], keys[g.rows, :, :g.width], values[g.rows, :, :g.width],
+                                       attn_mask=g.mask, scale=scaling, enable_gqa=True)
+    return o.view(query.shape)
+
+
 class _SlotLayer(CacheLayerMixin):
     """One layer's views into the shared storage; writes go through the cache's current step."""
 
@@ -415,11 +424,7 @@ class SlotCache(Cache):
         step = self.step
         groups = step.groups
         if kernel is None and len(groups) == 1 and groups[0].decode:  # decoding rows only: no copy out
-            g = groups[0]
-            o = F.scaled_dot_product_attention(query[:, :, None], keys[g.rows, :, :g.width],
-                                               values[g.rows, :, :g.width], attn_mask=g.mask, scale=scaling,
-                                               enable_gqa=True)
-            return o.view(query.shape)
+            return _decode_attention(query, keys, values, groups[0], scaling)
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         for g in groups:
             if kernel is not None and g.decode:
@@ -428,10 +433,7 @@ class SlotCache(Cache):
                 continue
             q = query[g.tokens]  # [queries, heads, head_dim]
             if g.decode:
-                o = F.scaled_dot_product_attention(q[:, :, None], keys[g.rows, :, :g.width],
-                                                   values[g.rows, :, :g.width], attn_mask=g.mask, scale=scaling,
-                                                   enable_gqa=True)
-                out[g.tokens] = o[:, :, 0]
+                out[g.tokens] = _decode_attention(q, keys, values, g, scaling)
                 continue
             # A prompt chunk's query heads that share a key head stacked as one head of group x queries, so
             # the attention reads each key head as it lies: with enable_gqa torch copied the keys and values

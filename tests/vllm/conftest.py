@@ -82,11 +82,11 @@ def launched(adapter_dir: Path, log: Path, *flags: str) -> Iterator[Served]:
             wait_until_up(url, proc, STARTUP_S)
             break
         except RuntimeError as err:
+            _stop(proc)  # a server that timed out is still running
             # vLLM opens ports of its own while it starts, after free_port() closed ours: one of them can
             # take it (seen once in a full run). Another port then; any other failure is the test's.
             if attempt < 2 and "address already in use" in log.read_text():
                 continue
-            _stop(proc)
             pytest.fail(f"{err}; its log ends:\n{log.read_text()[-4000:]}", pytrace=False)
     try:
         yield Served(url, log, adapter_dir)

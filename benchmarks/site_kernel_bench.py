@@ -2,13 +2,15 @@
 float32 factors against bfloat16.
 
     python benchmarks/site_kernel_bench.py                   # 8 rows on 8 slots, SmolLM2-135M's sites
+    python benchmarks/site_kernel_bench.py --adapters 1      # every row on one slot: its factors in cache
     python benchmarks/site_kernel_bench.py --rows 1 8 16 --threads 1 2
     git show HEAD~1:rahf_serve/csrc/lora_rows.c > /tmp/old.c
     python benchmarks/site_kernel_bench.py --against /tmp/old.c     # this kernel against another source
 
 SmolLM2-135M's 120 sites (per layer q/k/v, o, gate/up, down), every module with r16 factors on 8 slots
 (156 MB in float32 for eight rows: more than the last-level cache, so each pass reads them from memory, as a decode step
-does), rows on slots 0..7 in turn. One time is one pass over all sites; every combination of thread count and
+does), rows on slots 0..7 in turn (`--adapters N`: on slots 0..N-1, so with 1 every row after the first
+reads its factors from cache: the kernel's arithmetic rather than its reads). One time is one pass over all sites; every combination of thread count and
 factor type is timed in every round, in turn, and a figure is the median over rounds. `--against FILE`: the
 kernel built from another source is timed in the same rounds, on factors of its own, and each ratio (this
 kernel over that one) is the median over rounds of the round's ratio. Before each pass a small
@@ -40,9 +42,9 @@ class Sites:
     """Every site of the model for `rows` one-token rows, factors in `dtype`; `run(threads)` times one pass
     with the rows of each site shared between `threads` threads (as a plan made under torch's count says)."""
 
-    def __init__(self, kernel: lora_kernel.RowKernel, rows: int, dtype: torch.dtype) -> None:
+    def __init__(self, kernel: lora_kernel.RowKernel, rows: int, dtype: torch.dtype, adapters: int = SLOTS) -> None:
         self.kernel, self.rows = kernel, rows
-        slots = torch.arange(rows, dtype=torch.int64) % SLOTS
+        slots = torch.arange(rows, dtype=torch.int64) % adapters
         self._rows = lora_kernel.rows_for(None, slots, RANK)
         self._plan = lora_kernel.Plan(lora_kernel.Plan.ROWS, rows, ctypes.addressof(self._rows))
         self._cell = ctypes.c_void_p(ctypes.addressof(self._plan))
@@ -80,13 +82,16 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[8])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, torch.get_num_threads()])
     ap.add_argument("--rounds", type=int, default=41)
+    ap.add_argument("--adapters", type=int, default=SLOTS, choices=range(1, SLOTS + 1),
+                    help="distinct slots the rows use, in turn (1: one adapter on every row)")
     ap.add_argument("--against", type=Path, help="another kernel source (csrc/lora_rows.c of another commit)")
     args = ap.parse_args()
     kernel = lora_kernel.build_row_kernel()
     other = lora_kernel.build_row_kernel(source=args.against) if args.against else None
     threads = sorted(set(args.threads))
     print(f"# {platform.machine()}, torch {torch.__version__}; kernel {'with' if kernel.openmp else 'without'} "
-          f"OpenMP; SmolLM2-135M's {LAYERS * len(SITES)} sites, r{RANK} factors on {SLOTS} slots; median of "
+          f"OpenMP; SmolLM2-135M's {LAYERS * len(SITES)} sites, r{RANK} factors on {SLOTS} slots, rows on "
+          f"{min(args.adapters, max(args.rows))} of them; median of "
           f"{args.rounds} rounds, ms per pass over every site")
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     print(f"{'rows':>4} " + " ".join(f"{f'{d} {t}T':>14}" for d in dtypes for t in threads)
@@ -94,8 +99,8 @@ def main() -> None:
           + (" " + " ".join(f"{f'{d} {t}T vs other':>18}" for d in dtypes for t in threads) if other else ""))
     wake = torch.randn(64, 64)
     for rows in args.rows:
-        sites = {d: Sites(kernel, rows, dtype) for d, dtype in dtypes.items()}
-        others = {d: Sites(other, rows, dtype) for d, dtype in dtypes.items()} if other else {}
+        sites = {d: Sites(kernel, rows, dtype, args.adapters) for d, dtype in dtypes.items()}
+        others = {d: Sites(other, rows, dtype, args.adapters) for d, dtype in dtypes.items()} if other else {}
         times: dict[tuple[str, int], list[float]] = {(d, t): [] for d in dtypes for t in threads}
         against: dict[tuple[str, int], list[float]] = {(d, t): [] for d in others for t in threads}
         for _ in range(args.rounds + 2):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import platform
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
+import torch
 import uvicorn
 
 from rahf_serve.api import create_app
@@ -17,6 +20,25 @@ from rahf_serve.models import BaseModel, load_base
 from rahf_serve.registry import AdapterRegistry
 from tests.conftest import build_tiny_model_dir
 from tests.helpers import random_lora_bundle
+
+_Built = TypeVar("_Built")
+
+
+def isas_here() -> list[str]:
+    """What torch can find on CPUs this machine can stand in for, to build the C kernels as there: on x86 with
+    AVX2 (or AVX-512, built for as AVX2), plain x86-64 too, where the kernels' sums are not fused
+    multiply-adds; elsewhere what torch found here."""
+    here = torch.backends.cpu.get_cpu_capability()
+    if platform.machine().lower() in ("x86_64", "amd64") and here in ("AVX2", "AVX512"):
+        return ["DEFAULT", "AVX2"]
+    return [here]
+
+
+def built_for(isa: str, build: Callable[[], _Built]) -> _Built:
+    """`build()` as a machine on which torch found `isa` would build it (the flags follow torch's finding)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: isa)
+        return build()
 
 
 @pytest.fixture(scope="session")

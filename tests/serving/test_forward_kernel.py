@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from rahf_serve import forward_kernel
 from rahf_serve.c_extension import torch_on_libgomp
 from rahf_serve.forward_kernel import ForwardKernel, build_forward_kernel
+from tests.serving.conftest import built_for, isas_here
 
 
-@pytest.fixture(scope="module")
-def kernel(tmp_path_factory) -> ForwardKernel:
-    return build_forward_kernel(tmp_path_factory.mktemp("kernels"))
+@pytest.fixture(scope="module", params=isas_here())
+def kernel(request, tmp_path_factory) -> ForwardKernel:
+    return built_for(request.param, lambda: build_forward_kernel(tmp_path_factory.mktemp("kernels")))
 
 
 def randn(*shape: int, seed: int) -> torch.Tensor:

@@ -16,12 +16,12 @@ from rahf_serve.c_extension import KernelUnavailable
 from rahf_serve.errors import RahfError
 from rahf_serve.lora_kernel import build_row_kernel
 from rahf_serve.lora_slots import LoraSlots, LoraWeights, SlotSite
-from tests.serving.conftest import load_lively
+from tests.serving.conftest import built_for, isas_here, load_lively
 
 
-@pytest.fixture(scope="module")
-def kernel(tmp_path_factory) -> lora_kernel.RowKernel:
-    return build_row_kernel(tmp_path_factory.mktemp("kernels"))
+@pytest.fixture(scope="module", params=isas_here())
+def kernel(request, tmp_path_factory) -> lora_kernel.RowKernel:
+    return built_for(request.param, lambda: build_row_kernel(tmp_path_factory.mktemp("kernels")))
 
 
 def reference(x, y, rows, A, B, r):
@@ -35,13 +35,14 @@ def reference(x, y, rows, A, B, r):
 @pytest.mark.parametrize("r", [1, 3, 4, 7, 8, 12, 13, 16])
 @pytest.mark.parametrize("positions", ["first", "scattered"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rows_equal_their_products_and_leave_other_rows_alone(kernel, r, positions, dtype):
+@pytest.mark.parametrize(("d_in", "d_out"), [(37, 23), (64, 64), (70, 150)])
+def test_rows_equal_their_products_and_leave_other_rows_alone(kernel, r, positions, dtype, d_in, d_out):
     """Ranks below, at and past the kernel's eight- and four-rank blocks and their remainders, rows sharing
-    slots, ranks below the slots' capacity (16), an output that is a column slice of a wider one, inputs
-    with a row stride; factors in float32 and in bfloat16 (against the float64 products of the factors as
-    stored: widening a bfloat16 is exact)."""
+    slots, ranks below the slots' capacity (16), sizes off and on the vector width, an output that is a
+    column slice of a wider one, inputs with a row stride; factors in float32 and in bfloat16 (against the
+    float64 products of the factors as stored: widening a bfloat16 is exact)."""
     g = torch.Generator().manual_seed(r)
-    slots, capacity, d_in, d_out = 5, 16, 37, 23
+    slots, capacity = 5, 16
     A = torch.randn(slots, capacity, d_in, generator=g).to(dtype)
     B = torch.randn(slots, capacity, d_out, generator=g).to(dtype)
     x = torch.randn(9, d_in + 5, generator=g)[:, 2:2 + d_in]  # rows d_in + 5 apart
@@ -148,6 +149,15 @@ def test_the_kernel_reads_only_factors_it_knows(kernel):
         lora_kernel.factors_for(A, B)
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         lora_kernel.factors_for(A.float(), B.bfloat16())
+
+
+@pytest.mark.parametrize(("isa", "wanted"), [
+    ("DEFAULT", []), ("AVX2", ["-mavx2", "-mfma"]), ("AVX512", ["-mavx2", "-mfma"])])
+def test_kernels_are_built_for_the_instructions_torch_found(monkeypatch, isa, wanted):
+    """An x86 build uses AVX2 and FMA where torch found them (AVX-512 includes both), nothing past them."""
+    monkeypatch.setattr(c_extension.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: isa)
+    assert [f for f in c_extension.flags() if f.startswith("-m")] == wanted
 
 
 def test_the_build_is_cached_and_leaves_no_partial_files(tmp_path):

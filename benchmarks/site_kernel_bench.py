@@ -8,10 +8,11 @@ float32 factors against bfloat16.
     python benchmarks/site_kernel_bench.py --against /tmp/old.c     # this kernel against another source
 
 SmolLM2-135M's 120 sites (per layer q/k/v, o, gate/up, down), every module with r16 factors on 8 slots
-(156 MB in float32 for eight rows: more than the last-level cache, so each pass reads them from memory, as a decode step
-does), rows on slots 0..7 in turn (`--adapters N`: on slots 0..N-1, so with 1 every row after the first
-reads its factors from cache: the kernel's arithmetic rather than its reads). One time is one pass over all sites; every combination of thread count and
-factor type is timed in every round, in turn, and a figure is the median over rounds. `--against FILE`: the
+(156 MB in float32 for eight rows: more than the last-level cache, so each pass reads them from memory, as a
+decode step does), rows on slots 0..7 in turn (`--adapters N`: on slots 0..N-1, so with 1 every row after
+the first reads its factors from cache: the kernel's arithmetic rather than its reads). One time is one pass
+over all sites; every combination of thread count and factor type is timed in every round, in turn, and a
+figure is the median over rounds. `--against FILE`: the
 kernel built from another source is timed in the same rounds, on factors of its own, and each ratio (this
 kernel over that one) is the median over rounds of the round's ratio. Before each pass a small
 matmul wakes torch's threads, as the base products around each site call do in a step.

@@ -1,15 +1,17 @@
-"""The packed forward with and without its C per-token operators, against the weight-streaming floor.
+"""The packed forward with and without its C operators, against the weight-streaming floor.
 
     OMP_NUM_THREADS=1 python benchmarks/forward_ops_bench.py --threads 1
     python benchmarks/forward_ops_bench.py --rows 1 8 --context 48 2000 --runs 41
 
 One process, the real default model in float32: for each (rows, context) a decode step of `rows` one-token
 rows whose slots already hold `context` tokens, run by the engine's packed forward with the C operators
-(`forward_kernel`: norms, rotation with the cache write, one-token attention) and with torch's, and the
-weight-streaming floor (every Linear layer's GEMV of one decode step, back to back, as in serve_bench.py),
-the three in turn each round. Reports each one's median ms and the medians of the per-round ratios
-(floor / forward: the share of the floor reached; C / torch). The rows' logits of both forwards are compared
-once (their largest difference is printed). No LoRA rows: their cost is adapter_row_bench.py's.
+(`forward_kernel`: products over panels, norms, rotation with the cache write, one-token attention), with
+them but torch's products ("C, torch mm"), and with torch's operators only, and the weight-streaming floor
+(every Linear layer's GEMV of one decode step through torch, back to back, as in serve_bench.py), the four
+in turn each round. Reports each one's median ms and the medians of the per-round ratios (floor / forward:
+the share of the floor reached, over 1 where the C products read the weights faster than torch's GEMVs;
+C / the others). The rows' logits of the forwards are compared once with the first's (their largest
+difference is printed). No LoRA rows: their cost is adapter_row_bench.py's.
 """
 
 from __future__ import annotations
@@ -74,8 +76,8 @@ def main() -> None:
         sys.exit("the forward kernel is unavailable here (see the log line above)")
     model = load_base("smollm2-135m-instruct", device="cpu", dtype="float32").model.eval()
     max_len = max(args.context) + 1
-    forwards = {"C": PackedLlama(model, max_len), "torch": PackedLlama(model, max_len)}
-    forwards["torch"].kernel = None
+    forwards = {"C": PackedLlama(model, max_len), "C, torch mm": PackedLlama(model, max_len, products=False),
+                "torch": PackedLlama(model, max_len, kernel=False)}
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = [torch.randn(1, m.in_features) for m in linears]
     generator = torch.Generator().manual_seed(0)
@@ -88,7 +90,7 @@ def main() -> None:
                 held = torch.randn(SlotCache.for_model(model, rows, max_len).storage.shape, generator=generator)
                 caches = {name: prepared(model, rows, context, max_len, held) for name in forwards}
                 ids = pack_inputs([[100 + r] for r in range(rows)], "cpu")
-                times: dict[str, list[float]] = {"floor": [], "C": [], "torch": []}
+                times: dict[str, list[float]] = {"floor": [], **{name: [] for name in forwards}}
                 for _ in range(args.runs):
                     times["floor"].append(floor(linears, inputs, rows))
                     for name, forward in forwards.items():
@@ -96,12 +98,13 @@ def main() -> None:
                 kept = {k: v[5:] for k, v in times.items()}
                 logits = [step(forward, caches[name], ids)[1] for name, forward in forwards.items()]
                 ms = {k: statistics.median(v) * 1e3 for k, v in kept.items()}
+                pairs = [("floor", name) for name in forwards] + [("C", "C, torch mm"), ("C", "torch")]
                 ratio = {(a, b): statistics.median(x / y for x, y in zip(kept[a], kept[b], strict=True))
-                         for a, b in (("floor", "C"), ("floor", "torch"), ("C", "torch"))}
-                print(f"rows {rows:2d} context {context:5d}: floor {ms['floor']:6.2f}  C {ms['C']:6.2f}  "
-                      f"torch {ms['torch']:6.2f}  floor/C {ratio['floor', 'C']:.3f}  "
-                      f"floor/torch {ratio['floor', 'torch']:.3f}  C/torch {ratio['C', 'torch']:.3f}  "
-                      f"max |logit diff| {(logits[0] - logits[1]).abs().max().item():.1e}")
+                         for a, b in pairs}
+                print(f"rows {rows:2d} context {context:5d}: "
+                      + "  ".join(f"{name} {ms[name]:6.2f}" for name in ms) + "  "
+                      + "  ".join(f"{a}/{b} {ratio[a, b]:.3f}" for a, b in pairs)
+                      + f"  max |logit diff| {max((lg - logits[0]).abs().max().item() for lg in logits[1:]):.1e}")
 
 
 if __name__ == "__main__":

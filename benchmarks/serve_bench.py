@@ -6,7 +6,8 @@
 
 Reports single-stream tokens/s for transformers `generate` on the bare base (the baseline), for the
 weight-streaming floor (every Linear layer's GEMV of one decode step, back to back: what a decoder
-that did nothing but read its weights once per token would reach), for the engine on the base on
+that did nothing but read its weights once per token would reach; through torch, and through the forward
+kernel's products over panels where it builds, which read the weights faster), for the engine on the base on
 transformers' forward (the A/B of the engine's own llama forward), and for the engine on the base,
 with an adapter, a blend and steering; aggregate tokens/s at 1, 2, 4, 8 and 16 concurrent mixed
 streams (base, two adapters, a blend, a steered row); time to first token (idle, and joining 7
@@ -35,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rahf_serve.engine import Engine  # noqa: E402
+from rahf_serve.forward_kernel import forward_kernel  # noqa: E402
 from rahf_serve.models import load_base  # noqa: E402
 from rahf_serve.registry import AdapterRegistry  # noqa: E402
 from rahf_serve.request import GenerationRequest, SteeringSpec  # noqa: E402
@@ -89,6 +91,16 @@ def main() -> None:
                     torch.nn.functional.linear(x, m.weight)
         return n / (time.perf_counter() - start)
 
+    kernel = forward_kernel()
+    panels = [kernel.panels(m.weight.detach()) for m in linears] if kernel is not None else []
+
+    def c_floor_speed() -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            for m, x, p in zip(linears, inputs, panels, strict=True):
+                kernel.product(x[0], p, m.out_features)
+        return n / (time.perf_counter() - start)
+
     # The same engine on transformers' forward, for the A/B of the engine's own llama forward.
     hf_engine = Engine(load_base("smollm2-135m-instruct", device="cpu", dtype="float32"), max_batch=args.max_batch,
                        max_new_tokens=max(n, 64), packed_forward=False)
@@ -130,9 +142,11 @@ def main() -> None:
         before = rounds({"baseline": generate_speed, "floor": floor_speed,
                          "engine, base, no adapter loaded": lambda: stream_speed(plain),
                          "engine on transformers' forward, base": lambda: stream_speed(plain, hf_engine)})
-        decode = rounds({"floor": floor_speed, "engine": lambda: decode_speed(plain),
+        decode = rounds({"floor": floor_speed, **({"C floor": c_floor_speed} if panels else {}),
+                         "engine": lambda: decode_speed(plain),
                          "engine on transformers' forward": lambda: decode_speed(plain, hf_engine)})
         floor = statistics.median(before.pop("floor") + decode.pop("floor"))
+        c_floor = statistics.median(decode.pop("C floor")) if panels else None
         hf_engine.stop()
 
         workdir = Path(tempfile.mkdtemp(prefix="serve-bench-"))
@@ -163,6 +177,8 @@ def main() -> None:
         baseline = statistics.median(before.pop("baseline") + after.pop("baseline"))
         rows.append(("transformers generate, bare base (baseline)", baseline, "tok/s"))
         rows.append(("weight-streaming floor: one GEMV per Linear per token", floor, "tok/s"))
+        if c_floor is not None:
+            rows.append(("the same through the forward kernel's products over panels", c_floor, "tok/s"))
         rows += [(label, statistics.median(v), "tok/s") for label, v in {**before, **after}.items()]
         rows += [(f"{label}, base, decode steps only (after the first token)", statistics.median(v), "tok/s")
                  for label, v in decode.items()]
@@ -226,6 +242,8 @@ def main() -> None:
                          for k in ("engine", "engine on transformers' forward"))
     print(f"single stream, base, decode steps (after the first token) vs the weight-streaming floor: "
           f"{single / floor:.2f}x ({engine.forward_impl}), {single_hf / floor:.2f}x on transformers' forward")
+    if c_floor is not None:
+        print(f"... vs the floor through the forward kernel's products: {single / c_floor:.2f}x")
     for k, (_, value, _) in aggregates.items():
         if k != counts[0]:
             print(f"{k} streams vs {counts[0]} stream aggregate: {value / aggregates[counts[0]][1]:.2f}x")

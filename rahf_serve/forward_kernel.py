@@ -1,10 +1,15 @@
-"""The packed llama forward's per-token operators in C (csrc/forward_ops.c), for float32 on CPU: RMSNorm, the
-rotary embedding with the KV cache write, and the attention of one-token rows over their cache slots.
+"""The packed llama forward's operators in C (csrc/forward_ops.c), for float32 on CPU: its matrix products over
+weights stored in panels, RMSNorm, the rotary embedding with the KV cache write, and the attention of
+one-token rows over their cache slots.
 
 On a one-row decode step of a small model torch spends longer dispatching these than computing them (about
 7 ms of a 45 ms SmolLM2-135M step outside the products); here each is one call. Built on first use
 (`c_extension`); where it cannot be, or `RAHF_FORWARD_KERNEL=0`, `forward_kernel()` says why once in the log
 and the packed forward keeps torch's operators, which give the same results up to float rounding.
+
+The products need the weights in their own layout (`panels`): a second copy of every matrix the forward
+multiplies by, made once when the forward is built, which is what makes them 1.2-3.7x faster than torch's
+at the row counts a server steps with (benchmarks/panel_product_bench.py).
 """
 
 from __future__ import annotations
@@ -32,8 +37,30 @@ class ForwardKernel:
         self._rms_norm = module.rms_norm
         self._rotate_and_store = module.rotate_and_store
         self._attend_rows = module.attend_rows
+        self._product = module.product
+        self.panel = int(module.panel)
+        """output columns per panel of a weight in the products' layout"""
         self.openmp = bool(module.openmp)
         """whether long attention calls are shared between torch's OpenMP threads (built with -fopenmp)"""
+
+    def panels(self, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` [out, in] (float32) in the products' layout: [ceil(out / panel), in, panel], each panel a
+        contiguous run of `panel` output columns, those past `out` zero."""
+        out, inp = weight.shape
+        count = -(-out // self.panel)
+        padded = torch.zeros(count * self.panel, inp, dtype=weight.dtype, device=weight.device)
+        padded[:out] = weight
+        return padded.view(count, self.panel, inp).transpose(1, 2).contiguous()
+
+    def product(self, x: torch.Tensor, panels: torch.Tensor, out_features: int,
+                into: torch.Tensor | None = None) -> torch.Tensor:
+        """x [tokens, in] (rows contiguous) times the weight `panels` holds, [tokens, out_features]; with
+        `into` (contiguous, that shape), added to it in place and returned."""
+        tokens, inp = x.shape
+        y = torch.empty(tokens, out_features, dtype=x.dtype) if into is None else into
+        self._product(x.data_ptr(), x.stride(0), tokens, panels.data_ptr(), inp, out_features, y.data_ptr(),
+                      out_features, int(into is not None), torch.get_num_threads())
+        return y
 
     def rms_norm(self, h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """LlamaRMSNorm of each row of h [tokens, hidden] (contiguous)."""

@@ -1,13 +1,21 @@
-/* The packed llama forward's small per-token operators on CPU, float32: RMSNorm, rotary embedding with the
- * KV cache write, and the attention of one-token (decoding) rows over their cache slots.
+/* The packed llama forward's operators on CPU, float32: its matrix products over weights stored in panels,
+ * RMSNorm, rotary embedding with the KV cache write, and the attention of one-token (decoding) rows over
+ * their cache slots.
  *
  * Why C: on a one-row decode step of a small model each of these is a few microseconds of arithmetic that
  * torch spends 15-50 us dispatching (a norm ~40 us inside the step, the attention ~50 us, the rotation and
  * the cache write five operators between them): ~7 ms of a 45 ms SmolLM2-135M step beside 38 ms of weight
  * streaming. Here each is one call (benchmarks/forward_ops_bench.py measures the step with and without).
  *
+ * The products: torch's (MKL's) at the few rows of a decode step reached 5-8 GFLOP/s at one row and 24-36 at
+ * eight on the project's CPU, against the ~100 a core does: a small product is mostly the reorganising of
+ * the weight that a large one amortises. Here the weight is reorganised once, at load, into panels of PANEL
+ * output columns, each panel [in, PANEL] contiguous, so a product streams every weight once, in order, and
+ * each weight it reads feeds four rows' multiply-adds (benchmarks/panel_product_bench.py).
+ *
  * Layouts (rahf_serve/packed_llama.py and kvcache.py own them; nothing is checked here):
  *   activations [tokens, ld] row-major float32;
+ *   a weight [out, in] as panels [ceil(out / PANEL), in, PANEL], the columns past `out` zero;
  *   a layer's cache [2 (keys, values), max_rows, kv_heads, max_len, head_dim], contiguous;
  *   rotary tables [positions, head_dim]: cos, and sin with its first half negated, so that with the two
  *   halves of x swapped (x') the rotation is x * cos + x' * sin, transformers' rotate_half in one formula.
@@ -21,6 +29,115 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* Output columns per panel: three vectors of eight, so four rows' sums (twelve vectors), the panel's three
+ * and a broadcast fit the sixteen vector registers of AVX2. */
+#define PANEL 24
+
+typedef float vec8 __attribute__((vector_size(32)));
+
+static inline vec8 load8(const float *p)
+{
+    vec8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* v in every lane (not {0} + v: adding zero is an operation the compiler must keep, -0 + 0 being +0). */
+static inline vec8 splat(float v)
+{
+    return (vec8){v, v, v, v, v, v, v, v};
+}
+
+static inline void store8(float *p, vec8 v)
+{
+    memcpy(p, &v, sizeof v);
+}
+
+/* a * b + c, fused where the build targets FMA (the C standard mode does not contract a * b + c itself). */
+#if defined(__FMA__) && defined(__AVX__)
+#include <immintrin.h>
+#define VMULADD(a, b, c) ((vec8)_mm256_fmadd_ps((__m256)(a), (__m256)(b), (__m256)(c)))
+#else
+#define VMULADD(a, b, c) ((a) * (b) + (c))
+#endif
+
+/* Rows 0 .. rows-1 (at most four) of x [rows, ldx] times one panel [in, PANEL]: their `cols` first columns
+ * into y [rows, ldy], or added to it (`add`). Each sum runs over `in` in order, whatever the rows around. */
+static void panel_rows(const float *x, int64_t ldx, int64_t rows, const float *restrict panel, int64_t in,
+                       float *y, int64_t ldy, int64_t cols, int add)
+{
+    const float *x0 = x, *x1 = rows > 1 ? x + ldx : x, *x2 = rows > 2 ? x + 2 * ldx : x,
+                *x3 = rows > 3 ? x + 3 * ldx : x;
+    vec8 s00 = {0}, s01 = s00, s02 = s00, s10 = s00, s11 = s00, s12 = s00, s20 = s00, s21 = s00, s22 = s00,
+         s30 = s00, s31 = s00, s32 = s00;
+    for (int64_t k = 0; k < in; k++) {
+        const float *w = panel + k * PANEL;
+        const vec8 w0 = load8(w), w1 = load8(w + 8), w2 = load8(w + 16);
+        vec8 b = splat(x0[k]);
+        s00 = VMULADD(b, w0, s00), s01 = VMULADD(b, w1, s01), s02 = VMULADD(b, w2, s02);
+        b = splat(x1[k]);
+        s10 = VMULADD(b, w0, s10), s11 = VMULADD(b, w1, s11), s12 = VMULADD(b, w2, s12);
+        b = splat(x2[k]);
+        s20 = VMULADD(b, w0, s20), s21 = VMULADD(b, w1, s21), s22 = VMULADD(b, w2, s22);
+        b = splat(x3[k]);
+        s30 = VMULADD(b, w0, s30), s31 = VMULADD(b, w1, s31), s32 = VMULADD(b, w2, s32);
+    }
+    const vec8 sums[4][3] = {{s00, s01, s02}, {s10, s11, s12}, {s20, s21, s22}, {s30, s31, s32}};
+    for (int64_t m = 0; m < rows; m++) {
+        float *out = y + m * ldy;
+        if (cols == PANEL) {
+            for (int v = 0; v < 3; v++)
+                store8(out + 8 * v, add ? load8(out + 8 * v) + sums[m][v] : sums[m][v]);
+        } else {
+            float tile[PANEL];
+            for (int v = 0; v < 3; v++)
+                store8(tile + 8 * v, sums[m][v]);
+            for (int64_t j = 0; j < cols; j++)
+                out[j] = add ? out[j] + tile[j] : tile[j];
+        }
+    }
+}
+
+/* Below this many multiply-adds a product stays on one thread: waking the others costs more. */
+#define SHARED_PRODUCT (1 << 17)
+
+/* Panels lo .. hi-1 of a product (below). */
+static void panel_range(const float *x, int64_t ldx, int64_t tokens, const float *panels, int64_t in,
+                        int64_t out, float *y, int64_t ldy, int add, int64_t lo, int64_t hi)
+{
+    for (int64_t p = lo; p < hi; p++) {
+        const int64_t cols = out - p * PANEL < PANEL ? out - p * PANEL : PANEL;
+        for (int64_t m = 0; m < tokens; m += 4)
+            panel_rows(x + m * ldx, ldx, tokens - m < 4 ? tokens - m : 4, panels + p * in * PANEL, in,
+                       y + m * ldy + p * PANEL, ldy, cols, add);
+    }
+}
+
+/* y [tokens, ldy] = x [tokens, ldx] W^T (or y += it, `add`), W [out, in] as panels. A panel's rows go in
+ * blocks of four while it is in cache; panels are shared between torch's threads (`threads`) when the
+ * product is large enough. */
+static void panel_product(const float *x, int64_t ldx, int64_t tokens, const float *panels, int64_t in,
+                          int64_t out, float *y, int64_t ldy, int add, int64_t threads)
+{
+    const int64_t count = (out + PANEL - 1) / PANEL;
+#ifdef _OPENMP
+    if (threads > 1 && count > 1 && tokens * in * out >= SHARED_PRODUCT) {
+#pragma omp parallel num_threads((int)threads)
+        {
+            const int64_t n = omp_get_num_threads(), t = omp_get_thread_num();
+            panel_range(x, ldx, tokens, panels, in, out, y, ldy, add, count * t / n, count * (t + 1) / n);
+        }
+        return;
+    }
+#else
+    (void)threads;
+#endif
+    panel_range(x, ldx, tokens, panels, in, out, y, ldy, add, 0, count);
+}
 
 /* y[t] = w * x[t] / sqrt(mean(x[t]^2) + eps), LlamaRMSNorm in float32. */
 static void rms_norm(const float *restrict x, const float *restrict w, float *restrict y, int64_t tokens, int64_t n,
@@ -260,7 +377,22 @@ static PyObject *py_attend_rows(PyObject *self, PyObject *const *args, Py_ssize_
     Py_RETURN_NONE;
 }
 
+/* product(x, ldx, tokens, panels, in, out, y, ldy, add, threads) */
+static PyObject *py_product(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int64_t a[10];
+    if (parse_args(args, nargs, "product", 10, 0, a, NULL) < 0)
+        return NULL;
+    /* Up to milliseconds, touching no Python object: the server's other threads run meanwhile. */
+    Py_BEGIN_ALLOW_THREADS
+    panel_product(PTR(const float *, a[0]), a[1], a[2], PTR(const float *, a[3]), a[4], a[5], PTR(float *, a[6]),
+                  a[7], (int)a[8], a[9]);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"product", (PyCFunction)(void (*)(void))py_product, METH_FASTCALL, "x W^T, W stored as panels"},
     {"rms_norm", (PyCFunction)(void (*)(void))py_rms_norm, METH_FASTCALL, "RMSNorm of each token"},
     {"rotate_and_store", (PyCFunction)(void (*)(void))py_rotate_and_store, METH_FASTCALL,
      "rotary embedding of q and k, k and v written to the cache"},
@@ -273,5 +405,10 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "forward_ops", NULL, 
 
 PyMODINIT_FUNC PyInit_forward_ops(void)
 {
-    return with_openmp_flag(PyModule_Create(&module));
+    PyObject *m = with_openmp_flag(PyModule_Create(&module));
+    if (m != NULL && PyModule_AddIntConstant(m, "panel", PANEL) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

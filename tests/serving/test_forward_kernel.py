@@ -1,5 +1,6 @@
-"""The packed forward's C operators (csrc/forward_ops.c) against torch's: RMSNorm, the rotation with the KV
-cache write, one-token rows' attention; and what happens where they cannot be built."""
+"""The packed forward's C operators (csrc/forward_ops.c) against torch's: the products over panels, RMSNorm,
+the rotation with the KV cache write, one-token rows' attention; and what happens where they cannot be
+built."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from rahf_serve import forward_kernel
 from rahf_serve.c_extension import torch_on_libgomp
 from rahf_serve.forward_kernel import ForwardKernel, build_forward_kernel
+from rahf_serve.packed_llama import PackedLlama
 from tests.serving.conftest import built_for, isas_here
 
 
@@ -22,6 +24,50 @@ def kernel(request, tmp_path_factory) -> ForwardKernel:
 
 def randn(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 4, 8, 9, 64])
+@pytest.mark.parametrize("inp,out", [(576, 960), (37, 23), (70, 150), (64, 24)])  # on and off the panel width
+def test_a_product_over_panels_is_torch_s_and_adds_into_a_residual(kernel, tokens, inp, out):
+    w, x, residual = randn(out, inp, seed=11), randn(tokens, inp, seed=12), randn(tokens, out, seed=13)
+    panels = kernel.panels(w)
+    assert panels.shape == (-(-out // kernel.panel), inp, kernel.panel)
+    tolerance = {"rtol": 1e-5, "atol": 2e-5 * inp ** 0.5}
+    torch.testing.assert_close(kernel.product(x, panels, out), x @ w.t(), **tolerance)
+    into = residual.clone()
+    assert kernel.product(x, panels, out, into) is into
+    torch.testing.assert_close(into, residual + x @ w.t(), **tolerance)
+
+
+def test_a_product_row_does_not_depend_on_the_rows_around_it_or_the_threads(kernel):
+    inp, out = 576, 3072  # large enough to be shared between threads
+    w, x = randn(out, inp, seed=14), randn(9, inp, seed=15)
+    panels = kernel.panels(w)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(kernel.product(x, panels, out))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+    for t in range(9):  # each row alone, and from a strided view with other columns beside it
+        assert torch.equal(kernel.product(x[t:t + 1], panels, out), results[0][t:t + 1])
+    wide = torch.cat([x, randn(9, 5, seed=16)], 1)[:, :inp]
+    assert torch.equal(kernel.product(wide, panels, out), results[0])
+
+
+def test_the_packed_forward_multiplies_over_panels_where_the_kernel_runs(tiny_base):
+    forward = PackedLlama(tiny_base.model, 16)
+    assert forward.kernel is not None  # float32 on CPU, where this suite builds the kernels
+    blk = forward.blocks[0]
+    x = randn(3, blk.qkv.t.shape[0], seed=17)
+    torch.testing.assert_close(blk.qkv(x), x @ blk.qkv.t, rtol=1e-5, atol=1e-5)
+    h = randn(3, blk.o.out, seed=18)
+    o = randn(3, blk.o.t.shape[0], seed=19)
+    torch.testing.assert_close(blk.o(o, h.clone()), h + o @ blk.o.t, rtol=1e-5, atol=1e-5)
+    assert blk.qkv._panels is not None and forward.head._panels is not None
 
 
 @pytest.mark.parametrize("tokens,hidden", [(1, 576), (5, 64), (3, 37)])

@@ -1,0 +1,73 @@
+"""torch's matrix products against the forward kernel's over panels, at the shapes of the default model.
+
+    OMP_NUM_THREADS=1 python benchmarks/panel_product_bench.py
+    python benchmarks/panel_product_bench.py --rows 1 8 16 64 --threads 2
+
+For each of SmolLM2-135M's products (q/k/v fused, o, gate/up fused, down, the LM head) and each row count:
+`x @ W.T` through torch (MKL on x86 wheels) and `ForwardKernel.product` over the same weight's panels,
+each over as many copies of the weight as fill ~200 MB, so the weights come from memory as in a decode
+step, the two alternating every round. Reports medians over rounds of the time per product, the GFLOP/s
+and GB/s they reach, and the median of the per-round ratios torch / C. Random weights: speed does not
+depend on the values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rahf_serve.forward_kernel import forward_kernel  # noqa: E402
+
+SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "head": (49152, 576)}
+"""[out, in] of SmolLM2-135M's products (q/k/v and gate/up fused as the packed forward runs them)."""
+
+
+def timed(fn, weights: list) -> float:
+    start = time.perf_counter()
+    for w in weights:
+        fn(w)
+    return (time.perf_counter() - start) / len(weights)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 64])
+    ap.add_argument("--runs", type=int, default=9, help="rounds, each timing both once per weight copy")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kernel = forward_kernel()
+    if kernel is None:
+        sys.exit("the forward kernel is unavailable here (see the log line above)")
+    print(f"# {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
+          f"medians of {args.runs} rounds")
+    print("rows  product   torch us  C us   torch GFLOP/s  C GFLOP/s  C GB/s  torch/C")
+    g = torch.Generator().manual_seed(0)
+    for name, (out, inp) in SHAPES.items():
+        copies = max(2, int(200e6 // (out * inp * 4)))
+        weights = [torch.randn(out, inp, generator=g) for _ in range(copies)]
+        panels = [kernel.panels(w) for w in weights]
+        for rows in args.rows:
+            x = torch.randn(rows, inp, generator=g)
+            torch_s, c_s = [], []
+            for _ in range(args.runs):
+                torch_s.append(timed(lambda w, x=x: torch.mm(x, w.t()), weights))
+                c_s.append(timed(lambda p, x=x, out=out: kernel.product(x, p, out), panels))
+            t, c = statistics.median(torch_s), statistics.median(c_s)
+            ratio = statistics.median(a / b for a, b in zip(torch_s, c_s, strict=True))
+            flops = 2 * rows * out * inp
+            print(f"{rows:4d}  {name:8s} {t * 1e6:8.0f} {c * 1e6:6.0f}   {flops / t / 1e9:12.1f} "
+                  f"{flops / c / 1e9:10.1f} {out * inp * 4 / c / 1e9:7.1f}  {ratio:6.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -65,40 +65,49 @@ static inline void store8(float *p, vec8 v)
 #define VMULADD(a, b, c) ((a) * (b) + (c))
 #endif
 
-/* Rows 0 .. rows-1 (at most four) of x [rows, ldx] times one panel [in, PANEL]: their `cols` first columns
- * into y [rows, ldy], or added to it (`add`). Each sum runs over `in` in order, whatever the rows around. */
-static void panel_rows(const float *x, int64_t ldx, int64_t rows, const float *restrict panel, int64_t in,
-                       float *y, int64_t ldy, int64_t cols, int add)
+/* Rows 0 .. R-1 (R at most four, a constant where it is inlined, so each count gets its own loop with no
+ * multiply-adds for rows it does not have) of x [R, ldx] times one panel [in, PANEL]: their `cols` first
+ * columns into y [R, ldy], or added to it (`add`). Each sum runs over `in` in order, whatever the rows around. */
+static inline __attribute__((always_inline)) void panel_rows(const float *x, int64_t ldx, const int R,
+                                                             const float *restrict panel, int64_t in, float *y,
+                                                             int64_t ldy, int64_t cols, int add)
 {
-    const float *x0 = x, *x1 = rows > 1 ? x + ldx : x, *x2 = rows > 2 ? x + 2 * ldx : x,
-                *x3 = rows > 3 ? x + 3 * ldx : x;
-    vec8 s00 = {0}, s01 = s00, s02 = s00, s10 = s00, s11 = s00, s12 = s00, s20 = s00, s21 = s00, s22 = s00,
-         s30 = s00, s31 = s00, s32 = s00;
+    vec8 s[4][3] = {{{0}}};
     for (int64_t k = 0; k < in; k++) {
         const float *w = panel + k * PANEL;
         const vec8 w0 = load8(w), w1 = load8(w + 8), w2 = load8(w + 16);
-        vec8 b = splat(x0[k]);
-        s00 = VMULADD(b, w0, s00), s01 = VMULADD(b, w1, s01), s02 = VMULADD(b, w2, s02);
-        b = splat(x1[k]);
-        s10 = VMULADD(b, w0, s10), s11 = VMULADD(b, w1, s11), s12 = VMULADD(b, w2, s12);
-        b = splat(x2[k]);
-        s20 = VMULADD(b, w0, s20), s21 = VMULADD(b, w1, s21), s22 = VMULADD(b, w2, s22);
-        b = splat(x3[k]);
-        s30 = VMULADD(b, w0, s30), s31 = VMULADD(b, w1, s31), s32 = VMULADD(b, w2, s32);
+        for (int m = 0; m < R; m++) {
+            const vec8 b = splat(x[m * ldx + k]);
+            s[m][0] = VMULADD(b, w0, s[m][0]), s[m][1] = VMULADD(b, w1, s[m][1]), s[m][2] = VMULADD(b, w2, s[m][2]);
+        }
     }
-    const vec8 sums[4][3] = {{s00, s01, s02}, {s10, s11, s12}, {s20, s21, s22}, {s30, s31, s32}};
-    for (int64_t m = 0; m < rows; m++) {
+    for (int m = 0; m < R; m++) {
         float *out = y + m * ldy;
         if (cols == PANEL) {
             for (int v = 0; v < 3; v++)
-                store8(out + 8 * v, add ? load8(out + 8 * v) + sums[m][v] : sums[m][v]);
+                store8(out + 8 * v, add ? load8(out + 8 * v) + s[m][v] : s[m][v]);
         } else {
             float tile[PANEL];
             for (int v = 0; v < 3; v++)
-                store8(tile + 8 * v, sums[m][v]);
+                store8(tile + 8 * v, s[m][v]);
             for (int64_t j = 0; j < cols; j++)
                 out[j] = add ? out[j] + tile[j] : tile[j];
         }
+    }
+}
+
+/* One panel's rows, four at a time, then the one to three left. */
+static void panel_block(const float *x, int64_t ldx, int64_t tokens, const float *panel, int64_t in, float *y,
+                        int64_t ldy, int64_t cols, int add)
+{
+    int64_t m = 0;
+    for (; m + 4 <= tokens; m += 4)
+        panel_rows(x + m * ldx, ldx, 4, panel, in, y + m * ldy, ldy, cols, add);
+    switch (tokens - m) {
+    case 3: panel_rows(x + m * ldx, ldx, 3, panel, in, y + m * ldy, ldy, cols, add); break;
+    case 2: panel_rows(x + m * ldx, ldx, 2, panel, in, y + m * ldy, ldy, cols, add); break;
+    case 1: panel_rows(x + m * ldx, ldx, 1, panel, in, y + m * ldy, ldy, cols, add); break;
+    default: break;
     }
 }
 
@@ -111,9 +120,7 @@ static void panel_range(const float *x, int64_t ldx, int64_t tokens, const float
 {
     for (int64_t p = lo; p < hi; p++) {
         const int64_t cols = out - p * PANEL < PANEL ? out - p * PANEL : PANEL;
-        for (int64_t m = 0; m < tokens; m += 4)
-            panel_rows(x + m * ldx, ldx, tokens - m < 4 ? tokens - m : 4, panels + p * in * PANEL, in,
-                       y + m * ldy + p * PANEL, ldy, cols, add);
+        panel_block(x, ldx, tokens, panels + p * in * PANEL, in, y + p * PANEL, ldy, cols, add);
     }
 }
 

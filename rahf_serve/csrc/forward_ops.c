@@ -32,6 +32,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__FMA__) && defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 /* Output columns per panel: three vectors of eight, so four rows' sums (twelve vectors), the panel's three
  * and a broadcast fit the sixteen vector registers of AVX2. */
@@ -59,7 +62,6 @@ static inline void store8(float *p, vec8 v)
 
 /* a * b + c, fused where the build targets FMA (the C standard mode does not contract a * b + c itself). */
 #if defined(__FMA__) && defined(__AVX__)
-#include <immintrin.h>
 #define VMULADD(a, b, c) ((vec8)_mm256_fmadd_ps((__m256)(a), (__m256)(b), (__m256)(c)))
 #else
 #define VMULADD(a, b, c) ((a) * (b) + (c))
@@ -75,10 +77,11 @@ static inline __attribute__((always_inline)) void panel_rows(const float *x, int
     vec8 s[4][3] = {{{0}}};
     for (int64_t k = 0; k < in; k++) {
         const float *w = panel + k * PANEL;
-        const vec8 w0 = load8(w), w1 = load8(w + 8), w2 = load8(w + 16);
+        const vec8 wv[3] = {load8(w), load8(w + 8), load8(w + 16)};
         for (int m = 0; m < R; m++) {
             const vec8 b = splat(x[m * ldx + k]);
-            s[m][0] = VMULADD(b, w0, s[m][0]), s[m][1] = VMULADD(b, w1, s[m][1]), s[m][2] = VMULADD(b, w2, s[m][2]);
+            for (int v = 0; v < 3; v++)
+                s[m][v] = VMULADD(b, wv[v], s[m][v]);
         }
     }
     for (int m = 0; m < R; m++) {

@@ -544,6 +544,10 @@ class LoraSlots:
         self._set: tuple[list[int | None], list[int] | None] | None = None
         """the last `set_rows` arguments, planned again when a load or an unload regroups the modules"""
         self._linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        heads = getattr(model, "get_output_embeddings", lambda: None)()
+        self._head = next((n for n, m in self._linears.items() if m is heads), None)
+        """the output head's path: its LoRA would need the slots of the rows that keep logits, not of every
+        token the step feeds, which the row plans do not hold"""
         self._wrapped: dict[str, SlotLinear] = {}
         self._lru: OrderedDict[str, int] = OrderedDict()
         """resident name -> slot, least recently used first"""
@@ -706,6 +710,9 @@ class LoraSlots:
 
     def _check(self, name: str, weights: LoraWeights) -> None:
         for path, (a, b) in weights.modules.items():
+            if path == self._head:
+                raise BundleError(f"LoRA {name!r} has weights for the output head ({path}), which the engine "
+                                  "does not apply per row; train the adapter without it in target_modules")
             if path not in self._linears:
                 raise FingerprintMismatch(f"LoRA {name!r} has weights for module {path!r}, which the base model "
                                           "lacks or which is not a Linear layer")

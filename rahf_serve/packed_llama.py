@@ -238,8 +238,5 @@ class PackedLlama:
             if delta is not None:
                 h = h + delta[0].to(h.dtype)
         h = self._norm(h, self.final_norm)
-        last = h[step.logits_to_keep]
-        head = self.model.lm_head
-        # An adapter on the head itself: its module adds each row's LoRA (on the base weight, as `self.head`).
-        logits = head(last) if isinstance(head, SlotLinear) else self.head(last)
+        logits = self.head(h[step.logits_to_keep])  # no adapter reaches the head (LoraSlots refuses them)
         return logits, (h[None] if keep_hidden else None)

@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from rahf_serve import forward_kernel, lora_kernel
+from rahf_serve.bundle import WEIGHTS_FILE
 from rahf_serve.engine import Engine
+from rahf_serve.errors import BundleError
 from rahf_serve.lora_slots import SlotSite
 from rahf_serve.models import load_base
 from rahf_serve.packed_llama import unsupported_reason
@@ -207,3 +210,16 @@ def test_bases_it_does_not_cover_keep_transformers_forward(tmp_path, tokenizer):
         assert engine.forward_impl == "transformers"
         assert engine.generate(GenerationRequest(prompt(5, 1), SamplingParams(max_tokens=3, temperature=0))
                                ).completion_tokens == 3
+
+
+def test_an_adapter_on_the_output_head_is_refused_when_it_loads(lively_model_dir, tmp_path):
+    """The head sees only the rows that keep logits, not every token of the step the row plans hold: an
+    adapter with weights there is refused by name rather than failing every generation that uses it."""
+    bundle = random_lora_bundle(load_lively(lively_model_dir), tmp_path / "head", seed=8, r=2,
+                                targets=("q_proj", "lm_head"))
+    weights = bundle / WEIGHTS_FILE  # PEFT also saved the head's tied base weight, which bundles refuse
+    save_file({k: v for k, v in load_file(weights).items() if "lora_" in k}, weights)
+    for packed in (True, False):
+        engine = Engine(load_lively(lively_model_dir), max_batch=2, max_new_tokens=16, packed_forward=packed)
+        with engine, pytest.raises(BundleError, match="output head \\(lm_head\\)"):
+            AdapterRegistry(engine, tmp_path).load("head", str(bundle))

@@ -68,6 +68,7 @@ def test_the_packed_forward_multiplies_over_panels_where_the_kernel_runs(tiny_ba
     o = randn(3, blk.o.t.shape[0], seed=19)
     torch.testing.assert_close(blk.o(o, h.clone()), h + o @ blk.o.t, rtol=1e-5, atol=1e-5)
     assert blk.qkv._panels is not None and forward.head._panels is not None
+    assert PackedLlama(tiny_base.model, 16, products=False).head._panels is None  # torch's products, no copy
 
 
 @pytest.mark.parametrize("tokens,hidden", [(1, 576), (5, 64), (3, 37)])

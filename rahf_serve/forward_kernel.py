@@ -47,10 +47,14 @@ class ForwardKernel:
         """`weight` [out, in] (float32) in the products' layout: [ceil(out / panel), in, panel], each panel a
         contiguous run of `panel` output columns, those past `out` zero."""
         out, inp = weight.shape
-        count = -(-out // self.panel)
-        padded = torch.zeros(count * self.panel, inp, dtype=weight.dtype, device=weight.device)
-        padded[:out] = weight
-        return padded.view(count, self.panel, inp).transpose(1, 2).contiguous()
+        full, rest = divmod(out, self.panel)
+        panels = torch.zeros(full + (rest > 0), inp, self.panel, dtype=weight.dtype, device=weight.device)
+        # Copied straight into place: a padded copy first would hold a second transient copy of a large
+        # matrix (the LM head's is 113 MB on the default model) at start-up.
+        panels[:full] = weight[:full * self.panel].view(full, self.panel, inp).transpose(1, 2)
+        if rest:
+            panels[full, :, :rest] = weight[full * self.panel:].t()
+        return panels
 
     def product(self, x: torch.Tensor, panels: torch.Tensor, out_features: int,
                 into: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import platform
 import statistics
@@ -83,23 +84,22 @@ def main() -> None:
     linears = [m for m in bare.modules() if isinstance(m, torch.nn.Linear)]  # lm_head included
     inputs = [torch.randn(1, 1, m.in_features) for m in linears]
 
-    def floor_speed() -> float:
+    def streaming_speed(products: list[Callable[[], object]]) -> float:
+        """Tokens/s of one pass over `products` (one per Linear) per token."""
         start = time.perf_counter()
         with torch.inference_mode():
             for _ in range(n):
-                for m, x in zip(linears, inputs, strict=True):
-                    torch.nn.functional.linear(x, m.weight)
+                for product in products:
+                    product()
         return n / (time.perf_counter() - start)
 
+    torch_gemvs = [lambda m=m, x=x: torch.nn.functional.linear(x, m.weight) for m, x in zip(linears, inputs, strict=True)]
     kernel = forward_kernel()
     panels = [kernel.panels(m.weight.detach()) for m in linears] if kernel is not None else []
-
-    def c_floor_speed() -> float:
-        start = time.perf_counter()
-        for _ in range(n):
-            for m, x, p in zip(linears, inputs, panels, strict=True):
-                kernel.product(x[0], p, m.out_features)
-        return n / (time.perf_counter() - start)
+    c_gemvs = [lambda m=m, x=x[0], p=p: kernel.product(x, p, m.out_features)
+               for m, x, p in zip(linears, inputs, panels, strict=False)]
+    floor_speed = functools.partial(streaming_speed, torch_gemvs)
+    c_floor_speed = functools.partial(streaming_speed, c_gemvs)
 
     # The same engine on transformers' forward, for the A/B of the engine's own llama forward.
     hf_engine = Engine(load_base("smollm2-135m-instruct", device="cpu", dtype="float32"), max_batch=args.max_batch,
@@ -142,11 +142,11 @@ def main() -> None:
         before = rounds({"baseline": generate_speed, "floor": floor_speed,
                          "engine, base, no adapter loaded": lambda: stream_speed(plain),
                          "engine on transformers' forward, base": lambda: stream_speed(plain, hf_engine)})
-        decode = rounds({"floor": floor_speed, **({"C floor": c_floor_speed} if panels else {}),
+        decode = rounds({"floor": floor_speed, **({"C floor": c_floor_speed} if c_gemvs else {}),
                          "engine": lambda: decode_speed(plain),
                          "engine on transformers' forward": lambda: decode_speed(plain, hf_engine)})
         floor = statistics.median(before.pop("floor") + decode.pop("floor"))
-        c_floor = statistics.median(decode.pop("C floor")) if panels else None
+        c_floor = statistics.median(decode.pop("C floor")) if c_gemvs else None
         hf_engine.stop()
 
         workdir = Path(tempfile.mkdtemp(prefix="serve-bench-"))

@@ -125,9 +125,11 @@ def attention(q: torch.Tensor, layer: torch.Tensor, row: int, n: int, scale: flo
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (4, 1)])
-def test_one_token_rows_attend_their_own_row_s_keys_up_to_their_own(kernel, heads, kv_heads):
-    head_dim, max_rows, max_len = 32, 4, 50
-    rows, columns = torch.tensor([3, 0, 1, 2, 0]), torch.tensor([9, 0, 49, 17, 30])
+@pytest.mark.parametrize("head_dim", [64, 20, 136])  # eight vectors of eight; two and four floats; 2 x 64 + 8
+def test_one_token_rows_attend_their_own_row_s_keys_up_to_their_own(kernel, heads, kv_heads, head_dim):
+    max_rows, max_len = 4, 150
+    # 10, 1, 150 and 64 keys: under, at and over multiples of the kernel's blocks of 8 and 64 keys
+    rows, columns = torch.tensor([3, 0, 1, 2, 0]), torch.tensor([9, 0, 149, 63, 30])
     total, tokens = 5, slice(1, 4)  # the group: tokens 1..3; 0 and 4 belong to others
     qkv = randn(total, (heads + 2 * kv_heads) * head_dim, seed=5)
     query = qkv[:, :heads * head_dim].view(total, heads, head_dim)  # strided: each token's heads side by side

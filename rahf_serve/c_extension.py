@@ -51,8 +51,12 @@ def flags() -> list[str]:
     out = ["-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp-simd", f"-I{include()}", f"-I{CSRC}"]
     if platform.system() == "Darwin":  # the interpreter provides Python's symbols when the module is imported
         out += ["-undefined", "dynamic_lookup"]
-    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() != "DEFAULT":
-        out += ["-mavx2", "-mfma"]  # what torch found this CPU has (AVX2 or AVX-512, which includes both)
+    if platform.machine().lower() in ("x86_64", "amd64"):  # what torch found this CPU has
+        found = torch.backends.cpu.get_cpu_capability()
+        if found in ("AVX2", "AVX512"):
+            out += ["-mavx2", "-mfma"]
+        if found == "AVX512":  # torch's AVX-512 needs these four; loops the compiler vectorises stay 256 bits
+            out += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mprefer-vector-width=256"]
     return out
 
 

@@ -2,6 +2,8 @@
 
     OMP_NUM_THREADS=1 python benchmarks/forward_ops_bench.py --threads 1
     python benchmarks/forward_ops_bench.py --rows 1 8 --context 48 2000 --runs 41
+    git show <commit>:rahf_serve/csrc/forward_ops.c > /tmp/old.c
+    OMP_NUM_THREADS=1 python benchmarks/forward_ops_bench.py --threads 1 --against /tmp/old.c
 
 One process, the real default model in float32: for each (rows, context) a decode step of `rows` one-token
 rows whose slots already hold `context` tokens, run by the engine's packed forward with the C operators
@@ -11,7 +13,8 @@ them but torch's products ("C, torch mm"), and with torch's operators only, and 
 in turn each round. Reports each one's median ms and the medians of the per-round ratios (floor / forward:
 the share of the floor reached, over 1 where the C products read the weights faster than torch's GEMVs;
 C / the others). The rows' logits of the forwards are compared once with the first's (their largest
-difference is printed). No LoRA rows: their cost is adapter_row_bench.py's.
+difference is printed). No LoRA rows: their cost is adapter_row_bench.py's. `--against FILE`: also the
+forward with the C operators built from another source (its own panels), timed in the same rounds.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import argparse
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rahf_serve.forward_kernel import forward_kernel  # noqa: E402
+from rahf_serve import c_extension  # noqa: E402
+from rahf_serve.forward_kernel import ForwardKernel, forward_kernel  # noqa: E402
 from rahf_serve.kvcache import SlotCache, pack_inputs  # noqa: E402
 from rahf_serve.models import load_base  # noqa: E402
 from rahf_serve.packed_llama import PackedLlama  # noqa: E402
@@ -69,6 +74,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, nargs="+", default=[48, 2000], help="tokens each row already holds")
     ap.add_argument("--runs", type=int, default=41, help="rounds (the first five are warm-up, not counted)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--against", type=Path, help="another forward_ops.c (of another commit) to time beside")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -78,6 +84,10 @@ def main() -> None:
     max_len = max(args.context) + 1
     forwards = {"C": PackedLlama(model, max_len), "C, torch mm": PackedLlama(model, max_len, products=False),
                 "torch": PackedLlama(model, max_len, kernel=False)}
+    if args.against:
+        other = ForwardKernel(*c_extension.build_for_torch_threads(args.against, "forward_ops",
+                                                                   Path(tempfile.mkdtemp(prefix="kernels-"))))
+        forwards["against"] = PackedLlama(model, max_len, kernel=other)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = [torch.randn(1, m.in_features) for m in linears]
     generator = torch.Generator().manual_seed(0)
@@ -98,7 +108,7 @@ def main() -> None:
                 kept = {k: v[5:] for k, v in times.items()}
                 logits = [step(forward, caches[name], ids)[1] for name, forward in forwards.items()]
                 ms = {k: statistics.median(v) * 1e3 for k, v in kept.items()}
-                pairs = [("floor", name) for name in forwards] + [("C", "C, torch mm"), ("C", "torch")]
+                pairs = [("floor", name) for name in forwards] + [("C", name) for name in forwards if name != "C"]
                 ratio = {(a, b): statistics.median(x / y for x, y in zip(kept[a], kept[b], strict=True))
                          for a, b in pairs}
                 print(f"rows {rows:2d} context {context:5d}: "

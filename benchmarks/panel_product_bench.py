@@ -2,13 +2,15 @@
 
     OMP_NUM_THREADS=1 python benchmarks/panel_product_bench.py
     python benchmarks/panel_product_bench.py --rows 1 8 16 64 --threads 2
+    OMP_NUM_THREADS=1 python benchmarks/panel_product_bench.py --against AVX2   # on an AVX-512 machine
 
 For each of SmolLM2-135M's products (q/k/v fused, o, gate/up fused, down, the LM head) and each row count:
 `x @ W.T` through torch (MKL on x86 wheels) and `ForwardKernel.product` over the same weight's panels,
 each over as many copies of the weight as fill ~200 MB, so the weights come from memory as in a decode
 step, the two alternating every round. Reports medians over rounds of the time per product, the GFLOP/s
 and GB/s they reach, and the median of the per-round ratios torch / C. Random weights: speed does not
-depend on the values.
+depend on the values. `--against ISA` also times, in the same rounds, the kernel built as for a machine
+where torch found ISA (DEFAULT, AVX2), over its own panels: what this machine's build gains over it.
 """
 
 from __future__ import annotations
@@ -17,14 +19,17 @@ import argparse
 import platform
 import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rahf_serve.forward_kernel import forward_kernel  # noqa: E402
+from rahf_serve.forward_kernel import ForwardKernel, build_forward_kernel, forward_kernel  # noqa: E402
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "head": (49152, 576)}
 """[out, in] of SmolLM2-135M's products (q/k/v and gate/up fused as the packed forward runs them)."""
@@ -37,36 +42,62 @@ def timed(fn, weights: list) -> float:
     return (time.perf_counter() - start) / len(weights)
 
 
+@contextmanager
+def capability(isa: str) -> Iterator[None]:
+    """Within: torch reports `isa` as this CPU's capability (the kernels' build flags follow it)."""
+    found = torch.backends.cpu.get_cpu_capability
+    torch.backends.cpu.get_cpu_capability = lambda: isa
+    try:
+        yield
+    finally:
+        torch.backends.cpu.get_cpu_capability = found
+
+
+def built_as(isa: str, directory: Path) -> ForwardKernel:
+    with capability(isa):
+        return build_forward_kernel(directory)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 64])
     ap.add_argument("--runs", type=int, default=9, help="rounds, each timing both once per weight copy")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--against", metavar="ISA", help="also time the kernel built as for this capability")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     kernel = forward_kernel()
     if kernel is None:
         sys.exit("the forward kernel is unavailable here (see the log line above)")
-    print(f"# {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
-          f"medians of {args.runs} rounds")
-    print("rows  product   torch us  C us   torch GFLOP/s  C GFLOP/s  C GB/s  torch/C")
+    other = built_as(args.against, Path(tempfile.mkdtemp(prefix="kernels-"))) if args.against else None
+    print(f"# {platform.machine()}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), "
+          f"{torch.get_num_threads()} thread(s); medians of {args.runs} rounds")
+    extra = f"  {args.against} us  {args.against}/C" if other else ""
+    print(f"rows  product   torch us  C us   torch GFLOP/s  C GFLOP/s  C GB/s  torch/C{extra}")
     g = torch.Generator().manual_seed(0)
     for name, (out, inp) in SHAPES.items():
         copies = max(2, int(200e6 // (out * inp * 4)))
         weights = [torch.randn(out, inp, generator=g) for _ in range(copies)]
         panels = [kernel.panels(w) for w in weights]
+        other_panels = [other.panels(w) for w in weights] if other else []
         for rows in args.rows:
             x = torch.randn(rows, inp, generator=g)
-            torch_s, c_s = [], []
+            torch_s, c_s, other_s = [], [], []
             for _ in range(args.runs):
                 torch_s.append(timed(lambda w, x=x: torch.mm(x, w.t()), weights))
                 c_s.append(timed(lambda p, x=x, out=out: kernel.product(x, p, out), panels))
+                if other:
+                    other_s.append(timed(lambda p, x=x, out=out: other.product(x, p, out), other_panels))
             t, c = statistics.median(torch_s), statistics.median(c_s)
             ratio = statistics.median(a / b for a, b in zip(torch_s, c_s, strict=True))
             flops = 2 * rows * out * inp
-            print(f"{rows:4d}  {name:8s} {t * 1e6:8.0f} {c * 1e6:6.0f}   {flops / t / 1e9:12.1f} "
-                  f"{flops / c / 1e9:10.1f} {out * inp * 4 / c / 1e9:7.1f}  {ratio:6.2f}x")
+            line = (f"{rows:4d}  {name:8s} {t * 1e6:8.0f} {c * 1e6:6.0f}   {flops / t / 1e9:12.1f} "
+                    f"{flops / c / 1e9:10.1f} {out * inp * 4 / c / 1e9:7.1f}  {ratio:6.2f}x")
+            if other:
+                vs = statistics.median(a / b for a, b in zip(other_s, c_s, strict=True))
+                line += f"  {statistics.median(other_s) * 1e6:7.0f}  {vs:6.2f}x"
+            print(line)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ On a one-row decode step of a small model torch spends longer dispatching these 
 and the packed forward keeps torch's operators, which give the same results up to float rounding.
 
 The products need the weights in their own layout (`panels`): a second copy of every matrix the forward
-multiplies by, made once when the forward is built, which is what makes them 1.2-3.7x faster than torch's
-at the row counts a server steps with (benchmarks/panel_product_bench.py).
+multiplies by, made once when the forward is built, which is what makes them 1.3-3.6x faster than torch's
+on one thread at the row counts a server steps with (benchmarks/panel_product_bench.py).
 """
 
 from __future__ import annotations

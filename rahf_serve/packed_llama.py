@@ -147,10 +147,11 @@ class PackedLlama:
     """A llama forward over a `SlotStep`'s packed tokens, on the model's own weights (and, where the C products
     run, a copy of its matrices in their layout)."""
 
-    def __init__(self, model: Any, max_len: int, *, kernel: bool = True, products: bool = True) -> None:
-        """`kernel`: use the C operators where they run this model (float32 on CPU) and build; `products`:
-        their matrix products too (a copy of every matrix in their layout; without, torch's products over
-        the model's own weights)."""
+    def __init__(self, model: Any, max_len: int, *, kernel: bool | ForwardKernel = True,
+                 products: bool = True) -> None:
+        """`kernel`: use the C operators where they run this model (float32 on CPU) and build (or these
+        ones: benchmarks compare two builds); `products`: their matrix products too (a copy of every matrix
+        in their layout; without, torch's products over the model's own weights)."""
         config, inner = model.config, model.model
         self.model = model
         self.heads = int(config.num_attention_heads)
@@ -175,7 +176,7 @@ class PackedLlama:
         """the C operators, where they run this model (float32 on CPU) and build here"""
         self.head = _Matrix(model.lm_head.weight)
         if kernel and weight.dtype == torch.float32 and weight.device.type == "cpu":
-            self.kernel = forward_kernel()
+            self.kernel = kernel if isinstance(kernel, ForwardKernel) else forward_kernel()
         if self.kernel is not None and products:
             for m in [self.head, *(m for b in self.blocks for m in (b.qkv, b.o, b.gate_up, b.down))]:
                 m.panel(self.kernel)

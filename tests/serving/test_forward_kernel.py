@@ -71,6 +71,14 @@ def test_the_packed_forward_multiplies_over_panels_where_the_kernel_runs(tiny_ba
     assert PackedLlama(tiny_base.model, 16, products=False).head._panels is None  # torch's products, no copy
 
 
+def test_a_packed_forward_given_a_build_multiplies_over_that_build_s_panels(kernel, tiny_base):
+    forward = PackedLlama(tiny_base.model, 16, kernel=kernel)  # how the benchmarks compare two builds
+    blk = forward.blocks[0]
+    assert forward.kernel is kernel and blk.qkv._panels.shape[-1] == kernel.panel
+    x = randn(5, blk.qkv.t.shape[0], seed=20)
+    torch.testing.assert_close(blk.qkv(x), x @ blk.qkv.t, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("tokens,hidden", [(1, 576), (5, 64), (3, 37)])
 def test_rms_norm_is_llama_s(kernel, tokens, hidden):
     h, w = randn(tokens, hidden, seed=1) * 3, randn(hidden, seed=2)

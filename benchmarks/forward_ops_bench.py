@@ -14,12 +14,14 @@ in turn each round. Reports each one's median ms and the medians of the per-roun
 the share of the floor reached, over 1 where the C products read the weights faster than torch's GEMVs;
 C / the others). The rows' logits of the forwards are compared once with the first's (their largest
 difference is printed). No LoRA rows: their cost is adapter_row_bench.py's. `--against FILE`: also the
-forward with the C operators built from another source (its own panels), timed in the same rounds.
+forward with the C operators built from another source (its own panels), timed in the same rounds;
+`--small-pages-too`: also the C forward with its panels in ordinary 4 KB pages (rahf_serve/huge_pages.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -75,6 +77,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=41, help="rounds (the first five are warm-up, not counted)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--against", type=Path, help="another forward_ops.c (of another commit) to time beside")
+    ap.add_argument("--small-pages-too", action="store_true",
+                    help="also the C forward with its panels in ordinary pages (RAHF_HUGE_PAGES=0)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -88,6 +92,10 @@ def main() -> None:
         other = ForwardKernel(*c_extension.build_for_torch_threads(args.against, "forward_ops",
                                                                    Path(tempfile.mkdtemp(prefix="kernels-"))))
         forwards["against"] = PackedLlama(model, max_len, kernel=other)
+    if args.small_pages_too:
+        os.environ["RAHF_HUGE_PAGES"] = "0"
+        forwards["C, 4 KB pages"] = PackedLlama(model, max_len)
+        del os.environ["RAHF_HUGE_PAGES"]
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = [torch.randn(1, m.in_features) for m in linears]
     generator = torch.Generator().manual_seed(0)

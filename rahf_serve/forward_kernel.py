@@ -15,12 +15,14 @@ on one thread at the row counts a server steps with (benchmarks/panel_product_be
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from . import c_extension
+from . import c_extension, huge_pages
 from .c_extension import BuiltOnce
 
 log = logging.getLogger(__name__)
@@ -43,18 +45,38 @@ class ForwardKernel:
         self.openmp = bool(module.openmp)
         """whether long attention calls are shared between torch's OpenMP threads (built with -fopenmp)"""
 
-    def panels(self, weight: torch.Tensor) -> torch.Tensor:
-        """`weight` [out, in] (float32) in the products' layout: [ceil(out / panel), in, panel], each panel a
-        contiguous run of `panel` output columns, those past `out` zero."""
+    def panels(self, weight: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
+        """`weight` [out, in] (float32, on CPU) in the products' layout: [ceil(out / panel), in, panel], each
+        panel a contiguous run of `panel` output columns, those past `out` zero; written `into` (that shape,
+        contiguous) when given."""
         out, inp = weight.shape
         full, rest = divmod(out, self.panel)
-        panels = torch.zeros(full + (rest > 0), inp, self.panel, dtype=weight.dtype, device=weight.device)
+        # In 2 MB pages where the system gives them: a step streams every panel (see huge_pages).
+        panels = huge_pages.empty(self._shape(weight), weight.dtype) if into is None else into
         # Copied straight into place: a padded copy first would hold a second transient copy of a large
         # matrix (the LM head's is 113 MB on the default model) at start-up.
         panels[:full] = weight[:full * self.panel].view(full, self.panel, inp).transpose(1, 2)
         if rest:
             panels[full, :, :rest] = weight[full * self.panel:].t()
+            panels[full, :, rest:] = 0
         return panels
+
+    def panels_of(self, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each weight's `panels`, all in one allocation, each starting on a 64-byte line: in 2 MB pages, a
+        matrix of its own would pay for its last page whole (about 100 MB over the default model's 121)."""
+        shapes = [self._shape(w) for w in weights]
+        line = 64 // weights[0].element_size()
+        sizes = [-(-math.prod(shape) // line) * line for shape in shapes]
+        arena = huge_pages.empty((sum(sizes),), weights[0].dtype)
+        out, at = [], 0
+        for w, shape, size in zip(weights, shapes, sizes, strict=True):
+            out.append(self.panels(w, arena[at:at + math.prod(shape)].view(shape)))
+            at += size
+        return out
+
+    def _shape(self, weight: torch.Tensor) -> tuple[int, int, int]:
+        out, inp = weight.shape
+        return -(-out // self.panel), inp, self.panel
 
     def product(self, x: torch.Tensor, panels: torch.Tensor, out_features: int,
                 into: torch.Tensor | None = None) -> torch.Tensor:

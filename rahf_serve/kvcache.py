@@ -30,6 +30,7 @@ from transformers.cache_utils import CacheLayerMixin
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
+from . import huge_pages
 from .errors import BaseModelError, QueueFull, RequestTooLarge
 
 if TYPE_CHECKING:
@@ -261,8 +262,11 @@ class SlotCache(Cache):
             raise ValueError("max_rows and max_len must be at least 1")
         self.shape, self.max_rows, self.max_len = shape, max_rows, max_len
         # Zeros, not empty: masked keys still enter q.k before the mask, and garbage could be inf/NaN.
-        self.storage = torch.zeros((shape.layers, 2, max_rows, shape.kv_heads, max_len, shape.head_dim),
-                                   dtype=dtype, device=device)
+        size = (shape.layers, 2, max_rows, shape.kv_heads, max_len, shape.head_dim)
+        if torch.device(device).type == "cpu":  # in 2 MB pages where the system gives them: attention streams it
+            self.storage = huge_pages.empty(size, dtype).zero_()
+        else:
+            self.storage = torch.zeros(size, dtype=dtype, device=device)
         self.planes: tuple[torch.Tensor, ...] = self.storage.unbind(0)
         """each layer's keys and values [2, max_rows, kv_heads, max_len, head_dim], made once"""
         super().__init__(layers=[_SlotLayer(self, i) for i in range(shape.layers)])

@@ -92,10 +92,14 @@ class _Matrix:
         self._kernel: ForwardKernel | None = None
         self._panels: torch.Tensor | None = None
 
-    def panel(self, kernel: ForwardKernel) -> None:
-        """Multiply through `kernel` from now on, over a copy of the weight in its layout (made here: later
-        changes to the weight do not reach it)."""
-        self._panels, self._kernel = kernel.panels(self.t.t()), kernel
+    def panel(self, kernel: ForwardKernel, panels: torch.Tensor) -> None:
+        """Multiply through `kernel` from now on, over `panels`, a copy of the weight in its layout
+        (`ForwardKernel.panels`: later changes to the weight do not reach it)."""
+        self._panels, self._kernel = panels, kernel
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.t.t()
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x [tokens, in] times the weight, plus `residual` [tokens, out] when given (the C products add into
@@ -178,8 +182,9 @@ class PackedLlama:
         if kernel and weight.dtype == torch.float32 and weight.device.type == "cpu":
             self.kernel = kernel if isinstance(kernel, ForwardKernel) else forward_kernel()
         if self.kernel is not None and products:
-            for m in [self.head, *(m for b in self.blocks for m in (b.qkv, b.o, b.gate_up, b.down))]:
-                m.panel(self.kernel)
+            matrices = [self.head, *(m for b in self.blocks for m in (b.qkv, b.o, b.gate_up, b.down))]
+            for m, panels in zip(matrices, self.kernel.panels_of([m.weight for m in matrices]), strict=True):
+                m.panel(self.kernel, panels)
 
     def _norm(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:

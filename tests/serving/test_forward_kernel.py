@@ -39,6 +39,14 @@ def test_a_product_over_panels_is_torch_s_and_adds_into_a_residual(kernel, token
     torch.testing.assert_close(into, residual + x @ w.t(), **tolerance)
 
 
+def test_many_weights_panels_share_one_allocation_each_on_its_own_line(kernel):
+    weights = [randn(out, inp, seed=21 + i) for i, (out, inp) in enumerate([(960, 576), (23, 37), (3072, 576)])]
+    together = kernel.panels_of(weights)
+    assert len({p.untyped_storage().data_ptr() for p in together}) == 1
+    for w, p in zip(weights, together, strict=True):
+        assert torch.equal(p, kernel.panels(w)) and p.is_contiguous() and p.data_ptr() % 64 == 0
+
+
 def test_a_product_row_does_not_depend_on_the_rows_around_it_or_the_threads(kernel):
     inp, out = 576, 3072  # large enough to be shared between threads
     w, x = randn(out, inp, seed=14), randn(9, inp, seed=15)

@@ -93,7 +93,7 @@ def run_batched(model: Any, scripts: list[Script], max_rows: int = 8, max_len: i
     """Serve `scripts` through one SlotCache, greedy. `prefill_apart`: joining rows are prefilled in a
     forward of their own over their new slots (as the engine's _admit does), else in the shared step."""
     cache = SlotCache.for_model(model, max_rows, max_len)
-    ptrs = {cache.storage.data_ptr()}
+    ptrs = {cache.storage.untyped_storage().data_ptr()}
     live: list[Script] = []
     step, moves = 0, 0
     while step <= max(s.join for s in scripts) or live:
@@ -111,7 +111,7 @@ def run_batched(model: Any, scripts: list[Script], max_rows: int = 8, max_len: i
             moves += sum(1 for i, j in enumerate(order) if i != j)
             live = [live[j] for j in order]
             assert cache.rows == len(live)
-        ptrs |= {cache.storage.data_ptr()} | {p for layer in cache.layers for p in (
+        ptrs |= {cache.storage.untyped_storage().data_ptr()} | {p for layer in cache.layers for p in (
             layer.keys.untyped_storage().data_ptr(), layer.values.untyped_storage().data_ptr())}
         step += 1
     return Run(scripts, ptrs, moves)

@@ -1,11 +1,12 @@
 """Large CPU tensors in memory backed by 2 MB pages where Linux gives them (transparent huge pages).
 
 A decode step streams the forward's weight panels and its rows' keys and values from memory. In 4 KB
-pages that stream needs a new address translation every 4 KB, and how fast it runs varied with where the
-allocator put a copy (in one process, at one row, the forward built first took 1.2x as long as one built
-second). In 2 MB pages, on the project's CPU, a one-row SmolLM2-135M step took 0.91-0.92x as long and an
-eight-row one 0.96x (the panels; `benchmarks/forward_ops_bench.py --small-pages-too`), and with the KV
-cache too eight rows at 2,000 tokens of context 0.96x again; the build-order difference went away.
+pages how fast that stream ran depended on where the allocator put a copy: on the project's CPU the same
+one-row SmolLM2-135M step took 1.0x to 1.2x as long from one copy of the panels to the next (in one
+process, the forward built first 1.2x as long as one built second, three times over). In 2 MB pages it ran
+at the fast end every time: 0.88-1.0x the 4 KB step at one row and 0.96-1.0x at eight over three runs of
+`benchmarks/forward_ops_bench.py --small-pages-too`, 0.86-0.90x at one row with torch's own allocations in
+them too (`THP_MEM_ALLOC_ENABLE=1`), and the build-order difference gone.
 Linux backs an anonymous private mapping with huge pages when asked (`madvise`, the usual
 `transparent_hugepage` setting) or always; where it will not, or elsewhere, or with `RAHF_HUGE_PAGES=0`,
 these are ordinary tensors.

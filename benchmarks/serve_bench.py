@@ -95,7 +95,7 @@ def main() -> None:
 
     torch_gemvs = [lambda m=m, x=x: torch.nn.functional.linear(x, m.weight) for m, x in zip(linears, inputs, strict=True)]
     kernel = forward_kernel()
-    panels = [kernel.panels(m.weight.detach()) for m in linears] if kernel is not None else []
+    panels = kernel.panels_of([m.weight.detach() for m in linears]) if kernel is not None else []
     c_gemvs = [lambda m=m, x=x[0], p=p: kernel.product(x, p, m.out_features)
                for m, x, p in zip(linears, inputs, panels, strict=False)]
     floor_speed = functools.partial(streaming_speed, torch_gemvs)

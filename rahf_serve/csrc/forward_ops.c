@@ -68,8 +68,9 @@ static inline void store8(float *p, vec8 v)
  * (32): panels of 48, blocks of eight rows in vectors of sixteen (24 sums, 3 + 1), and of up to four in
  * vectors of eight (24 sums, 6 + 1). Eight rows in one pass compute while the panel streams in, where in
  * blocks of four the first waits on memory and the second finds the panel in cache: on the project's CPU
- * (benchmarks/panel_product_bench.py) eight rows reach 97-101 GFLOP/s against 65-66, and at one to four rows
- * the six sums a row keeps in flight read the weights 4-12% faster than three. */
+ * eight rows reach 79-89 GFLOP/s against AVX2's 59-61 and sixteen 93-99 against 78-83, while one to four
+ * rows, which wait on memory either way, run about as fast in both (benchmarks/panel_product_bench.py
+ * --against AVX2). */
 #if defined(__AVX512F__)
 #define PANEL 48
 #else

@@ -30,7 +30,7 @@ def isas_here() -> list[str]:
     wider blocks) AVX2 as well; elsewhere what torch found here."""
     here = torch.backends.cpu.get_cpu_capability()
     if platform.machine().lower() in ("x86_64", "amd64") and here in ("AVX2", "AVX512"):
-        return ["DEFAULT", "AVX2", "AVX512"][:3 if here == "AVX512" else 2]
+        return ["DEFAULT", "AVX2"] + (["AVX512"] if here == "AVX512" else [])
     return [here]
 
 

@@ -94,9 +94,13 @@ def main() -> None:
                                                                    Path(tempfile.mkdtemp(prefix="kernels-"))))
         forwards["against"] = PackedLlama(model, max_len, kernel=other)
     if args.small_pages_too:
+        before = os.environ.get("RAHF_HUGE_PAGES")
         os.environ["RAHF_HUGE_PAGES"] = "0"
         forwards["C, 4 KB pages"] = PackedLlama(model, max_len)
-        del os.environ["RAHF_HUGE_PAGES"]
+        if before is None:
+            del os.environ["RAHF_HUGE_PAGES"]
+        else:
+            os.environ["RAHF_HUGE_PAGES"] = before
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = [torch.randn(1, m.in_features) for m in linears]
     generator = torch.Generator().manual_seed(0)

@@ -21,15 +21,14 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rahf_serve.forward_kernel import ForwardKernel, build_forward_kernel, forward_kernel  # noqa: E402
+from rahf_serve.forward_kernel import build_forward_kernel, forward_kernel  # noqa: E402
+from tests.helpers import built_for  # noqa: E402
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "head": (49152, 576)}
 """[out, in] of SmolLM2-135M's products (q/k/v and gate/up fused as the packed forward runs them)."""
@@ -40,22 +39,6 @@ def timed(fn, weights: list) -> float:
     for w in weights:
         fn(w)
     return (time.perf_counter() - start) / len(weights)
-
-
-@contextmanager
-def capability(isa: str) -> Iterator[None]:
-    """Within: torch reports `isa` as this CPU's capability (the kernels' build flags follow it)."""
-    found = torch.backends.cpu.get_cpu_capability
-    torch.backends.cpu.get_cpu_capability = lambda: isa
-    try:
-        yield
-    finally:
-        torch.backends.cpu.get_cpu_capability = found
-
-
-def built_as(isa: str, directory: Path) -> ForwardKernel:
-    with capability(isa):
-        return build_forward_kernel(directory)
 
 
 def main() -> None:
@@ -70,7 +53,9 @@ def main() -> None:
     kernel = forward_kernel()
     if kernel is None:
         sys.exit("the forward kernel is unavailable here (see the log line above)")
-    other = built_as(args.against, Path(tempfile.mkdtemp(prefix="kernels-"))) if args.against else None
+    other = None
+    if args.against:
+        other = built_for(args.against, lambda: build_forward_kernel(Path(tempfile.mkdtemp(prefix="kernels-"))))
     print(f"# {platform.machine()}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), "
           f"{torch.get_num_threads()} thread(s); medians of {args.runs} rounds")
     extra = f"  {args.against} us  {args.against}/C" if other else ""

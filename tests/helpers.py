@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
+import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from rahf_serve.bundle import new_manifest, peft_payload, write_bundle
 from rahf_serve.models import BaseModel
+
+_Built = TypeVar("_Built")
+
+
+def built_for(isa: str, build: Callable[[], _Built]) -> _Built:
+    """`build()` as a machine on which torch found `isa` would build it (the C kernels' flags follow torch's
+    finding): the tests check each build this machine can stand in for, benchmarks compare two."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: isa)
+        return build()
 
 
 def random_lora_bundle(base: BaseModel, out: Path, *, seed: int = 0, r: int = 4,

@@ -6,9 +6,8 @@ import platform
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 import torch
@@ -21,8 +20,6 @@ from rahf_serve.registry import AdapterRegistry
 from tests.conftest import build_tiny_model_dir
 from tests.helpers import random_lora_bundle
 
-_Built = TypeVar("_Built")
-
 
 def isas_here() -> list[str]:
     """What torch can find on CPUs this machine can stand in for, to build the C kernels as there: on x86 with
@@ -32,13 +29,6 @@ def isas_here() -> list[str]:
     if platform.machine().lower() in ("x86_64", "amd64") and here in ("AVX2", "AVX512"):
         return ["DEFAULT", "AVX2"] + (["AVX512"] if here == "AVX512" else [])
     return [here]
-
-
-def built_for(isa: str, build: Callable[[], _Built]) -> _Built:
-    """`build()` as a machine on which torch found `isa` would build it (the flags follow torch's finding)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: isa)
-        return build()
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,8 @@ from rahf_serve import forward_kernel
 from rahf_serve.c_extension import torch_on_libgomp
 from rahf_serve.forward_kernel import ForwardKernel, build_forward_kernel
 from rahf_serve.packed_llama import PackedLlama
-from tests.serving.conftest import built_for, isas_here
+from tests.helpers import built_for
+from tests.serving.conftest import isas_here
 
 
 @pytest.fixture(scope="module", params=isas_here())

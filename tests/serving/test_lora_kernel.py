@@ -16,7 +16,8 @@ from rahf_serve.c_extension import KernelUnavailable
 from rahf_serve.errors import RahfError
 from rahf_serve.lora_kernel import build_row_kernel
 from rahf_serve.lora_slots import LoraSlots, LoraWeights, SlotSite
-from tests.serving.conftest import built_for, isas_here, load_lively
+from tests.helpers import built_for
+from tests.serving.conftest import isas_here, load_lively
 
 
 @pytest.fixture(scope="module", params=isas_here())

@@ -472,6 +472,9 @@ def _plan_packed(plan: _Rows, slots: Sequence[int | None], tokens: Sequence[int]
     plan.total = at
     if not single_tokens:
         return
+    if kernel:  # rows on one slot side by side: the kernel reads that slot's factors once for all of them
+        order = sorted(range(len(single_slots)), key=single_slots.__getitem__)
+        single_tokens, single_slots = [single_tokens[i] for i in order], [single_slots[i] for i in order]
     # The engine keeps decoding rows first, so their tokens are usually the first positions: a count then.
     first = single_tokens == list(range(len(single_tokens)))
     positions: torch.Tensor | int = len(single_tokens) if first else torch.tensor(single_tokens, device=device)

@@ -25,42 +25,13 @@
  * Built as a Python extension module (`forward_ops`), the arguments ints (addresses and sizes) and floats.
  */
 #include "extension.h"
+#include "vec8.h"
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
-#endif
-#if defined(__AVX__)
-#include <immintrin.h>
-#endif
-
-typedef float vec8 __attribute__((vector_size(32)));
-
-static inline vec8 load8(const float *p)
-{
-    vec8 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-/* v in every lane (not {0} + v: adding zero is an operation the compiler must keep, -0 + 0 being +0). */
-static inline vec8 splat(float v)
-{
-    return (vec8){v, v, v, v, v, v, v, v};
-}
-
-static inline void store8(float *p, vec8 v)
-{
-    memcpy(p, &v, sizeof v);
-}
-
-/* a * b + c, fused where the build targets FMA (the C standard mode does not contract a * b + c itself). */
-#if defined(__FMA__) && defined(__AVX__)
-#define VMULADD(a, b, c) ((vec8)_mm256_fmadd_ps((__m256)(a), (__m256)(b), (__m256)(c)))
-#else
-#define VMULADD(a, b, c) ((a) * (b) + (c))
 #endif
 
 /* A panel's width and the row blocks: a block keeps its rows' sums, the panel's vectors and a broadcast in
@@ -326,11 +297,6 @@ static inline float hmax(vec8 v)
     for (int l = 1; l < 8; l++)
         m = v[l] > m ? v[l] : m;
     return m;
-}
-
-static inline float hsum(vec8 v)
-{
-    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
 
 typedef int32_t vec8i __attribute__((vector_size(32)));

@@ -14,8 +14,8 @@
  * a row's result does not change with the batch around it. What stays fixed for a step (the rows) and for
  * a module (its factors) comes in two structs made once, so a call converts six arguments, not fourteen.
  *
- * Sums run in independent lanes of ranks (eight, then four, then one), vectorised with `omp simd`, each
- * product fused into its sum where the CPU has FMA; a bfloat16 A is read one rank after another (below).
+ * Sums run in vectors of eight (vec8.h), each product fused into its sum where the CPU has FMA; rows on
+ * one slot are done together, each factor read once for several of them, in a fixed order per row (below).
  *
  * `site` does the modules that read one input and add into one output (q/k/v, gate/up) in one call:
  * inside a forward, each call from Python costs several times what it costs in a tight loop (its code and
@@ -27,7 +27,9 @@
  * took ~4.5 us, a direct call taking four ~1 us, and a step makes 120 of them.
  */
 #include "extension.h"
+#include "vec8.h"
 #include <stdint.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -91,125 +93,193 @@ SPECIALISED void prefetch_row(const char *a, const char *b, int64_t r, int64_t a
     }
 }
 
-/* Lanes of a one-rank sum: four vectors of eight float32. */
-#define ONE_RANK_LANES 32
-
-/* h[k] = A[k] . x for k < r: ranks in blocks of eight lanes (eight streams read at once), then four, then one.
- * A bfloat16 A goes one rank at a time instead, its ranks' rows one stream in order: its rows are half as
- * long, and a pass over a step's sites at eight rows took ~5% longer with eight short streams at once than
- * with one (benchmarks/site_kernel_bench.py); a float32 A took ~7% longer with one. One rank sums in
- * ONE_RANK_LANES lanes, each its own sum, so several multiply-adds are in flight where a single sum waited
- * on the last: bfloat16 passes 6-9% shorter with the factors in cache, 2-4% from memory. */
-SPECIALISED void shrink(const char *a, int64_t r, int64_t in, const float *restrict x, float *restrict h, int dtype)
+/* Eight factors from element j of the factor row at p, as float32. */
+SPECIALISED vec8 load_factors(const char *p, int64_t j, int dtype)
 {
-    const int64_t row = in * size_of(dtype);
-    const int lanes = dtype != RAHF_BF16;
-    int64_t k = 0;
-    for (; lanes && k + 8 <= r; k += 8) {
-        const char *restrict a0 = a + k * row, *restrict a1 = a0 + row, *restrict a2 = a1 + row,
-                   *restrict a3 = a2 + row, *restrict a4 = a3 + row, *restrict a5 = a4 + row,
-                   *restrict a6 = a5 + row, *restrict a7 = a6 + row;
-        float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
-#pragma omp simd reduction(+:s0, s1, s2, s3, s4, s5, s6, s7)
-        for (int64_t j = 0; j < in; j++) {
-            const float v = x[j];
-            s0 = MULADD(load(a0, j, dtype), v, s0);
-            s1 = MULADD(load(a1, j, dtype), v, s1);
-            s2 = MULADD(load(a2, j, dtype), v, s2);
-            s3 = MULADD(load(a3, j, dtype), v, s3);
-            s4 = MULADD(load(a4, j, dtype), v, s4);
-            s5 = MULADD(load(a5, j, dtype), v, s5);
-            s6 = MULADD(load(a6, j, dtype), v, s6);
-            s7 = MULADD(load(a7, j, dtype), v, s7);
-        }
-        h[k] = s0, h[k + 1] = s1, h[k + 2] = s2, h[k + 3] = s3;
-        h[k + 4] = s4, h[k + 5] = s5, h[k + 6] = s6, h[k + 7] = s7;
+    if (dtype == RAHF_BF16) {
+#if defined(__AVX2__)
+        /* One widening load and a shift (GCC 12 makes four operations of the portable form below). */
+        const __m128i half = _mm_loadu_si128((const __m128i *)(p + 2 * j));
+        return (vec8)_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+#else
+        typedef uint16_t u16x8 __attribute__((vector_size(16)));
+        typedef uint32_t u32x8 __attribute__((vector_size(32)));
+        u16x8 half;
+        memcpy(&half, p + 2 * j, sizeof half);
+        const u32x8 bits = __builtin_convertvector(half, u32x8) << 16;
+        vec8 v;
+        memcpy(&v, &bits, sizeof v);
+        return v;
+#endif
     }
-    for (; lanes && k + 4 <= r; k += 4) {
-        const char *restrict a0 = a + k * row, *restrict a1 = a0 + row, *restrict a2 = a1 + row,
-                   *restrict a3 = a2 + row;
-        float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+:s0, s1, s2, s3)
-        for (int64_t j = 0; j < in; j++) {
-            const float v = x[j];
-            s0 = MULADD(load(a0, j, dtype), v, s0);
-            s1 = MULADD(load(a1, j, dtype), v, s1);
-            s2 = MULADD(load(a2, j, dtype), v, s2);
-            s3 = MULADD(load(a3, j, dtype), v, s3);
-        }
-        h[k] = s0, h[k + 1] = s1, h[k + 2] = s2, h[k + 3] = s3;
-    }
-    for (; k < r; k++) {
-        const char *restrict a0 = a + k * row;
-        float acc[ONE_RANK_LANES] = {0};
-        int64_t j = 0;
-        for (; j + ONE_RANK_LANES <= in; j += ONE_RANK_LANES) {
-#pragma omp simd
-            for (int c = 0; c < ONE_RANK_LANES; c++)
-                acc[c] = MULADD(load(a0, j + c, dtype), x[j + c], acc[c]);
-        }
-        float s0 = 0;
-        for (; j < in; j++)
-            s0 = MULADD(load(a0, j, dtype), x[j], s0);
-#pragma omp simd reduction(+:s0)
-        for (int c = 0; c < ONE_RANK_LANES; c++)
-            s0 += acc[c];
-        h[k] = s0;
-    }
+    return load8((const float *)p + j);
 }
 
-/* y += sum_k h[k] B[k], in the same blocks of ranks. */
-SPECIALISED void expand(const char *b, int64_t r, int64_t out, const float *h, float *restrict y, int dtype)
+/* Rows that share a slot are done together, up to GROUP of them: each factor vector read feeds all of them
+ * from registers. Row after row, each read the slot's factors again from cache and was bound by that: eight
+ * rows on one adapter cost a SmolLM2-135M step 8-10% over its base rows where reading their factors once
+ * costs ~2%; in groups of four a pass over the step's sites takes 0.64-0.78x as long (benchmarks/
+ * site_kernel_bench.py --adapters 1). GROUP rows' sums, a block of factors and the rows' inputs fit in
+ * AVX-512's 32 registers; AVX2 has 16. */
+#if defined(__AVX512F__)
+#define GROUP 4
+#define SUMS 16
+#else
+#define GROUP 2
+#define SUMS 8
+#endif
+
+/* Each row's arithmetic is fixed whatever the rows beside it and however the loops below block rows and
+ * ranks, so a row's result does not depend on its batch:
+ *   h[k] = A[k] . x: LANES(dtype) lanes of sums over the input in order (vectors of eight side by side),
+ *   the vectors added in pairs, their eight lanes in hsum's tree, then the input past the last whole
+ *   LANES one element at a time;
+ *   y += sum_k h[k] B[k] in blocks of eight ranks, then four, then one: a block of several adds to y the
+ *   chain h0 B0, then + h1 B1 fused, ..., a single rank is fused into y.
+ * A float32 A's ranks are read eight at a time (eight streams, eight sums in flight); a bfloat16 A's one
+ * after another, in the order they lie, with 32 lanes keeping four sums in flight: from memory, reading
+ * eight rows of a bfloat16 A at once made a pass over a step's sites ~18% longer, a float32 A's the same
+ * (benchmarks/site_kernel_bench.py). */
+#define LANES(dtype) ((dtype) == RAHF_BF16 ? 32 : 8)
+
+/* h_g[k0 + k] for k < K and the G rows x_g sharing A (a: rank k0's row, `row` bytes long). */
+SPECIALISED void shrink_block(const char *a, int64_t row, int64_t in, const float *const *x, float *const *h,
+                              int64_t k0, int G, int K, int dtype)
+{
+    enum { MAX = 8 };  /* K x LANES / 8 vectors of sums per row */
+    const int V = LANES(dtype) / 8;
+    vec8 s[GROUP][MAX];
+    for (int g = 0; g < G; g++)
+        for (int u = 0; u < K * V; u++)
+            s[g][u] = splat(0);
+    int64_t j = 0;
+    for (; j + 8 * V <= in; j += 8 * V)
+        for (int k = 0; k < K; k++)
+            for (int v = 0; v < V; v++) {
+                const vec8 f = load_factors(a + k * row, j + 8 * v, dtype);
+                for (int g = 0; g < G; g++)
+                    s[g][k * V + v] = VMULADD(f, load8(x[g] + j + 8 * v), s[g][k * V + v]);
+            }
+    for (int g = 0; g < G; g++)
+        for (int k = 0; k < K; k++) {
+            const vec8 *sk = s[g] + k * V;
+            float t = hsum(V == 4 ? (sk[0] + sk[1]) + (sk[2] + sk[3]) : sk[0]);
+            for (int64_t i = j; i < in; i++)
+                t = MULADD(load(a + k * row, i, dtype), x[g][i], t);
+            h[g][k0 + k] = t;
+        }
+}
+
+/* h_g = A x_g for the G rows sharing A: float32 ranks eight at a time while the G x 8 sums fit in SUMS
+ * registers, else four, then one at a time; bfloat16 ranks one at a time (four vectors of sums each). */
+SPECIALISED void shrink(const char *a, int64_t r, int64_t in, const float *const *x, float *const *h, int G,
+                        int dtype)
+{
+    const int64_t row = in * size_of(dtype);
+    const int K = dtype == RAHF_BF16 ? 1 : SUMS / G >= 8 ? 8 : 4;
+    int64_t k = 0;
+    for (; k + K <= r; k += K)
+        shrink_block(a + k * row, row, in, x, h, k, G, K, dtype);
+    for (; k + 4 <= r; k += 4)
+        shrink_block(a + k * row, row, in, x, h, k, G, 4, dtype);
+    for (; k < r; k++)
+        shrink_block(a + k * row, row, in, x, h, k, G, 1, dtype);
+}
+
+/* The ranks k0 .. k0 + K of h_g B into the G rows' y_g (b: rank k0's row, `row` bytes long): each of the K
+ * B vectors of eight columns read once for all G rows. */
+SPECIALISED void expand_block(const char *b, int64_t row, int64_t out, const float *const *h, float *const *y,
+                              int64_t k0, int G, int K, int dtype)
+{
+    int64_t c = 0;
+    for (; c + 8 <= out; c += 8) {
+        vec8 f[8];
+        for (int k = 0; k < K; k++)
+            f[k] = load_factors(b + k * row, c, dtype);
+        for (int g = 0; g < G; g++) {
+            const float *hg = h[g] + k0;
+            if (K == 1) {
+                store8(y[g] + c, VMULADD(splat(hg[0]), f[0], load8(y[g] + c)));
+                continue;
+            }
+            vec8 t = splat(hg[0]) * f[0];
+            for (int k = 1; k < K; k++)
+                t = VMULADD(splat(hg[k]), f[k], t);
+            store8(y[g] + c, load8(y[g] + c) + t);
+        }
+    }
+    for (; c < out; c++)
+        for (int g = 0; g < G; g++) {
+            const float *hg = h[g] + k0;
+            if (K == 1) {
+                y[g][c] = MULADD(hg[0], load(b, c, dtype), y[g][c]);
+                continue;
+            }
+            float t = hg[0] * load(b, c, dtype);
+            for (int k = 1; k < K; k++)
+                t = MULADD(hg[k], load(b + k * row, c, dtype), t);
+            y[g][c] += t;
+        }
+}
+
+/* y_g += B^T h_g for the G rows sharing B. */
+SPECIALISED void expand(const char *b, int64_t r, int64_t out, const float *const *h, float *const *y, int G,
+                        int dtype)
 {
     const int64_t row = out * size_of(dtype);
     int64_t k = 0;
-    for (; k + 8 <= r; k += 8) {
-        const char *restrict b0 = b + k * row, *restrict b1 = b0 + row, *restrict b2 = b1 + row,
-                   *restrict b3 = b2 + row, *restrict b4 = b3 + row, *restrict b5 = b4 + row,
-                   *restrict b6 = b5 + row, *restrict b7 = b6 + row;
-        const float h0 = h[k], h1 = h[k + 1], h2 = h[k + 2], h3 = h[k + 3], h4 = h[k + 4], h5 = h[k + 5],
-                    h6 = h[k + 6], h7 = h[k + 7];
-#pragma omp simd
-        for (int64_t j = 0; j < out; j++)
-            y[j] += MULADD(h7, load(b7, j, dtype), MULADD(h6, load(b6, j, dtype), MULADD(h5, load(b5, j, dtype),
-                    MULADD(h4, load(b4, j, dtype), MULADD(h3, load(b3, j, dtype), MULADD(h2, load(b2, j, dtype),
-                    MULADD(h1, load(b1, j, dtype), h0 * load(b0, j, dtype))))))));
-    }
-    for (; k + 4 <= r; k += 4) {
-        const char *restrict b0 = b + k * row, *restrict b1 = b0 + row, *restrict b2 = b1 + row,
-                   *restrict b3 = b2 + row;
-        const float h0 = h[k], h1 = h[k + 1], h2 = h[k + 2], h3 = h[k + 3];
-#pragma omp simd
-        for (int64_t j = 0; j < out; j++)
-            y[j] += MULADD(h3, load(b3, j, dtype), MULADD(h2, load(b2, j, dtype),
-                    MULADD(h1, load(b1, j, dtype), h0 * load(b0, j, dtype))));
-    }
-    for (; k < r; k++) {
-        const char *restrict b0 = b + k * row;
-        const float h0 = h[k];
-#pragma omp simd
-        for (int64_t j = 0; j < out; j++)
-            y[j] = MULADD(h0, load(b0, j, dtype), y[j]);
-    }
+    for (; k + 8 <= r; k += 8)
+        expand_block(b + k * row, row, out, h, y, k, G, 8, dtype);
+    for (; k + 4 <= r; k += 4)
+        expand_block(b + k * row, row, out, h, y, k, G, 4, dtype);
+    for (; k < r; k++)
+        expand_block(b + k * row, row, out, h, y, k, G, 1, dtype);
 }
 
-/* Rows lo .. hi-1 of `rows`. */
+/* The G rows from i on, all on slot s: their shrink and expand specialised for G. */
+SPECIALISED void group_of(const struct rahf_rows *rows, int64_t i, int G, const char *a, const char *b,
+                          const struct rahf_factors *f, const float *x, int64_t ldx, float *y, int64_t ldy,
+                          float *hs, int dtype)
+{
+    const float *xs[GROUP];
+    float *ys[GROUP], *h[GROUP];
+    for (int g = 0; g < G; g++) {
+        const int64_t t = rows->tokens ? rows->tokens[i + g] : i + g;
+        xs[g] = x + t * ldx, ys[g] = y + t * ldy, h[g] = hs + g * rows->r;
+    }
+    shrink(a, rows->r, f->in, xs, h, G, dtype);
+    expand(b, rows->r, f->out, (const float *const *)h, ys, G, dtype);
+}
+
+/* Rows lo .. hi-1 of `rows`, those on one slot next to each other in groups (the plan puts them side by
+ * side). */
 SPECIALISED void rows_of(const struct rahf_rows *rows, int64_t lo, int64_t hi, const struct rahf_factors *f,
                          const float *x, int64_t ldx, float *y, int64_t ldy, int dtype)
 {
     const int64_t r = rows->r, in = f->in, out = f->out, size = size_of(dtype);
-    const int64_t *tokens = rows->tokens, *slots = rows->slots;
+    const int64_t *slots = rows->slots;
     const char *A = f->A, *B = f->B;
     const int64_t a_slot = f->a_stride * size, b_slot = f->b_stride * size;
-    float h[r > 0 ? r : 1];
+    float h[GROUP * (r > 0 ? r : 1)];
     if (lo < hi)
         prefetch_row(A + slots[lo] * a_slot, B + slots[lo] * b_slot, r, in * size, out * size);
-    for (int64_t i = lo; i < hi; i++) {
-        if (i + 1 < hi)  /* the next row's streams start while this one computes */
-            prefetch_row(A + slots[i + 1] * a_slot, B + slots[i + 1] * b_slot, r, in * size, out * size);
-        const int64_t t = tokens ? tokens[i] : i;
-        shrink(A + slots[i] * a_slot, r, in, x + t * ldx, h, dtype);
-        expand(B + slots[i] * b_slot, r, out, h, y + t * ldy, dtype);
+    for (int64_t i = lo; i < hi;) {
+        const int64_t s = slots[i];
+        int n = 1;
+        while (n < GROUP && i + n < hi && slots[i + n] == s)
+            n++;
+        if (i + n < hi)  /* the next group's streams start while this one computes */
+            prefetch_row(A + slots[i + n] * a_slot, B + slots[i + n] * b_slot, r, in * size, out * size);
+        const char *a = A + s * a_slot, *b = B + s * b_slot;
+        switch (n) {
+        case 1: group_of(rows, i, 1, a, b, f, x, ldx, y, ldy, h, dtype); break;
+        case 2: group_of(rows, i, 2, a, b, f, x, ldx, y, ldy, h, dtype); break;
+#if GROUP > 2
+        case 3: group_of(rows, i, 3, a, b, f, x, ldx, y, ldy, h, dtype); break;
+        case 4: group_of(rows, i, 4, a, b, f, x, ldx, y, ldy, h, dtype); break;
+#endif
+        }
+        i += n;
     }
 }
 

@@ -64,6 +64,39 @@ def test_rows_equal_their_products_and_leave_other_rows_alone(kernel, r, positio
     assert torch.equal(wide[:, :4], before[:, :4]) and torch.equal(wide[:, 4 + d_out:], before[:, 4 + d_out:])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_on_one_slot_done_together_give_each_row_what_it_gets_alone(kernel, dtype):
+    """Rows side by side on one slot share each read of its factors (in groups of two or four by build) and
+    a row's output is bit for bit the same alone, in runs of any length, first, last or in the middle of a
+    run, with rows of other slots around it: ranks past the blocks (13), sizes past the vectors (70, 150)."""
+    g = torch.Generator().manual_seed(3)
+    d_in, d_out, r = 70, 150, 13
+    A = torch.randn(3, 16, d_in, generator=g).to(dtype)
+    B = torch.randn(3, 16, d_out, generator=g).to(dtype)
+    factors = lora_kernel.factors_for(A, B)
+    x = torch.randn(12, d_in, generator=g)
+    base = torch.randn(12, d_out, generator=g)
+
+    def run(tokens: list[int], slots: list[int]) -> torch.Tensor:
+        y, positions, slot_of = base.clone(), torch.tensor(tokens), torch.tensor(slots)  # alive through the call
+        rows = lora_kernel.rows_for(positions, slot_of, r)
+        kernel.rows(ctypes.addressof(rows), ctypes.addressof(factors), x.data_ptr(), x.stride(0), y.data_ptr(),
+                    y.stride(0))
+        return y
+
+    alone = {t: run([t], [1])[t] for t in range(12)}
+    for n in range(1, 11):
+        tokens = [(5 + 7 * i) % 12 for i in range(n)]  # scattered, each once
+        other = next(t for t in range(12) if t not in tokens)  # a row on another slot before the run
+        y = run([other, *tokens], [0, *[1] * n])
+        for t in tokens:
+            assert torch.equal(y[t], alone[t]), (n, t)
+    y = run([0, 1, 2, 3, 4, 5], [2, 1, 1, 2, 1, 1])  # runs of two between rows of another slot
+    assert all(torch.equal(y[t], alone[t]) for t in (1, 2, 4, 5))
+    want = reference(x, base, [(t, 1) for t in range(12)], A, B, r)
+    torch.testing.assert_close(torch.stack([alone[t] for t in range(12)]).double(), want, atol=1e-4, rtol=1e-5)
+
+
 def site_of(shapes: list[tuple[int, int]], rows: lora_kernel.Rows, total: int, dtype: torch.dtype, seed: int):
     """A site of modules [in, out] reading one input: (address, x, output width, the Python objects the C call
     reads, the plan first); every module's group plans `rows`."""

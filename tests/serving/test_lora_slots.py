@@ -150,14 +150,17 @@ def test_packed_rows_equal_each_row_alone(tiny, layout, decode_first, kernel):
     assert not slots.active
 
 
-@pytest.mark.parametrize("layout", [[0, 1, 2, 3], [2, 0, 3, 1], [0, 0, 2, None, 2, 1], [0, 7], [7, 0, 0]],
-                         ids=["in-slot-order", "shuffled", "shared-slots-and-a-gap", "spread", "spread-shared"])
+@pytest.mark.parametrize("layout", [[0, 1, 2, 3], [2, 0, 3, 1], [0, 0, 2, None, 2, 1], [0, 7], [7, 0, 0],
+                                    [3, 0, 3, 3, None, 3, 1, 3, 3]],
+                         ids=["in-slot-order", "shuffled", "shared-slots-and-a-gap", "spread", "spread-shared",
+                              "six-on-one-slot-among-others"])
 @pytest.mark.parametrize("decode_first", [True, False], ids=["decoding-rows-first", "after-a-prompt"])
 @KERNEL
 def test_one_token_rows_on_many_slots_equal_each_row_alone(tiny, layout, decode_first, kernel):
     """One-token rows on several slots (in order, shuffled, shared, with an unused slot between, spread
-    out): every token gets what its row alone gets, in every wrapped module, from the C kernel and from
-    torch's products (factors read in place as a band when the slots lie close together, else gathered)."""
+    out): every token gets what its row alone gets, in every wrapped module, from the C kernel (which gets
+    the rows of one slot side by side, to read its factors once for them) and from torch's products
+    (factors read in place as a band when the slots lie close together, else gathered)."""
     base, bundles = tiny
     slots = LoraSlots(copy.deepcopy(base.model).eval(), max_loras=8, max_rank=16, kernel=kernel)
     weights = {name: read_lora(read_bundle(path), name) for name, path in bundles.items()}
@@ -171,6 +174,8 @@ def test_one_token_rows_on_many_slots_equal_each_row_alone(tiny, layout, decode_
     slots.set_rows(rows, tokens)
     plans = [m.rows for m in slots._wrapped.values()]
     assert all((p.kernel is not None) == kernel and (p.band is None and p.gather is None) == kernel for p in plans)
+    if kernel:
+        assert all(p.kernel._slots.tolist() == sorted(p.kernel._slots.tolist()) for p in plans)
 
 
 def rounded(weights: LoraWeights) -> LoraWeights:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rahf_serve import forward_kernel
+from rahf_serve import forward_kernel, kvcache
 from rahf_serve.c_extension import torch_on_libgomp
 from rahf_serve.forward_kernel import ForwardKernel, build_forward_kernel
 from rahf_serve.packed_llama import PackedLlama
@@ -159,6 +159,29 @@ def test_one_token_rows_attend_their_own_row_s_keys_up_to_their_own(kernel, head
             torch.testing.assert_close(out[t], want, rtol=1e-5, atol=1e-6)
         else:
             assert torch.equal(out[t], torch.full((heads, head_dim), 7.0))
+
+
+@pytest.mark.parametrize("chunk", [2, kvcache.C_CHUNK, kvcache.C_CHUNK + 1])
+def test_short_prompt_chunks_attend_in_the_c_loop_as_torch_s_causal_attention(kernel, chunk, monkeypatch):
+    """A step of two decoding rows and a prompt chunk 40 tokens deep: a chunk of at most C_CHUNK tokens
+    attends in the C loop (each query over its row's keys up to its own: the causal mask), a longer one in
+    torch's; either way each query gets what torch's attention gives it."""
+    heads, kv_heads, head_dim = 9, 3, 64
+    cache = kvcache.SlotCache(kvcache.KVShape(1, kv_heads, head_dim), 3, 64, dtype=torch.float32, device="cpu")
+    cache.storage.copy_(randn(*cache.storage.shape, seed=8))
+    cache.add(3)
+    cache._lengths[:] = [11, 40, 5]
+    step = cache.begin_step([1, chunk, 1])
+    query = randn(chunk + 2, heads, head_dim, seed=9)
+    calls = []
+    attend_rows = kernel.attend_rows
+    monkeypatch.setattr(kernel, "attend_rows", lambda q, tokens, *a: (calls.append(tokens), attend_rows(q, tokens, *a)))
+    got = cache.attend_packed(0, query, 0.125, kernel)
+    want = cache.attend_packed(0, query, 0.125)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    in_c = [t for tokens in calls for t in range(tokens.start, tokens.stop)]
+    assert in_c == ([0, *range(1, chunk + 1), chunk + 1] if chunk <= kvcache.C_CHUNK else [0, chunk + 1])
+    assert step.columns[1:chunk + 1].tolist() == list(range(40, 40 + chunk))  # the chunk's own positions
 
 
 def test_long_rows_shared_between_threads_equal_one_thread_bit_for_bit(kernel):

@@ -36,8 +36,8 @@
 
 /* A panel's width and the row blocks: a block keeps its rows' sums, the panel's vectors and a broadcast in
  * registers. AVX2 (sixteen registers): panels of 24 columns, blocks of four rows (12 sums, 3 + 1). AVX-512
- * (32): panels of 48, blocks of eight rows in vectors of sixteen (24 sums, 3 + 1), and of up to four in
- * vectors of eight (24 sums, 6 + 1). Eight rows in one pass compute while the panel streams in, where in
+ * (32): panels of 48, blocks of eight rows in vectors of sixteen (24 sums, 3 + 1; nine where nine are
+ * left: 27 + 3 + 1), and of up to four in vectors of eight (24 sums, 6 + 1). Eight rows in one pass compute while the panel streams in, where in
  * blocks of four the first waits on memory and the second finds the panel in cache: on the project's CPU
  * eight rows reach 79-89 GFLOP/s against AVX2's 59-61 and sixteen 93-99 against 78-83, while one to four
  * rows, which wait on memory either way, run about as fast in both (benchmarks/panel_product_bench.py
@@ -102,12 +102,12 @@ static inline vec16 load16(const float *p)
     return v;
 }
 
-/* panel_rows for R of five to eight rows, in vectors of sixteen. */
+/* panel_rows for R of five to nine rows, in vectors of sixteen. */
 static inline __attribute__((always_inline)) void panel_rows16(const float *x, int64_t ldx, const int R,
                                                                const float *restrict panel, int64_t in, float *y,
                                                                int64_t ldy, int64_t cols, int add)
 {
-    vec16 s[8][3];
+    vec16 s[9][3];
     for (int m = 0; m < R; m++)
         for (int v = 0; v < 3; v++)
             s[m][v] = (vec16)_mm512_setzero_ps();
@@ -134,8 +134,17 @@ static void panel_block(const float *x, int64_t ldx, int64_t tokens, const float
 {
     int64_t m = 0;
 #if defined(__AVX512F__)
-    for (; m + 8 <= tokens; m += 8)
+    for (; m + 8 <= tokens; m += 8) {
+        if (tokens - m == 9) {  /* nine in one pass (27 sums, 3 panel vectors and a broadcast in the 32
+                                   registers): a ninth row's pass of its own read the panel again, and took
+                                   a step of eight decoding rows and a one-token row 1.19x as long as eight,
+                                   in one pass 1.11x (forward_ops_bench.py --rows 8 9 --against) */
+            panel_rows16(x + m * ldx, ldx, 9, panel, in, y + m * ldy, ldy, cols, add);
+            m += 9;
+            break;
+        }
         panel_rows16(x + m * ldx, ldx, 8, panel, in, y + m * ldy, ldy, cols, add);
+    }
 #else
     for (; m + 4 <= tokens; m += 4)
         panel_rows(x + m * ldx, ldx, 4, panel, in, y + m * ldy, ldy, cols, add);

@@ -174,9 +174,8 @@ C_CHUNK = 8
 """The longest prompt chunk whose queries attend in the C loop, each as a one-token row would (a query at
 column c over its row's keys 0 .. c: the causal mask), rather than through torch's attention. On the
 project's CPU next to eight decoding rows, a two-token chunk 1,000 keys deep added 0.33x of their step in C
-against 0.54-0.78x in torch's (which costs ~0.1 ms a layer to set up), 3,500 deep 0.65x against 1.07-1.14x;
-at eight tokens the two were even 3,500 deep, and past it torch's, which reads each key once for all the
-chunk's queries, was ahead."""
+against 0.54-0.78x in torch's, 3,500 deep 0.65x against 1.07-1.14x; at eight tokens the two were even 3,500
+deep, and past it torch's, which reads each key once for all the chunk's queries, was ahead."""
 
 
 def _decode_run(n_new: Sequence[int], lengths: Sequence[int], start: int) -> int:

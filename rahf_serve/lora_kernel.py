@@ -3,7 +3,8 @@
 On a CPU decode step each row's LoRA is two small matrix-vector products; torch's batched matmul spends
 more on each of them than reading its factors takes, so eight rows on eight different adapters cost a
 SmolLM2-135M step about 19% against a 5% floor of reading the bytes. The kernel does a module's rows in
-one call, each row one pass over its factors where they lie (benchmarks/lora_layout_bench.py compares).
+one call, each row one pass over its factors where they lie, rows on the same slot in one pass together
+(benchmarks/lora_layout_bench.py and site_kernel_bench.py compare).
 
 It is a Python extension module built on first use (`c_extension`); the structs it reads are ctypes
 Structures the slots own. Where it cannot be built, or `RAHF_LORA_KERNEL=0`, `row_kernel()` says why once

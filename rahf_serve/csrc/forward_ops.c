@@ -37,8 +37,9 @@
 /* A panel's width and the row blocks: a block keeps its rows' sums, the panel's vectors and a broadcast in
  * registers. AVX2 (sixteen registers): panels of 24 columns, blocks of four rows (12 sums, 3 + 1). AVX-512
  * (32): panels of 48, blocks of eight rows in vectors of sixteen (24 sums, 3 + 1; nine where nine are
- * left: 27 + 3 + 1), and of up to four in vectors of eight (24 sums, 6 + 1). Eight rows in one pass compute while the panel streams in, where in
- * blocks of four the first waits on memory and the second finds the panel in cache: on the project's CPU
+ * left: 27 + 3 + 1), and of up to four in vectors of eight (24 sums, 6 + 1). Eight rows in one pass
+ * compute while the panel streams in, where in blocks of four the first waits on memory and the second
+ * finds the panel in cache: on the project's CPU
  * eight rows reach 79-89 GFLOP/s against AVX2's 59-61 and sixteen 93-99 against 78-83, while one to four
  * rows, which wait on memory either way, run about as fast in both (benchmarks/panel_product_bench.py
  * --against AVX2). */

@@ -138,8 +138,8 @@ SPECIALISED vec8 load_factors(const char *p, int64_t j, int dtype)
  *   chain h0 B0, then + h1 B1 fused, ..., a single rank is fused into y.
  * A float32 A's ranks are read eight at a time (eight streams, eight sums in flight); a bfloat16 A's one
  * after another, in the order they lie, with 32 lanes keeping four sums in flight: from memory, reading
- * eight rows of a bfloat16 A at once made a pass over a step's sites ~18% longer, a float32 A's the same
- * (benchmarks/site_kernel_bench.py). */
+ * eight ranks of a bfloat16 A at once made a pass over a step's sites ~18% longer, where for a float32 A
+ * it made no difference (benchmarks/site_kernel_bench.py). */
 #define LANES(dtype) ((dtype) == RAHF_BF16 ? 32 : 8)
 
 /* h_g[k0 + k] for k < K and the G rows x_g sharing A (a: rank k0's row, `row` bytes long). */

@@ -25,7 +25,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,8 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rahf_serve import c_extension  # noqa: E402
-from rahf_serve.forward_kernel import ForwardKernel, forward_kernel  # noqa: E402
+from rahf_serve.forward_kernel import build_forward_kernel, forward_kernel  # noqa: E402
 from rahf_serve.kvcache import SlotCache, pack_inputs  # noqa: E402
 from rahf_serve.models import load_base  # noqa: E402
 from rahf_serve.packed_llama import PackedLlama  # noqa: E402
@@ -90,9 +88,7 @@ def main() -> None:
     forwards = {"C": PackedLlama(model, max_len), "C, torch mm": PackedLlama(model, max_len, products=False),
                 "torch": PackedLlama(model, max_len, kernel=False)}
     if args.against:
-        other = ForwardKernel(*c_extension.build_for_torch_threads(args.against, "forward_ops",
-                                                                   Path(tempfile.mkdtemp(prefix="kernels-"))))
-        forwards["against"] = PackedLlama(model, max_len, kernel=other)
+        forwards["against"] = PackedLlama(model, max_len, kernel=build_forward_kernel(source=args.against))
     if args.small_pages_too:
         before = os.environ.get("RAHF_HUGE_PAGES")
         os.environ["RAHF_HUGE_PAGES"] = "0"

@@ -19,7 +19,6 @@ import argparse
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -55,7 +54,7 @@ def main() -> None:
         sys.exit("the forward kernel is unavailable here (see the log line above)")
     other = None
     if args.against:
-        other = built_for(args.against, lambda: build_forward_kernel(Path(tempfile.mkdtemp(prefix="kernels-"))))
+        other = built_for(args.against, build_forward_kernel)  # cached beside this machine's build, by its flags
     print(f"# {platform.machine()}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), "
           f"{torch.get_num_threads()} thread(s); medians of {args.runs} rounds")
     extra = f"  {args.against} us  {args.against}/C" if other else ""

@@ -116,9 +116,10 @@ class ForwardKernel:
                           out.data_ptr(), torch.get_num_threads(), scale)
 
 
-def build_forward_kernel(cache: Path | None = None, compiler: str | None = None) -> ForwardKernel:
-    """Compile (unless cached) and load the extension; KernelUnavailable if not."""
-    return ForwardKernel(*c_extension.build_for_torch_threads(SOURCE, "forward_ops", cache, compiler))
+def build_forward_kernel(cache: Path | None = None, compiler: str | None = None, source: Path = SOURCE) -> ForwardKernel:
+    """Compile (unless cached) and load the extension; KernelUnavailable if not. `source`: another C file
+    defining the module `forward_ops` (benchmarks time another commit's beside this one)."""
+    return ForwardKernel(*c_extension.build_for_torch_threads(source, "forward_ops", cache, compiler))
 
 
 _kernel = BuiltOnce("forward kernel", "RAHF_FORWARD_KERNEL", "the packed forward keeps torch's operators",

@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what LoRA factors are stored in (auto = the model's dtype; vLLM's lora_dtype with --engine "
                         "vllm). bfloat16 under a float32 model halves the memory of resident adapters and the bytes "
                         "an adapter row reads, but rounds the factors: results are no longer PEFT's to the last bit")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="compute every prompt in full. By default a request whose prompt starts as another's under "
+                        "the same adapter and steering reuses those tokens' keys and values: the built-in engine "
+                        "copies them from a request in its batch, vLLM from its prefix cache")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = torch's default); 1 is faster on a machine shared with other jobs")
     p.add_argument("--engine", choices=("builtin", "vllm"), default="builtin",
@@ -88,7 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help="KV cache size in GiB (default: vLLM's; on CPU also VLLM_CPU_KVCACHE_SPACE)")
     vllm.add_argument("--max-cpu-loras", type=int, default=None,
                       help="LoRAs kept in host memory (others are read again from their folders when used)")
-    vllm.add_argument("--no-prefix-caching", action="store_true", help="turn vLLM's prefix caching off")
     vllm.add_argument("--vllm-compile", action="store_true",
                       help="let vLLM compile the model and capture CUDA graphs (faster on GPUs); steering needs an "
                            "eager model, so requests with `steering` are then refused with a 400")
@@ -127,7 +130,7 @@ def add_preset_arg(registry: AdapterRegistry, arg: str) -> None:
 
 
 _VLLM_ONLY = ("tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization", "kv_cache_gib",
-              "max_cpu_loras", "no_prefix_caching", "vllm_compile", "vllm_arg")
+              "max_cpu_loras", "vllm_compile", "vllm_arg")
 
 
 OFF = 0.0
@@ -167,7 +170,7 @@ def build_engine(args: argparse.Namespace) -> ServingEngine:
         budget = {"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}
         return Engine(base, max_batch=args.max_batch, max_queue=args.max_queue, max_new_tokens=args.max_new_tokens,
                       max_model_len=args.max_model_len, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-                      lora_dtype=lora_dtype,
+                      lora_dtype=lora_dtype, prefix_sharing=not args.no_prefix_caching,
                       max_step_slowdown=_resolve_slowdown(args.max_step_slowdown, base.device.type), **budget)
     if args.max_step_slowdown not in (None, OFF):
         raise RahfError("--max-step-slowdown only applies to the built-in engine (vLLM paces with "

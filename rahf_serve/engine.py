@@ -9,7 +9,9 @@ each row whose prompt is complete, drop finished and cancelled rows. Keys and va
 step is one forward over every row's new tokens packed into one sequence without padding: decoding rows
 feed one token, rows still prefilling share what is left of `max_num_batched_tokens` in prompt chunks
 (the budget counts attention over long contexts too, see `_chunk_sizes`), so a long prompt delays
-running streams by one chunk per step, not by its whole prefill. Each row names the
+running streams by one chunk per step, not by its whole prefill. A row whose prompt starts as another's
+in the batch or as a finished one still in the cache, under the same adapter and steering, copies those
+tokens' keys and values instead of computing them (`prefixes`). Each row names the
 `LoraSlots` slot of its adapter or blend (None for the base), set once per step, and carries its own
 steering coefficient, sampling parameters and generator. Rows that
 ask for log-probabilities get them from their own logits in the same passes (prompt tokens from the
@@ -53,6 +55,7 @@ from .metrics import ServingMetrics
 from .models import BaseModel
 from .pacing import StepPacer, chunk_keys, tokens_within
 from .packed_llama import PackedLlama, packed_forward_for
+from .prefixes import Kept, best_donor
 from .request import (
     BASE_SLOT,
     GenerationRequest,
@@ -108,6 +111,14 @@ class _Row:
     """final hidden states of the prompt chunks fed so far, when the request asked for prompt log-probs"""
     generated: int = 0
     last_time: float = 0.0
+    donor: _Row | None = field(default=None, repr=False, compare=False)
+    """a row (in the batch or joining before this one) whose prompt starts as this one's does under the same
+    adapter and steering: this row copies the first `shared` tokens' keys and values from it"""
+    shared: int = 0
+    cached: int = 0
+    """prompt tokens whose keys and values it took from another row or a kept slot"""
+    output: list[int] = field(default_factory=list)
+    """the tokens generated so far"""
 
 
 @dataclass(frozen=True)
@@ -124,7 +135,7 @@ class Engine:
     def __init__(self, base: BaseModel, *, max_batch: int = 16, max_queue: int = 64, max_new_tokens: int = 1024,
                  max_model_len: int | None = None, max_num_batched_tokens: int | None = None,
                  max_loras: int = 8, max_lora_rank: int = 64, lora_dtype: torch.dtype | None = None,
-                 max_step_slowdown: float | None = None,
+                 max_step_slowdown: float | None = None, prefix_sharing: bool = True,
                  packed_forward: bool = True, metrics: ServingMetrics | None = None) -> None:
         """`max_model_len`: the most tokens a request may span (prompt + max_tokens); None = the model's
         context, at most DEFAULT_MAX_MODEL_LEN. `max_num_batched_tokens`: the compute of one step, in tokens
@@ -134,9 +145,12 @@ class Engine:
         blend's is the sum of its adapters'); `lora_dtype`: what their factors are stored in (None: the model's
         dtype; `LoraSlots`). `max_step_slowdown`: a step that feeds prompt chunks next to
         decoding rows takes at most this many times a decode-only step, by measured time (`pacing`); None =
-        the token budget alone. `packed_forward`: run llama-family bases through `PackedLlama` (fewer
-        operators a step, same results) rather than transformers' forward; bases it does not cover keep
-        transformers' either way (`forward_impl` says which runs). Raises
+        the token budget alone. `prefix_sharing`: a joining row copies the keys and values of the prompt start
+        it shares with a row in the batch or a finished row still in the cache (same adapter and steering)
+        rather than computing them (`prefixes`); a request asking for prompt log-probabilities always
+        computes its own. `packed_forward`: run llama-family bases through `PackedLlama` (fewer operators a
+        step, same results) rather than transformers' forward; bases it does not cover keep transformers'
+        either way (`forward_impl` says which runs). Raises
         UnsupportedModelError for bases the KV cache cannot serve exactly (e.g. sliding-window attention)."""
         self.base = base
         self.model: Any = base.model
@@ -155,6 +169,7 @@ class Engine:
             raise RahfError("max_num_batched_tokens must be at least 1")
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_step_slowdown = max_step_slowdown
+        self.prefix_sharing = prefix_sharing
         self.vocab_size = int(base.model.get_input_embeddings().num_embeddings)
         self.metrics = metrics or ServingMetrics()
         self._loaded: dict[str, _Loaded] = {}
@@ -171,6 +186,8 @@ class Engine:
         self._control: ControlQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._rows: list[_Row] = []
+        self._kept: dict[int, Kept] = {}
+        """what the cache's `kept` slots hold: finished rows' tokens, under their selection"""
         # Built from the base's config, dtype and device, which adapters attached later do not change.
         self._kv = SlotCache.for_model(self.model, max_batch, self.max_model_len)
         self._key_cost = key_cost(self.model.config)
@@ -200,6 +217,7 @@ class Engine:
             self._fail(row, EngineStopped("the server is shutting down"))
         self._rows, self._deferred = [], []
         self._kv.clear()
+        self._kept = {}
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -250,15 +268,24 @@ class Engine:
             if name not in self._loaded:
                 raise ModelNotFound(f"adapter {name!r} is not loaded")
             gone = {name, *self._blends.invalidate(name)}
-            doomed = [i for i, r in enumerate(self._rows)
-                      if r.slot in gone or (r.request.steering and r.request.steering.adapter == name)]
+            doomed = [i for i, r in enumerate(self._rows) if _depends_on(_selection(r), gone, name)]
             for i in doomed:
                 self._fail(self._rows[i], AdapterRemoved(f"adapter {name!r} was unloaded during generation"))
             self._drop(doomed)
+            self._kept = {s: k for s, k in self._kept.items() if not _depends_on(k.selection, gone, name)}
             for slot_name in gone & set(self._slots.resident):
                 self._slots.unload(slot_name)
             del self._loaded[name]
             self.metrics.adapters_loaded.set(len(self._loaded))
+
+        self.call(op)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget the finished rows' keys and values kept in free cache slots (benchmarks and tests that
+        want every prompt computed; rows in the batch still share with each other)."""
+
+        def op() -> None:
+            self._kept = {}
 
         self.call(op)
 
@@ -347,6 +374,7 @@ class Engine:
                         self._fail(row, RahfError(f"generation failed: {err}"))
                     self._rows, self._deltas = [], None
                     self._kv.clear()
+                    self._kept = {}
 
     def _admit(self) -> None:
         joining: list[_Row] = []
@@ -374,7 +402,14 @@ class Engine:
         self.metrics.queue_depth.set(self._pending.qsize() + len(self._deferred))
         if not joining:
             return
-        self._kv.add(len(joining))  # empty slots after the running rows; the next steps prefill them
+        first, end = self._kv.rows, self._kv.rows + len(joining)
+        starts = [self._find_donor(row, self._rows + joining[:k], first + k, end) if self.prefix_sharing else None
+                  for k, row in enumerate(joining)]
+        self._kv.add(len(joining), starts)  # slots after the running rows; the next steps prefill them
+        self._kept = {s: k for s, k in self._kept.items() if s in self._kv.kept}
+        for row, start in zip(joining, starts, strict=True):
+            if start is not None:
+                self._took(row, start[1])
         self._rows += joining
         self._deltas = None
         self.metrics.running.set(len(self._rows))
@@ -393,6 +428,52 @@ class Engine:
         if row.slot != BASE_SLOT:
             row.lora = self._slots.ensure(row.slot, pin=True)
             self._blends.keep(self._slots.resident)
+
+    def _find_donor(self, row: _Row, earlier: Sequence[_Row], own: int, end: int) -> tuple[int, int] | None:
+        """Where joining `row` (to take slot `own`; the new rows end at `end`) can take the longest start of its
+        prompt from, under the same adapter (or blend) and steering: (kept slot, tokens) when a free slot
+        holds it, which `SlotCache.add` copies now (sources among the other new slots are about to be
+        overwritten); else it points `row.donor` at the row of `earlier` it shares the most with, and
+        returns None. A row that scores its prompt computes all of it."""
+        if row.request.prompt_logprobs is not None:
+            return None
+        key, prompt = _selection(row), row.request.prompt_ids
+        alike = [r for r in earlier if _selection(r) == key]
+        live, shared = best_donor(prompt, [r.request.prompt_ids for r in alike])
+        slots = [s for s, k in self._kept.items() if k.selection == key and (s == own or s >= end)]
+        held, reused = best_donor(prompt, [self._kept[s].tokens for s in slots])
+        if held is not None and reused >= shared:
+            return slots[held], reused
+        if live is not None:
+            row.donor, row.shared = alike[live], shared
+        return None
+
+    def _take_prefixes(self) -> set[int]:
+        """Copy each waiting row's shared prompt start from its donor once the donor holds it; returns the
+        rows whose donor is still computing it (they feed nothing this step). A row whose donor left
+        (finished, cancelled, failed) computes its prompt itself."""
+        at = {id(r): i for i, r in enumerate(self._rows)}
+        waiting = set()
+        for i, row in enumerate(self._rows):
+            donor = row.donor
+            if donor is None:
+                continue
+            j = at.get(id(donor))
+            if j is None or row.fed >= row.shared:
+                row.donor = None
+            elif donor.fed >= row.shared:  # prompt tokens lie first in a row's cache
+                self._kv.copy_prefix(j, i, row.shared)
+                self._took(row, row.shared)
+                row.donor = None
+            else:
+                waiting.add(i)
+        return waiting
+
+    def _took(self, row: _Row, upto: int) -> None:
+        """`row` holds its prompt's first `upto` tokens, taken rather than computed."""
+        self.metrics.prompt_tokens_shared.inc(upto - row.fed, adapter=row.request.label)
+        row.cached += upto - row.fed
+        row.fed = upto
 
     def _prompt_logprobs(self, rows: Sequence[_Row]) -> list[list[TokenLogprob] | None]:
         """Per row that asked: its prompt tokens scored from the hidden states of its own prefill chunks."""
@@ -414,12 +495,13 @@ class Engine:
         if not self._rows:
             return
         self._keep_prefilling_last()
+        waiting = self._take_prefixes()
         if self._deltas is None:  # rebuilt only when the batch's rows change
             self._deltas = row_deltas([r.steer for r in self._rows], self._hidden, self.base.device, self.base.dtype)
         prefill = [i for i, r in enumerate(self._rows) if _prefilling(r)]
         decoding = [i for i, r in enumerate(self._rows) if not _prefilling(r)]
         decode = self._decode_units(decoding)
-        sizes = self._chunk_sizes(prefill, decode)
+        sizes = self._chunk_sizes([i for i in prefill if i not in waiting], decode) | dict.fromkeys(waiting, 0)
         # A prefilling row may sit a step out (sizes 0, see StepPacer); it comes after every decoding row.
         chunks = [list(r.request.prompt_ids[r.fed:r.fed + sizes[i]]) if i in sizes else [r.last_token]
                   for i, r in enumerate(self._rows)]
@@ -441,6 +523,7 @@ class Engine:
             self._drop(prefill)
             return
         offsets = step.offsets()
+        feeding = {i: k for k, i in enumerate(i for i, c in enumerate(chunks) if c)}  # logits: one per feeding row
         started = []
         for i in prefill:
             row, n = self._rows[i], len(chunks[i])
@@ -454,11 +537,13 @@ class Engine:
             self.metrics.prompt_tokens.inc(n, adapter=row.request.label)
             if not _prefilling(row):
                 started.append(i)
-        finished = {decoding[j] for j in self._emit([self._rows[i] for i in decoding], logits[decoding])}
+        decoded = logits[[feeding[i] for i in decoding]]
+        finished = {decoding[j] for j in self._emit([self._rows[i] for i in decoding], decoded)}
         if started:
             rows = [self._rows[i] for i in started]
             try:
-                finished |= {started[j] for j in self._emit(rows, logits[started], self._prompt_logprobs(rows))}
+                finished |= {started[j] for j in self._emit(rows, logits[[feeding[i] for i in started]],
+                                                             self._prompt_logprobs(rows))}
             except Exception as err:  # e.g. a first token that cannot be sampled: fail that request only
                 log.exception("prefill failed")
                 for row in rows:
@@ -564,7 +649,7 @@ class Engine:
             scored = prompt_logprobs[i] if prompt_logprobs is not None else None
             if row.request.params.max_tokens == 0:  # only the prompt was to be scored
                 row.sink(StreamEvent(finish_reason="length", prompt_tokens=len(row.request.prompt_ids),
-                                     prompt_logprobs=scored))
+                                     prompt_logprobs=scored, cached_tokens=row.cached))
                 finished.add(i)
                 self._end(row, "length")
                 continue
@@ -574,6 +659,7 @@ class Engine:
                 self.metrics.token_latency.observe(now - row.last_time)
             row.last_time = now
             row.last_token = token
+            row.output.append(token)
             row.generated += 1
             reason = None
             if token in self._eos:
@@ -586,7 +672,8 @@ class Engine:
                     text, reason = text + row.text.flush(), "length"
             k = row.request.logprobs
             row.sink(StreamEvent(text, [token], reason, None, len(row.request.prompt_ids), row.generated,
-                                 [next_token(logits[i], token, k)] if k is not None else None, scored))
+                                 [next_token(logits[i], token, k)] if k is not None else None, scored,
+                                 row.cached))
             if reason is not None:
                 finished.add(i)
                 self._end(row, reason)
@@ -595,7 +682,12 @@ class Engine:
     def _drop(self, indices: Sequence[int]) -> None:
         if not indices:
             return
+        leaving = {i: self._rows[i] for i in indices}
         order = self._kv.remove(indices)
+        for slot, n in self._kv.kept.items():
+            row = leaving.get(slot)
+            if row is not None:
+                self._kept[slot] = Kept(_selection(row), (list(row.request.prompt_ids) + row.output)[:n])
         self._rows = [self._rows[j] for j in order]
         self._deltas = None
         self.metrics.running.set(len(self._rows))
@@ -612,12 +704,12 @@ class Engine:
         self.metrics.cancelled.inc()
         self._end(row, "cancelled")
         row.sink(StreamEvent(finish_reason="cancelled", prompt_tokens=len(row.request.prompt_ids),
-                             completion_tokens=row.generated))
+                             completion_tokens=row.generated, cached_tokens=row.cached))
 
     def _fail(self, row: _Row, err: RahfError) -> None:
         self._end(row, "error")
         row.sink(StreamEvent(finish_reason="error", error=err, prompt_tokens=len(row.request.prompt_ids),
-                             completion_tokens=row.generated))
+                             completion_tokens=row.generated, cached_tokens=row.cached))
 
     @property
     def _hidden(self) -> int:
@@ -626,6 +718,18 @@ class Engine:
     @property
     def _pad_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
+
+
+def _selection(row: _Row) -> tuple[str, SteeringSpec | None]:
+    """What a row's keys and values depend on besides its tokens: its LoRA slot's name (an adapter, a blend
+    or the base) and its steering."""
+    return row.slot, row.request.steering
+
+
+def _depends_on(selection: Any, slots: set[str], adapter: str) -> bool:
+    """Whether a `_selection` uses one of the LoRA `slots` or steers with `adapter`'s vectors."""
+    slot, steering = selection
+    return slot in slots or (steering is not None and steering.adapter == adapter)
 
 
 def _prefilling(row: _Row) -> bool:

@@ -2,7 +2,9 @@
 
 Every layer's keys and values live in one tensor allocated once, [layers, 2, max_rows, kv_heads,
 max_len, head_dim]. The running batch occupies slots 0..rows-1. When a row leaves, the last row
-moves into its slot (one row copied, up to its own length), so the occupied slots stay contiguous.
+moves into its slot (one row copied, up to its own length), so the occupied slots stay contiguous; a row
+leaving from the end leaves its keys and values in its slot (`kept`), for a row that starts the same way to
+take until the slot is occupied again.
 
 A step packs every row's new tokens into one sequence, [1, total]: decode rows feed one token, prefilling
 rows a prompt chunk, and nothing is padded, so the model's Linear layers (most of the cost) run once over
@@ -278,6 +280,7 @@ class SlotCache(Cache):
         """each layer's keys and values [2, max_rows, kv_heads, max_len, head_dim], made once"""
         super().__init__(layers=[_SlotLayer(self, i) for i in range(shape.layers)])
         self._lengths: list[int] = []
+        self._kept: dict[int, int] = {}
         self._step: SlotStep | None = None
 
     @classmethod
@@ -304,18 +307,39 @@ class SlotCache(Cache):
     def seq_length(self) -> int:
         return max(self._lengths, default=0)
 
-    def add(self, count: int = 1) -> list[int]:
-        """Occupy `count` empty slots after the current rows; returns their indices. Nothing is copied."""
+    @property
+    def kept(self) -> dict[int, int]:
+        """Free slots that still hold the tokens of the row that left them, and how many: a row leaving from
+        the end of the batch (nothing moves into its slot) stays there until the slot is occupied again."""
+        return dict(self._kept)
+
+    def add(self, count: int = 1, starts: Sequence[tuple[int, int] | None] | None = None) -> list[int]:
+        """Occupy `count` empty slots after the current rows; returns their indices. `starts`, one per new
+        row: None (empty), or (a `kept` slot, n): the row starts with that slot's first n tokens, copied unless
+        it is the row's own slot. A source must be the row's own slot or lie past the new rows."""
         if self.rows + count > self.max_rows:
             raise SlotsFull(f"the KV cache has {self.max_rows} row slots and {self.rows} are in use; "
                             f"{count} more do not fit")
-        first = self.rows
-        self._lengths += [0] * count
-        return list(range(first, first + count))
+        first, end = self.rows, self.rows + count
+        starts = list(starts or [None] * count)
+        if len(starts) != count:
+            raise ValueError(f"{len(starts)} starts for {count} new rows")
+        for row, (slot, n) in ((first + k, start) for k, start in enumerate(starts) if start is not None):
+            if not n <= self._kept.get(slot, 0) or first <= slot < end and slot != row:
+                raise ValueError(f"new row {row} cannot start with {n} tokens kept in slot {slot} "
+                                 f"(kept: {self._kept})")
+        for row, (slot, n) in ((first + k, start) for k, start in enumerate(starts) if start is not None):
+            if slot != row:
+                self.storage[:, :, row, :, :n] = self.storage[:, :, slot, :, :n]
+        lengths = [0 if start is None else start[1] for start in starts]
+        for slot in range(first, end):
+            self._kept.pop(slot, None)
+        self._lengths += lengths
+        return list(range(first, end))
 
     def remove(self, rows: Iterable[int]) -> list[int]:
         """Free slots `rows`; the last rows move into the gaps. Returns `order`: new row i was row order[i]
-        (reorder the engine's row list with it)."""
+        (reorder the engine's row list with it). A row that is last when it leaves stays `kept`."""
         order = list(range(self.rows))
         for gone in sorted(set(rows), reverse=True):  # from the end, so a moved row is never one still to go
             if not 0 <= gone < self.rows:
@@ -325,6 +349,8 @@ class SlotCache(Cache):
                 n = self._lengths[last]
                 self.storage[:, :, gone, :, :n] = self.storage[:, :, last, :, :n]
                 self._lengths[gone], order[gone] = n, order[last]
+            else:
+                self._kept[gone] = self._lengths[gone]
             self._lengths.pop()
             order.pop()
         return order
@@ -341,9 +367,22 @@ class SlotCache(Cache):
         self.storage[:, :, j, :, :n] = held
         self._lengths[i], self._lengths[j] = self._lengths[j], self._lengths[i]
 
+    def copy_prefix(self, source: int, target: int, n: int) -> None:
+        """Give row `target` the first `n` tokens of row `source` (copying those past what it holds): for a
+        row whose prompt starts as `source`'s, under the same adapter and steering, their keys and values are
+        the same."""
+        if not (0 <= source < self.rows and 0 <= target < self.rows) or source == target:
+            raise IndexError(f"rows {source} and {target}: two different rows of the {self.rows} in the cache")
+        have = self._lengths[target]
+        if not have <= n <= self._lengths[source]:
+            raise ValueError(f"row {target} holds {have} tokens and row {source} {self._lengths[source]}: "
+                             f"cannot copy the first {n}")
+        self.storage[:, :, target, :, have:n] = self.storage[:, :, source, :, have:n]
+        self._lengths[target] = n
+
     def clear(self) -> None:
-        """Drop every row (the storage stays allocated)."""
-        self._lengths = []
+        """Drop every row and every kept one (the storage stays allocated)."""
+        self._lengths, self._kept = [], {}
         self._step = None
 
     # ------------------------------------------------------------ steps

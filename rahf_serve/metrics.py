@@ -41,6 +41,11 @@ class Counter(_Family):
     def value(self, **labels: str) -> float:
         return self._values.get(tuple(sorted(labels.items())), 0.0)
 
+    def total(self) -> float:
+        """The sum over every label set."""
+        with self._lock:
+            return sum(self._values.values())
+
     def render(self) -> list[str]:
         with self._lock:
             return self.header() + [f"{self.name}{_labels(k)} {v}" for k, v in sorted(self._values.items())]
@@ -89,6 +94,10 @@ class ServingMetrics:
         self.requests = Counter("rahf_requests_total", "Finished generation requests by adapter and status.")
         self.generated_tokens = Counter("rahf_generated_tokens_total", "Tokens generated, by adapter.")
         self.prompt_tokens = Counter("rahf_prompt_tokens_total", "Prompt tokens prefilled, by adapter.")
+        self.prompt_tokens_shared = Counter(
+            "rahf_prompt_tokens_shared_total",
+            "Prompt tokens whose keys and values were copied from another request with the same prompt start, "
+            "adapter and steering instead of prefilled, by adapter.")
         self.cancelled = Counter("rahf_cancelled_generations_total",
                                  "Generations stopped because the client went away or cancelled.")
         self.ttft = Histogram("rahf_time_to_first_token_seconds", "Time from submission to the first token.",

@@ -96,6 +96,9 @@ class StreamEvent:
     """One per token in `token_ids`, when the request asked for them."""
     prompt_logprobs: list[TokenLogprob] | None = None
     """On a request's first event only, when it asked for them: one per prompt token."""
+    cached_tokens: int | None = None
+    """Prompt tokens whose keys and values were taken from another request rather than computed (OpenAI's
+    `usage.prompt_tokens_details.cached_tokens`); None where the engine does not say."""
 
 
 Sink = Callable[[StreamEvent], None]

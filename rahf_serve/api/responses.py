@@ -68,12 +68,17 @@ class ChoiceState:
     finish: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int | None = None
 
 
-def usage(choices: list[ChoiceState]) -> dict[str, int]:
+def usage(choices: list[ChoiceState]) -> dict[str, Any]:
     prompt = sum(c.prompt_tokens for c in choices)
     completion = sum(c.completion_tokens for c in choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    out: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = [c.cached_tokens for c in choices if c.cached_tokens is not None]
+    if cached:
+        out["prompt_tokens_details"] = {"cached_tokens": sum(cached)}
+    return out
 
 
 class Shape:

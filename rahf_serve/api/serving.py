@@ -132,6 +132,8 @@ def _take(state: ChoiceState, event: StreamEvent) -> tuple[str, list[Any] | None
     state.text.append(event.text)
     state.finish = event.finish_reason
     state.prompt_tokens, state.completion_tokens = event.prompt_tokens, event.completion_tokens
+    if event.cached_tokens is not None:
+        state.cached_tokens = event.cached_tokens
     return text, entries
 
 

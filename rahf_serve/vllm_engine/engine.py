@@ -416,7 +416,8 @@ class VllmEngine:
                 self._fail(stream, RahfError(f"{ENGINE} ended this generation: {reason}"))
                 return
         event = StreamEvent(completion.text if completion is not None else "", ids, reason, None,
-                            len(request.prompt_ids), stream.generated, logprobs, scored)
+                            len(request.prompt_ids), stream.generated, logprobs, scored,
+                            getattr(output, "num_cached_tokens", None))  # its prefix cache's hits
         if reason is None:
             stream.sink(event)
         else:

@@ -55,6 +55,17 @@ def test_step_pacer_is_on_by_default_on_cpu_and_can_be_turned_off(lively_model_d
     assert slowdown("--max-step-slowdown", "3") == 3.0
 
 
+def test_prefix_sharing_is_on_by_default_and_no_prefix_caching_turns_it_off(lively_model_dir):
+    from app.server import build_engine
+
+    def sharing(*flags):
+        engine = build_engine(build_parser().parse_args(["--base", str(lively_model_dir), "--device", "cpu", *flags]))
+        return engine.prefix_sharing
+
+    assert sharing() is True
+    assert sharing("--no-prefix-caching") is False
+
+
 def test_lora_dtype_reaches_the_slots_or_vllm_s_engine_arguments(lively_model_dir):
     from app.server import build_engine
 

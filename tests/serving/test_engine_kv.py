@@ -193,6 +193,143 @@ def test_long_prompt_logprobs_equal_alone(runtime):
                                    torch.tensor([e.logprob for e in want[1:]]), atol=1e-4, rtol=0)
 
 
+def fed_tokens(reqs: list[GenerationRequest], tokens: list[list[int]], shared: int) -> int:
+    """Tokens the forwards compute for these requests: each prompt but what was shared, then each generated
+    token but the last."""
+    return sum(len(r.prompt_ids) for r in reqs) - shared + sum(len(t) - 1 for t in tokens)
+
+
+@pytest.fixture
+def computed_alone(runtime, monkeypatch):
+    """Each request run alone with prefix sharing off (every prompt computed in full); the kept slots are
+    forgotten after, so what a test shares is what it sets up."""
+    engine, _ = runtime
+
+    def run(reqs: list[GenerationRequest]) -> list[list[int]]:
+        monkeypatch.setattr(engine, "prefix_sharing", False)
+        try:
+            return alone(engine, reqs)
+        finally:
+            monkeypatch.setattr(engine, "prefix_sharing", True)
+            engine.reset_prefix_cache()
+
+    return run
+
+
+def shared_by(engine: Engine, run) -> tuple[object, int]:
+    """`run()`'s result and the prompt tokens shared while it ran."""
+    before = engine.metrics.prompt_tokens_shared.total()
+    out = run()
+    return out, int(engine.metrics.prompt_tokens_shared.total() - before)
+
+
+def test_rows_with_the_same_prompt_start_and_selection_compute_it_once(runtime, monkeypatch, steps, computed_alone):
+    """Of requests joining together, one computes each prompt start per adapter and steering; the others
+    sharing it wait, copy its keys and values and compute the rest. Each equals its run alone. A row that
+    scores its prompt, or runs under another adapter or steering, computes all of it; with sharing off
+    every row does."""
+    engine, _ = runtime
+    common = prompt(40, 70)
+    steered = SteeringSpec("kind", 2.0)
+    reqs = [GenerationRequest(common, greedy(8)),
+            GenerationRequest(common, greedy(8)),  # all but its last token from row 0
+            GenerationRequest(common + prompt(5, 71), greedy(8)),  # the 40 in common from row 0
+            GenerationRequest(common, greedy(8), "kind"),
+            GenerationRequest(common, greedy(8), "kind", steering=steered),
+            GenerationRequest(common, greedy(8), "kind", steering=steered),  # 39 from row 4
+            GenerationRequest(common, greedy(8), prompt_logprobs=0)]
+    expected = computed_alone(reqs)
+    assert len({tuple(t) for t in expected[3:5]}) == 2  # the steering changes what "kind" says
+    for sharing, copied in ((True, 39 + 40 + 39), (False, 0)):
+        monkeypatch.setattr(engine, "prefix_sharing", sharing)
+        engine.reset_prefix_cache()
+        steps.clear()
+        got, shared = shared_by(engine, lambda: staggered(engine, reqs, [None] * len(reqs)))
+        assert (got, shared) == (expected, copied)
+        assert sum(sum(n) for n, _ in steps) == fed_tokens(reqs, expected, copied)
+    monkeypatch.setattr(engine, "prefix_sharing", True)
+    engine.reset_prefix_cache()
+    steps.clear()
+    staggered(engine, reqs, [None] * len(reqs))
+    first = steps[0][0]
+    assert first[1] == first[2] == first[5] == 0 and min(first[0], first[3], first[4], first[6]) > 0
+
+
+def test_a_row_copies_its_prompt_start_from_a_running_stream(runtime, steps, computed_alone):
+    """A prompt joining a stream that began with the same prompt feeds only its last token."""
+    engine, _ = runtime
+    reqs = [GenerationRequest(prompt(30, 72), greedy(20), "terse"), GenerationRequest(prompt(30, 72), greedy(6), "terse")]
+    expected = computed_alone(reqs)
+    steps.clear()
+    assert shared_by(engine, lambda: staggered(engine, reqs, [None, (0, 3)])) == (expected, 29)
+    assert [n for n, _ in steps if len(n) == 2][0] == [1, 1]
+
+
+def test_a_row_whose_donor_leaves_computes_its_prompt_itself(runtime, monkeypatch, computed_alone):
+    """Cancelling the row computing a shared long prompt while another waits for it: the waiting row
+    computes the prompt itself and answers as alone."""
+    engine, _ = runtime
+    long = prompt(600, 73)
+    donor, follower = GenerationRequest(long, greedy(4)), GenerationRequest(long, greedy(4))
+    expected = computed_alone([follower])[0]
+    began: list[list[int]] = []
+    real = engine._kv.begin_step
+
+    def begin_step(n_new):
+        began.append(list(n_new))
+        if len(began) == 2:
+            next(r for r in engine._rows if r.request is donor).handle.cancel()
+        return real(n_new)
+
+    monkeypatch.setattr(engine._kv, "begin_step", begin_step)
+    assert shared_by(engine, lambda: staggered(engine, [donor, follower], [None, None])) == ([[], expected], 0)
+    assert began[0][1] == began[1][1] == 0 and began[2] == [began[2][0]]  # waited, then fed alone
+
+
+def test_a_chat_s_next_turn_takes_its_history_from_the_finished_turn(runtime, steps, computed_alone):
+    """A finished request's keys stay in its free slot: the next request under the same selection whose
+    prompt repeats the first one's prompt and answer computes only what is new; under another adapter, or
+    once that slot is taken, it computes everything. Each equals its run alone."""
+    engine, _ = runtime
+    first = GenerationRequest(prompt(20, 74), greedy(10), "kind")
+    (answer,) = computed_alone([first])
+    follow_up = list(first.prompt_ids) + answer + prompt(6, 75)
+    again = GenerationRequest(follow_up, greedy(5), "kind")
+    other = GenerationRequest(follow_up, greedy(5), "terse")
+    expected = computed_alone([first, again, other])
+    history = 20 + 10 - 1  # the last answer token was sampled, never fed
+    assert shared_by(engine, lambda: alone(engine, [first, again])) == (expected[:2], history)
+    engine.reset_prefix_cache()
+    assert shared_by(engine, lambda: alone(engine, [first, other])) == ([expected[0], expected[2]], 0)
+    unrelated = GenerationRequest(prompt(4, 76), greedy(1), "kind")
+    assert shared_by(engine, lambda: alone(engine, [first, unrelated, again])) == (
+        [expected[0], alone(engine, [unrelated])[0], expected[1]], 0)  # the unrelated request took slot 0
+
+
+def test_an_adapter_loaded_again_under_its_name_shares_nothing_from_before(runtime, tmp_path, computed_alone,
+                                                                            lively_model_dir):
+    """Unloading an adapter forgets what finished rows computed under it: new weights under the old name
+    compute every prompt."""
+    engine, registry = runtime
+    req = GenerationRequest(prompt(25, 77), greedy(6), "terse")
+    source = registry.get("terse").source
+    random_lora_bundle(load_lively(lively_model_dir), tmp_path / "new", seed=9, r=2, targets=("q_proj", "v_proj", "o_proj"))
+    registry.load("new", str(tmp_path / "new"))
+    try:
+        (expected,) = computed_alone([GenerationRequest(req.prompt_ids, req.params, "new")])
+    finally:
+        registry.unload("new")
+    (before,) = alone(engine, [req])  # kept in slot 0 under "terse"
+    assert before != expected
+    try:
+        registry.unload("terse")
+        registry.load("terse", str(tmp_path / "new"))
+        assert shared_by(engine, lambda: alone(engine, [req])) == ([expected], 0)
+    finally:
+        registry.unload("terse")
+        registry.load("terse", source)
+
+
 def test_cache_storage_is_allocated_once(runtime):
     engine, _ = runtime
     storage = engine._kv.storage

@@ -352,6 +352,53 @@ def test_swap_exchanges_two_rows_up_to_the_longer(lively):
         cache.swap(0, 3)
 
 
+def test_a_copied_prefix_continues_as_the_row_it_came_from(lively):
+    """Row 1 holds the first 2 tokens of row 0's prompt; copying up to 5 fills in 2..4 only, and feeding the
+    prompt's last token then gives row 0's logits for it."""
+    cache = SlotCache.for_model(lively, 3, 16)
+    cache.add(3)
+    (prompt,) = prompts(9, [6], _vocab(lively))
+    want = forward(lively, cache, [prompt, prompt[:2], [7, 7, 7]])[0]
+    before = cache.storage.clone()
+    cache.copy_prefix(0, 1, 5)
+    assert cache.lengths == [6, 5, 3]
+    assert torch.equal(cache.storage[:, :, 1, :, 2:5], before[:, :, 0, :, 2:5])
+    outside = torch.ones(16, dtype=torch.bool)
+    outside[2:5] = False  # what row 1 held and what lies past the copy are its own
+    assert torch.equal(cache.storage[:, :, 1, :, outside], before[:, :, 1, :, outside])
+    assert torch.equal(cache.storage[:, :, 2], before[:, :, 2])
+    got = forward(lively, cache, [prompt[5:]], start=1)[0]
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    for source, target, n in ((1, 1, 6), (0, 2, 2), (2, 1, 7), (0, 5, 3)):  # itself; less than held; past either
+        with pytest.raises((ValueError, IndexError)):
+            cache.copy_prefix(source, target, n)
+
+
+def test_a_row_leaving_from_the_end_is_kept_until_its_slot_is_taken(lively):
+    """Rows 3 and 2 leave from the end (kept), row 0 from the middle (row 1 moves in: not kept). New rows
+    start from kept slots: their own (nothing copied) or one past the new rows (copied); a source among
+    the other new slots, or more tokens than kept, is refused."""
+    cache = SlotCache.for_model(lively, 5, 16)
+    cache.add(4)
+    forward(lively, cache, prompts(11, [3, 4, 5, 6], _vocab(lively)))
+    before = cache.storage.clone()
+    assert cache.remove([0, 2, 3]) == [1] and cache.kept == {2: 5, 3: 6}
+    with pytest.raises(ValueError):
+        cache.add(2, [None, (2, 6)])  # slot 2 holds 5
+    with pytest.raises(ValueError):
+        cache.add(3, [(3, 6), (2, 5), (3, 6)])  # new rows 1, 2, 3: the first would overwrite slot 3 too early
+    assert cache.lengths == [4] and cache.kept == {2: 5, 3: 6}  # refused before anything changed
+    assert cache.add(2, [None, (3, 4)]) == [1, 2] and cache.lengths == [4, 0, 4] and cache.kept == {3: 6}
+    assert torch.equal(cache.storage[:, :, 2, :, :4], before[:, :, 3, :, :4])
+    cache.remove([2])
+    assert cache.kept == {2: 4, 3: 6}
+    assert cache.add(2, [(2, 3), (3, 6)]) == [2, 3] and cache.lengths == [4, 0, 3, 6] and cache.kept == {}
+    assert torch.equal(cache.storage[:, :, 3, :, :6], before[:, :, 3, :, :6])
+    cache.remove([3, 2])
+    cache.clear()
+    assert cache.kept == {}
+
+
 def test_capacity_errors_name_the_limits(lively):
     cache = SlotCache.for_model(lively, 2, 8)
     cache.add(2)

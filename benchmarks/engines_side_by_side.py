@@ -13,7 +13,8 @@ different selection in turn (base, RAHF-Dual, RAHF-SCIT, a 0.7/0.3 blend of the 
 SCIT's vectors at coefficient 4), max_tokens 64. Reports medians over rounds of aggregate completion
 tokens/s and of the median time to first token, the ratios to the first arm, and each arm's aggregate at
 each stream count over the next smaller one. Every stream sends the same prompt, so each engine's prefix
-caching computes it once per selection; arms named with `:no-prefix-caching` compute every prompt in full.
+caching can compute it once per selection; an arm may add `rahf-serve` flags (`builtin:no-prefix-caching`
+computes every prompt in full; `vllm:vllm-arg=block_size=32` gives vLLM's CPU cache blocks short prompts fill).
 On CPU every server uses one compute thread (`--threads 1`; vLLM: VLLM_CPU_OMP_THREADS_BIND=0), the fair
 setting on a machine shared with other jobs; --threads-bind changes vLLM's.
 """
@@ -47,16 +48,18 @@ SELECTIONS = [
 
 
 def start(arm: str, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, str]:
-    """A server for `arm`: "builtin" or "vllm", with ":no-prefix-caching" to turn that off."""
-    engine, _, option = arm.partition(":")
-    if engine not in ("builtin", "vllm") or option not in ("", "no-prefix-caching"):
-        raise SystemExit(f"--arms: {arm!r} is not builtin or vllm, optionally with :no-prefix-caching")
+    """A server for `arm`: "builtin" or "vllm", then any `rahf-serve` flags, each ":NAME" or ":NAME=VALUE"
+    (e.g. "builtin:no-prefix-caching", "vllm:vllm-arg=block_size=32")."""
+    engine, *options = arm.split(":")
+    if engine not in ("builtin", "vllm"):
+        raise SystemExit(f"--arms: {arm!r} does not start with builtin or vllm")
     port = free_port()
     # Rank 32 fits the shipped r16 bundles and their blend; both engines pad every LoRA to it.
     common = ["--port", str(port), "--no-ui", "--device", args.device, "--max-batch", "16", "--max-model-len",
               "1024", "--max-lora-rank", "32", "--adapter-dir", str(ROOT / "adapters")]
-    if option:
-        common.append("--" + option)
+    for option in options:
+        name, sep, value = option.partition("=")
+        common += [f"--{name}", value] if sep else [f"--{name}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     if engine == "vllm":
         cache = ["--kv-cache-gib", "1"] if args.device == "cpu" else []
@@ -105,8 +108,8 @@ def measure(url: str, streams: int, tokens: int) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arms", default="builtin,vllm",
-                    help="servers to compare, the first the baseline: builtin or vllm, each optionally with "
-                         ":no-prefix-caching")
+                    help="servers to compare, the first the baseline: builtin or vllm, each with any rahf-serve "
+                         "flags as :NAME or :NAME=VALUE (builtin:no-prefix-caching, vllm:vllm-arg=block_size=32)")
     ap.add_argument("--streams", default="1,8,16", help="concurrent stream counts")
     ap.add_argument("--tokens", type=int, default=64, help="max_tokens per stream")
     ap.add_argument("--rounds", type=int, default=3, help="A/B rounds (medians are reported)")

@@ -26,7 +26,9 @@ its reads overlap with compute, which a memory-bound decode step leaves little r
 Adapter rows run through the C row kernel (`rahf_serve.lora_kernel`) where it builds, as in the engine;
 `--torch-too` also times "same" and "mixed" with torch's batched matmuls in every run (the kernel off),
 so the two are compared interleaved. `--call-cost` also times them with a C function that does nothing in
-the kernel's place: what the per-module calls cost without the kernel's work.
+the kernel's place: what the per-module calls cost without the kernel's work. A run times every case once,
+the next run in the reverse order, so what a case's place in a run costs (the case before it, a slower
+first step) falls on every case alike; ratios are medians over runs of the ratio within a run.
 
 `--loaded N`: every run also loads N - 8 more adapters (slots the layouts do not use), times the three
 layouts again and unloads them, so "N loaded / 8 loaded" compares the same work, interleaved, with only
@@ -115,6 +117,18 @@ def decode(model: torch.nn.Module, packed: PackedLlama | None, cache: SlotCache,
         slots.clear_rows()
         cache.end_step()
     return (time.perf_counter() - start) / steps
+
+
+def timed(into: list[float], swaps: list[tuple[object, str, object]], *args: object, walk: bool = False) -> None:
+    """Append `decode(*args)`'s time to `into`, with each (object, attribute, value) of `swaps` set for it."""
+    saved = [(o, name, getattr(o, name)) for o, name, _ in swaps]
+    for o, name, value in swaps:
+        setattr(o, name, value)
+    try:
+        into.append(decode(*args, walk=walk))  # type: ignore[arg-type]
+    finally:
+        for o, name, value in saved:
+            setattr(o, name, value)
 
 
 def factor_count(adapters: list[LoraWeights]) -> int:
@@ -224,22 +238,22 @@ def main() -> None:
             used = {"same": [weights[0]], "mixed": [weights[i % 2] for i in range(min(rows, 8))]}
             floats = {k: factor_count(used[k]) * dtype.itemsize // 4 for k in floors}  # as many bytes
             buffers = {k: torch.ones(floats[k] // 1024, 1024) for k in floors}
-            for _ in range(args.runs):
-                for kind, layout in layouts.items():
-                    times[kind].append(decode(model, packed, cache, slots, layout, args.steps))
-                walks.append(decode(model, packed, cache, slots, layouts["base"], args.steps, walk=True))
-                if args.torch_too:
-                    slots.kernel = None
-                    for kind in torch_times:
-                        torch_times[kind].append(decode(model, packed, cache, slots, layouts[kind], args.steps))
-                    slots.kernel = kernel
-                if calls_only is not None:
-                    work = kernel.rows, kernel.site  # type: ignore[union-attr]
-                    # every SlotLinear and SlotSite calls through these
-                    kernel.rows, kernel.site = calls_only.rows, calls_only.site  # type: ignore[union-attr]
-                    for kind in call_times:
-                        call_times[kind].append(decode(model, packed, cache, slots, layouts[kind], args.steps))
-                    kernel.rows, kernel.site = work  # type: ignore[union-attr]
+
+            common = (model, packed, cache, slots)
+            arms = [functools.partial(timed, times[kind], [], *common, layout, args.steps)
+                    for kind, layout in layouts.items()]
+            arms.append(functools.partial(timed, walks, [], *common, layouts["base"], args.steps, walk=True))
+            if args.torch_too:
+                arms += [functools.partial(timed, torch_times[kind], [(slots, "kernel", None)], *common, layouts[kind],
+                                           args.steps) for kind in torch_times]
+            if calls_only is not None:  # every SlotLinear and SlotSite calls through these
+                no_op = [(kernel, "rows", calls_only.rows), (kernel, "site", calls_only.site)]
+                arms += [functools.partial(timed, call_times[kind], no_op, *common, layouts[kind], args.steps)
+                         for kind in call_times]
+            for run in range(args.runs):
+                # forward, then backward: whatever a case's place in the run costs falls on each case alike
+                for arm in arms if run % 2 == 0 else arms[::-1]:
+                    arm()
                 for kind in floors:  # the bytes' cost over the base step of the same run
                     floors[kind].append(1 + stream(buffers[kind]) / times["base"][-1])
                 if fillers:

@@ -403,6 +403,8 @@ class Engine:
         if not joining:
             return
         first, end = self._kv.rows, self._kv.rows + len(joining)
+        if self.prefix_sharing:
+            joining = self._seat(joining, first)
         starts = [self._find_donor(row, self._rows + joining[:k], first + k, end) if self.prefix_sharing else None
                   for k, row in enumerate(joining)]
         self._kv.add(len(joining), starts)  # slots after the running rows; the next steps prefill them
@@ -440,13 +442,34 @@ class Engine:
         key, prompt = _selection(row), row.request.prompt_ids
         alike = [r for r in earlier if _selection(r) == key]
         live, shared = best_donor(prompt, [r.request.prompt_ids for r in alike])
-        slots = [s for s, k in self._kept.items() if k.selection == key and (s == own or s >= end)]
-        held, reused = best_donor(prompt, [self._kept[s].tokens for s in slots])
-        if held is not None and reused >= shared:
-            return slots[held], reused
+        slot, reused = self._best_kept(row, lambda s: s == own or s >= end)
+        if slot is not None and reused >= shared:
+            return slot, reused
         if live is not None:
             row.donor, row.shared = alike[live], shared
         return None
+
+    def _best_kept(self, row: _Row, allowed: Callable[[int], bool]) -> tuple[int | None, int]:
+        """The `allowed` kept slot holding the longest start of `row`'s prompt under its selection, and how
+        many tokens of it; (None, 0) when none does (or the row scores its prompt)."""
+        if row.request.prompt_logprobs is not None:
+            return None, 0
+        key = _selection(row)
+        slots = [s for s, k in self._kept.items() if k.selection == key and allowed(s)]
+        held, reused = best_donor(row.request.prompt_ids, [self._kept[s].tokens for s in slots])
+        return (None, 0) if held is None else (slots[held], reused)
+
+    def _seat(self, joining: list[_Row], first: int) -> list[_Row]:
+        """`joining` reordered so that a row whose prompt start is kept in one of the slots the joining rows
+        are about to take sits in that slot: nothing to copy, and no other new row overwrites it first (two
+        chats' next turns, say, each in the slot the other's last turn left)."""
+        end, seats = first + len(joining), {}
+        for row in joining:
+            slot, _ = self._best_kept(row, lambda s: first <= s < end and s not in seats)
+            if slot is not None:
+                seats[slot] = row
+        rest = iter([r for r in joining if all(r is not seated for seated in seats.values())])
+        return [seats[s] if s in seats else next(rest) for s in range(first, end)]
 
     def _take_prefixes(self) -> set[int]:
         """Copy each waiting row's shared prompt start from its donor once the donor holds it; returns the
@@ -684,10 +707,10 @@ class Engine:
             return
         leaving = {i: self._rows[i] for i in indices}
         order = self._kv.remove(indices)
-        for slot, n in self._kv.kept.items():
-            row = leaving.get(slot)
-            if row is not None:
-                self._kept[slot] = Kept(_selection(row), (list(row.request.prompt_ids) + row.output)[:n])
+        kept = self._kv.kept
+        for i, slot in self._kv.left_in.items():
+            row = leaving[i]
+            self._kept[slot] = Kept(_selection(row), (list(row.request.prompt_ids) + row.output)[:kept[slot]])
         self._rows = [self._rows[j] for j in order]
         self._deltas = None
         self.metrics.running.set(len(self._rows))

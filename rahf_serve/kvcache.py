@@ -2,9 +2,10 @@
 
 Every layer's keys and values live in one tensor allocated once, [layers, 2, max_rows, kv_heads,
 max_len, head_dim]. The running batch occupies slots 0..rows-1. When a row leaves, the last row
-moves into its slot (one row copied, up to its own length), so the occupied slots stay contiguous; a row
-leaving from the end leaves its keys and values in its slot (`kept`), for a row that starts the same way to
-take until the slot is occupied again.
+moves into its slot (one row copied, up to its own length), so the occupied slots stay contiguous; a
+leaving row's keys and values stay behind in a free slot (`kept`: its own when it was last, else the moved
+row's when it was no longer than that row) for a row that starts the same way to take, until the slot is
+occupied again.
 
 A step packs every row's new tokens into one sequence, [1, total]: decode rows feed one token, prefilling
 rows a prompt chunk, and nothing is padded, so the model's Linear layers (most of the cost) run once over
@@ -281,6 +282,8 @@ class SlotCache(Cache):
         super().__init__(layers=[_SlotLayer(self, i) for i in range(shape.layers)])
         self._lengths: list[int] = []
         self._kept: dict[int, int] = {}
+        self.left_in: dict[int, int] = {}
+        """where each row the last `remove` freed left its keys: its index then -> the `kept` slot"""
         self._step: SlotStep | None = None
 
     @classmethod
@@ -309,8 +312,8 @@ class SlotCache(Cache):
 
     @property
     def kept(self) -> dict[int, int]:
-        """Free slots that still hold the tokens of the row that left them, and how many: a row leaving from
-        the end of the batch (nothing moves into its slot) stays there until the slot is occupied again."""
+        """Free slots that still hold the tokens of a row that left, and how many, until they are occupied
+        again (see `remove`)."""
         return dict(self._kept)
 
     def add(self, count: int = 1, starts: Sequence[tuple[int, int] | None] | None = None) -> list[int]:
@@ -339,18 +342,26 @@ class SlotCache(Cache):
 
     def remove(self, rows: Iterable[int]) -> list[int]:
         """Free slots `rows`; the last rows move into the gaps. Returns `order`: new row i was row order[i]
-        (reorder the engine's row list with it). A row that is last when it leaves stays `kept`."""
+        (reorder the engine's row list with it). A leaving row's keys stay `kept` (`left_in` says where)
+        when it is last, or when it holds no more tokens than the row that moves into its slot: the two
+        trade slots, which copies at most twice what the move alone would."""
         order = list(range(self.rows))
+        self.left_in = {}
         for gone in sorted(set(rows), reverse=True):  # from the end, so a moved row is never one still to go
             if not 0 <= gone < self.rows:
                 raise IndexError(f"row {gone} is not in the cache ({self.rows} rows)")
             last = self.rows - 1
-            if gone != last:
-                n = self._lengths[last]
-                self.storage[:, :, gone, :, :n] = self.storage[:, :, last, :, :n]
-                self._lengths[gone], order[gone] = n, order[last]
+            keep = self._lengths[gone]
+            if gone == last:
+                self._kept[gone], self.left_in[gone] = keep, gone
             else:
-                self._kept[gone] = self._lengths[gone]
+                n = self._lengths[last]
+                held = self.storage[:, :, gone, :, :keep].clone() if keep <= n else None
+                self.storage[:, :, gone, :, :n] = self.storage[:, :, last, :, :n]
+                if held is not None:
+                    self.storage[:, :, last, :, :keep] = held
+                    self._kept[last], self.left_in[gone] = keep, last
+                self._lengths[gone], order[gone] = n, order[last]
             self._lengths.pop()
             order.pop()
         return order

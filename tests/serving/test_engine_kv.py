@@ -69,6 +69,24 @@ def staggered(engine: Engine, reqs: list[GenerationRequest],
     return tokens
 
 
+def together(engine: Engine, reqs: list[GenerationRequest]) -> list[list[int]]:
+    """Serve `reqs` submitted as one group (admitted in one step, in this order); each request's tokens."""
+    tokens: list[list[int]] = [[] for _ in reqs]
+    done = [threading.Event() for _ in reqs]
+
+    def sink_for(i: int):
+        def sink(event) -> None:
+            assert event.error is None
+            tokens[i] += event.token_ids
+            if event.finish_reason:
+                done[i].set()
+        return sink
+
+    engine.submit_many(reqs, [sink_for(i) for i in range(len(reqs))])
+    assert all(d.wait(120) for d in done)
+    return tokens
+
+
 @pytest.fixture
 def steps(runtime, monkeypatch) -> list[tuple[list[int], list[int]]]:
     """Every step the engine begins: (tokens each row feeds, each row's cached tokens before the step)."""
@@ -305,6 +323,20 @@ def test_a_chat_s_next_turn_takes_its_history_from_the_finished_turn(runtime, st
     unrelated = GenerationRequest(prompt(4, 76), greedy(1), "kind")
     assert shared_by(engine, lambda: alone(engine, [first, unrelated, again])) == (
         [expected[0], alone(engine, [unrelated])[0], expected[1]], 0)  # the unrelated request took slot 0
+
+
+def test_two_chats_that_end_apart_both_find_their_history(runtime, computed_alone):
+    """Two chats in one batch, the first ending first (the second moves into its slot, and they trade: the
+    first's keys go to the second's old slot): both next turns take their history, each seated in the slot
+    that holds it, though they join in the other order."""
+    engine, _ = runtime
+    a, b = GenerationRequest(prompt(20, 80), greedy(4), "kind"), GenerationRequest(prompt(20, 81), greedy(12))
+    answers = computed_alone([a, b])
+    next_a = GenerationRequest(list(a.prompt_ids) + answers[0] + prompt(3, 82), greedy(3), "kind")
+    next_b = GenerationRequest(list(b.prompt_ids) + answers[1] + prompt(3, 83), greedy(3))
+    expected = computed_alone([next_a, next_b])
+    assert together(engine, [a, b]) == answers
+    assert shared_by(engine, lambda: together(engine, [next_a, next_b])) == (expected, (20 + 4 - 1) + (20 + 12 - 1))
 
 
 def test_an_adapter_loaded_again_under_its_name_shares_nothing_from_before(runtime, tmp_path, computed_alone,

@@ -374,20 +374,25 @@ def test_a_copied_prefix_continues_as_the_row_it_came_from(lively):
             cache.copy_prefix(source, target, n)
 
 
-def test_a_row_leaving_from_the_end_is_kept_until_its_slot_is_taken(lively):
-    """Rows 3 and 2 leave from the end (kept), row 0 from the middle (row 1 moves in: not kept). New rows
-    start from kept slots: their own (nothing copied) or one past the new rows (copied); a source among
-    the other new slots, or more tokens than kept, is refused."""
+def test_leaving_rows_are_kept_in_free_slots_until_taken(lively):
+    """A row leaving last stays in its slot; one leaving from the middle trades slots with the row that
+    moves in when it holds no more tokens than that row, else its keys are overwritten. New rows start from
+    kept slots: their own (nothing copied) or one past the new rows (copied); a source among the other new
+    slots, or more tokens than kept, is refused."""
     cache = SlotCache.for_model(lively, 5, 16)
     cache.add(4)
-    forward(lively, cache, prompts(11, [3, 4, 5, 6], _vocab(lively)))
+    forward(lively, cache, prompts(11, [5, 4, 3, 6], _vocab(lively)))
     before = cache.storage.clone()
-    assert cache.remove([0, 2, 3]) == [1] and cache.kept == {2: 5, 3: 6}
+    assert cache.remove([0, 3]) == [2, 1] and cache.lengths == [3, 4]  # row 0 (5 tokens) over row 2 (3)
+    assert cache.kept == {3: 6} and cache.left_in == {3: 3}
+    assert cache.remove([0]) == [1] and cache.kept == {1: 3, 3: 6} and cache.left_in == {0: 1}  # traded
+    assert torch.equal(cache.storage[:, :, 0, :, :4], before[:, :, 1, :, :4])
+    assert torch.equal(cache.storage[:, :, 1, :, :3], before[:, :, 2, :, :3])
     with pytest.raises(ValueError):
-        cache.add(2, [None, (2, 6)])  # slot 2 holds 5
+        cache.add(2, [None, (3, 7)])  # slot 3 holds 6
     with pytest.raises(ValueError):
-        cache.add(3, [(3, 6), (2, 5), (3, 6)])  # new rows 1, 2, 3: the first would overwrite slot 3 too early
-    assert cache.lengths == [4] and cache.kept == {2: 5, 3: 6}  # refused before anything changed
+        cache.add(3, [(3, 6), (1, 3), None])  # new rows 1, 2, 3: the first would overwrite slot 3 too early
+    assert cache.lengths == [4] and cache.kept == {1: 3, 3: 6}  # refused before anything changed
     assert cache.add(2, [None, (3, 4)]) == [1, 2] and cache.lengths == [4, 0, 4] and cache.kept == {3: 6}
     assert torch.equal(cache.storage[:, :, 2, :, :4], before[:, :, 3, :, :4])
     cache.remove([2])

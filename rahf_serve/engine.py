@@ -55,7 +55,7 @@ from .metrics import ServingMetrics
 from .models import BaseModel
 from .pacing import StepPacer, chunk_keys, tokens_within
 from .packed_llama import PackedLlama, packed_forward_for
-from .prefixes import Kept, best_donor
+from .prefixes import PrefixSharing
 from .request import (
     BASE_SLOT,
     GenerationRequest,
@@ -186,11 +186,10 @@ class Engine:
         self._control: ControlQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._rows: list[_Row] = []
-        self._kept: dict[int, Kept] = {}
-        """what the cache's `kept` slots hold: finished rows' tokens, under their selection"""
         # Built from the base's config, dtype and device, which adapters attached later do not change.
         self._kv = SlotCache.for_model(self.model, max_batch, self.max_model_len)
         self._key_cost = key_cost(self.model.config)
+        self._prefixes = PrefixSharing(self._kv, _selection, self.metrics.prompt_tokens_shared)
         self._packed: PackedLlama | None = packed_forward_for(self.model, self.max_model_len) if packed_forward else None
         log.info("KV cache: %d rows x %d tokens, kv_cache_bytes=%d (%.2f GiB)", max_batch, self.max_model_len,
                  self.kv_cache_bytes, self.kv_cache_bytes / 2**30)
@@ -217,7 +216,7 @@ class Engine:
             self._fail(row, EngineStopped("the server is shutting down"))
         self._rows, self._deferred = [], []
         self._kv.clear()
-        self._kept = {}
+        self._prefixes.forget()
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -272,7 +271,7 @@ class Engine:
             for i in doomed:
                 self._fail(self._rows[i], AdapterRemoved(f"adapter {name!r} was unloaded during generation"))
             self._drop(doomed)
-            self._kept = {s: k for s, k in self._kept.items() if not _depends_on(k.selection, gone, name)}
+            self._prefixes.forget(lambda selection: _depends_on(selection, gone, name))
             for slot_name in gone & set(self._slots.resident):
                 self._slots.unload(slot_name)
             del self._loaded[name]
@@ -284,10 +283,7 @@ class Engine:
         """Forget the finished rows' keys and values kept in free cache slots (benchmarks and tests that
         want every prompt computed; rows in the batch still share with each other)."""
 
-        def op() -> None:
-            self._kept = {}
-
-        self.call(op)
+        self.call(self._prefixes.forget)
 
     def _lora_for(self, name: str) -> LoraWeights:
         """The weights of an adapter or blend that `LoraSlots.ensure` finds not resident."""
@@ -374,7 +370,7 @@ class Engine:
                         self._fail(row, RahfError(f"generation failed: {err}"))
                     self._rows, self._deltas = [], None
                     self._kv.clear()
-                    self._kept = {}
+                    self._prefixes.forget()
 
     def _admit(self) -> None:
         joining: list[_Row] = []
@@ -402,16 +398,7 @@ class Engine:
         self.metrics.queue_depth.set(self._pending.qsize() + len(self._deferred))
         if not joining:
             return
-        first, end = self._kv.rows, self._kv.rows + len(joining)
-        if self.prefix_sharing:
-            joining = self._seat(joining, first)
-        starts = [self._find_donor(row, self._rows + joining[:k], first + k, end) if self.prefix_sharing else None
-                  for k, row in enumerate(joining)]
-        self._kv.add(len(joining), starts)  # slots after the running rows; the next steps prefill them
-        self._kept = {s: k for s, k in self._kept.items() if s in self._kv.kept}
-        for row, start in zip(joining, starts, strict=True):
-            if start is not None:
-                self._took(row, start[1])
+        joining = self._prefixes.join(self._rows, joining, self.prefix_sharing)  # the next steps prefill them
         self._rows += joining
         self._deltas = None
         self.metrics.running.set(len(self._rows))
@@ -430,73 +417,6 @@ class Engine:
         if row.slot != BASE_SLOT:
             row.lora = self._slots.ensure(row.slot, pin=True)
             self._blends.keep(self._slots.resident)
-
-    def _find_donor(self, row: _Row, earlier: Sequence[_Row], own: int, end: int) -> tuple[int, int] | None:
-        """Where joining `row` (to take slot `own`; the new rows end at `end`) can take the longest start of its
-        prompt from, under the same adapter (or blend) and steering: (kept slot, tokens) when a free slot
-        holds it, which `SlotCache.add` copies now (sources among the other new slots are about to be
-        overwritten); else it points `row.donor` at the row of `earlier` it shares the most with, and
-        returns None. A row that scores its prompt computes all of it."""
-        if row.request.prompt_logprobs is not None:
-            return None
-        key, prompt = _selection(row), row.request.prompt_ids
-        alike = [r for r in earlier if _selection(r) == key]
-        live, shared = best_donor(prompt, [r.request.prompt_ids for r in alike])
-        slot, reused = self._best_kept(row, lambda s: s == own or s >= end)
-        if slot is not None and reused >= shared:
-            return slot, reused
-        if live is not None:
-            row.donor, row.shared = alike[live], shared
-        return None
-
-    def _best_kept(self, row: _Row, allowed: Callable[[int], bool]) -> tuple[int | None, int]:
-        """The `allowed` kept slot holding the longest start of `row`'s prompt under its selection, and how
-        many tokens of it; (None, 0) when none does (or the row scores its prompt)."""
-        if row.request.prompt_logprobs is not None:
-            return None, 0
-        key = _selection(row)
-        slots = [s for s, k in self._kept.items() if k.selection == key and allowed(s)]
-        held, reused = best_donor(row.request.prompt_ids, [self._kept[s].tokens for s in slots])
-        return (None, 0) if held is None else (slots[held], reused)
-
-    def _seat(self, joining: list[_Row], first: int) -> list[_Row]:
-        """`joining` reordered so that a row whose prompt start is kept in one of the slots the joining rows
-        are about to take sits in that slot: nothing to copy, and no other new row overwrites it first (two
-        chats' next turns, say, each in the slot the other's last turn left)."""
-        end, seats = first + len(joining), {}
-        for row in joining:
-            slot, _ = self._best_kept(row, lambda s: first <= s < end and s not in seats)
-            if slot is not None:
-                seats[slot] = row
-        rest = iter([r for r in joining if all(r is not seated for seated in seats.values())])
-        return [seats[s] if s in seats else next(rest) for s in range(first, end)]
-
-    def _take_prefixes(self) -> set[int]:
-        """Copy each waiting row's shared prompt start from its donor once the donor holds it; returns the
-        rows whose donor is still computing it (they feed nothing this step). A row whose donor left
-        (finished, cancelled, failed) computes its prompt itself."""
-        at = {id(r): i for i, r in enumerate(self._rows)}
-        waiting = set()
-        for i, row in enumerate(self._rows):
-            donor = row.donor
-            if donor is None:
-                continue
-            j = at.get(id(donor))
-            if j is None or row.fed >= row.shared:
-                row.donor = None
-            elif donor.fed >= row.shared:  # prompt tokens lie first in a row's cache
-                self._kv.copy_prefix(j, i, row.shared)
-                self._took(row, row.shared)
-                row.donor = None
-            else:
-                waiting.add(i)
-        return waiting
-
-    def _took(self, row: _Row, upto: int) -> None:
-        """`row` holds its prompt's first `upto` tokens, taken rather than computed."""
-        self.metrics.prompt_tokens_shared.inc(upto - row.fed, adapter=row.request.label)
-        row.cached += upto - row.fed
-        row.fed = upto
 
     def _prompt_logprobs(self, rows: Sequence[_Row]) -> list[list[TokenLogprob] | None]:
         """Per row that asked: its prompt tokens scored from the hidden states of its own prefill chunks."""
@@ -518,7 +438,7 @@ class Engine:
         if not self._rows:
             return
         self._keep_prefilling_last()
-        waiting = self._take_prefixes()
+        waiting = self._prefixes.take(self._rows)
         if self._deltas is None:  # rebuilt only when the batch's rows change
             self._deltas = row_deltas([r.steer for r in self._rows], self._hidden, self.base.device, self.base.dtype)
         prefill = [i for i, r in enumerate(self._rows) if _prefilling(r)]
@@ -707,10 +627,7 @@ class Engine:
             return
         leaving = {i: self._rows[i] for i in indices}
         order = self._kv.remove(indices)
-        kept = self._kv.kept
-        for i, slot in self._kv.left_in.items():
-            row = leaving[i]
-            self._kept[slot] = Kept(_selection(row), (list(row.request.prompt_ids) + row.output)[:kept[slot]])
+        self._prefixes.left(leaving)
         self._rows = [self._rows[j] for j in order]
         self._deltas = None
         self.metrics.running.set(len(self._rows))

@@ -199,8 +199,10 @@ def main() -> None:
                add_special_tokens=False)["input_ids"]
     g = torch.Generator().manual_seed(0)
     long_prompt = torch.randint(100, 40_000, (args.prompt_tokens,), generator=g).tolist()
+    # Every run joins the same long prompt, which prefix sharing would take from the run before: off, so
+    # that each run computes it.
     engine = Engine(base, max_batch=args.streams + 1, max_model_len=max(args.prompt_tokens, 32) + 2048,
-                    max_new_tokens=2048)
+                    max_new_tokens=2048, prefix_sharing=False)
     workdir = Path(tempfile.mkdtemp(prefix="join-bench-"))
     for i, name in enumerate(("kind", "terse")):
         random_lora_bundle(base, workdir / name, seed=i, r=8)

@@ -101,10 +101,12 @@ def main() -> None:
     floor_speed = functools.partial(streaming_speed, torch_gemvs)
     c_floor_speed = functools.partial(streaming_speed, c_gemvs)
 
-    # The same engine on transformers' forward, for the A/B of the engine's own llama forward.
+    # The same engine on transformers' forward, for the A/B of the engine's own llama forward. Both compute
+    # every prompt: the runs repeat theirs, which prefix sharing would otherwise take from the run before
+    # (a `generate` beside them computes its prompt every time).
     hf_engine = Engine(load_base("smollm2-135m-instruct", device="cpu", dtype="float32"), max_batch=args.max_batch,
-                       max_new_tokens=max(n, 64), packed_forward=False)
-    engine = Engine(base, max_batch=args.max_batch, max_new_tokens=max(n, 64))
+                       max_new_tokens=max(n, 64), packed_forward=False, prefix_sharing=False)
+    engine = Engine(base, max_batch=args.max_batch, max_new_tokens=max(n, 64), prefix_sharing=False)
     counts = [int(k) for k in args.streams.split(",")]
     greedy = SamplingParams(max_tokens=n, temperature=0.0)
 

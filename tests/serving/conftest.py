@@ -17,6 +17,7 @@ from rahf_serve.api import create_app
 from rahf_serve.engine import Engine
 from rahf_serve.models import BaseModel, load_base
 from rahf_serve.registry import AdapterRegistry
+from rahf_serve.request import GenerationRequest, StreamEvent
 from tests.conftest import build_tiny_model_dir
 from tests.helpers import random_lora_bundle
 
@@ -36,6 +37,24 @@ def lively_model_dir(tmp_path_factory, tokenizer) -> Path:
     # A larger init than the default 0.02 makes greedy outputs vary from token to token, so
     # "identical outputs" tests compare real sequences rather than one token repeated.
     return build_tiny_model_dir(tmp_path_factory.mktemp("lively-llama"), tokenizer, seed=3, initializer_range=0.3)
+
+
+def burst(engine: Engine, reqs: list[GenerationRequest]) -> tuple[list[list[int]], list[tuple[int, StreamEvent]]]:
+    """Submit `reqs` as one group; each request's tokens, and every event as (request index, event) in order."""
+    log: list[tuple[int, StreamEvent]] = []
+    done = [threading.Event() for _ in reqs]
+
+    def sink(i: int):
+        def put(event: StreamEvent) -> None:
+            log.append((i, event))
+            if event.finish_reason is not None:
+                done[i].set()
+        return put
+
+    engine.submit_many(reqs, [sink(i) for i in range(len(reqs))])
+    assert all(d.wait(120) for d in done)
+    assert all(e.error is None for _, e in log)
+    return [[t for j, e in log if j == i for t in e.token_ids] for i in range(len(reqs))], log
 
 
 def load_lively(path: Path) -> BaseModel:

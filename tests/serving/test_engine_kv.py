@@ -22,7 +22,7 @@ from rahf_serve.request import GenerationRequest, SteeringSpec
 from rahf_serve.sampling import SamplingParams
 from tests.conftest import TINY
 from tests.helpers import random_lora_bundle
-from tests.serving.conftest import load_lively
+from tests.serving.conftest import burst, load_lively
 
 
 def greedy(n: int) -> SamplingParams:
@@ -66,24 +66,6 @@ def staggered(engine: Engine, reqs: list[GenerationRequest],
     for event in done:
         assert event.wait(120), "a request never finished (its trigger did not fire?)"
     assert not errors
-    return tokens
-
-
-def together(engine: Engine, reqs: list[GenerationRequest]) -> list[list[int]]:
-    """Serve `reqs` submitted as one group (admitted in one step, in this order); each request's tokens."""
-    tokens: list[list[int]] = [[] for _ in reqs]
-    done = [threading.Event() for _ in reqs]
-
-    def sink_for(i: int):
-        def sink(event) -> None:
-            assert event.error is None
-            tokens[i] += event.token_ids
-            if event.finish_reason:
-                done[i].set()
-        return sink
-
-    engine.submit_many(reqs, [sink_for(i) for i in range(len(reqs))])
-    assert all(d.wait(120) for d in done)
     return tokens
 
 
@@ -335,8 +317,8 @@ def test_two_chats_that_end_apart_both_find_their_history(runtime, computed_alon
     next_a = GenerationRequest(list(a.prompt_ids) + answers[0] + prompt(3, 82), greedy(3), "kind")
     next_b = GenerationRequest(list(b.prompt_ids) + answers[1] + prompt(3, 83), greedy(3))
     expected = computed_alone([next_a, next_b])
-    assert together(engine, [a, b]) == answers
-    assert shared_by(engine, lambda: together(engine, [next_a, next_b])) == (expected, (20 + 4 - 1) + (20 + 12 - 1))
+    assert burst(engine, [a, b])[0] == answers
+    assert shared_by(engine, lambda: burst(engine, [next_a, next_b])[0]) == (expected, (20 + 4 - 1) + (20 + 12 - 1))
 
 
 def test_an_adapter_loaded_again_under_its_name_shares_nothing_from_before(runtime, tmp_path, computed_alone,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import httpx
@@ -12,10 +11,10 @@ from rahf_serve.api import create_app
 from rahf_serve.engine import Engine
 from rahf_serve.errors import LimitExceeded
 from rahf_serve.registry import AdapterRegistry
-from rahf_serve.request import GenerationRequest, StreamEvent
+from rahf_serve.request import GenerationRequest
 from rahf_serve.sampling import SamplingParams
 from tests.helpers import random_lora_bundle
-from tests.serving.conftest import LiveServer, load_lively
+from tests.serving.conftest import LiveServer, burst, load_lively
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0)
 NAMES = ["a0", "a1", "a2", "a3"]
@@ -34,24 +33,6 @@ def engine_with(lively_model_dir: Path, bundles: Path, **kwargs) -> Engine:
     engine = Engine(load_lively(lively_model_dir), **kwargs)
     AdapterRegistry(engine, bundles).load_dir()
     return engine
-
-
-def burst(engine: Engine, reqs: list[GenerationRequest]) -> tuple[list[list[int]], list[tuple[int, StreamEvent]]]:
-    """Submit `reqs` as one group; each request's tokens, and every event as (request index, event) in order."""
-    log: list[tuple[int, StreamEvent]] = []
-    done = [threading.Event() for _ in reqs]
-
-    def sink(i: int):
-        def put(event: StreamEvent) -> None:
-            log.append((i, event))
-            if event.finish_reason is not None:
-                done[i].set()
-        return put
-
-    engine.submit_many(reqs, [sink(i) for i in range(len(reqs))])
-    assert all(d.wait(120) for d in done)
-    assert all(e.error is None for _, e in log)
-    return [[t for j, e in log if j == i for t in e.token_ids] for i in range(len(reqs))], log
 
 
 def requests(prompts: list[list[int]], adapters: list[str | None], blends=()) -> list[GenerationRequest]:

@@ -103,8 +103,10 @@ class PrefixSharing:
         """Copy each waiting row's start from its donor once the donor holds it; returns the rows whose donor
         is still computing it (they feed nothing this step). A row whose donor left (finished, cancelled,
         failed) computes its prompt itself."""
+        waiting: set[int] = set()
+        if all(row.donor is None for row in rows):  # every step calls this; most have no one waiting
+            return waiting
         at = {id(r): i for i, r in enumerate(rows)}
-        waiting = set()
         for i, row in enumerate(rows):
             if row.donor is None:
                 continue

@@ -5,6 +5,7 @@
     OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --loaded 64          # also with 56 more adapters resident
     OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --torch-too          # the kernel against torch's matmuls
     OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --call-cost          # ... and against the calls alone
+    OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --separate-calls     # ... and with a call of their own
     OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --lora-dtype bfloat16  # factors stored in bfloat16
 
 The engine's path: a packed decode step (one token per row) through a `SlotCache` with `LoraSlots`, on the
@@ -29,6 +30,10 @@ so the two are compared interleaved. `--call-cost` also times them with a C func
 the kernel's place: what the per-module calls cost without the kernel's work. A run times every case once,
 the next run in the reverse order, so what a case's place in a run costs (the case before it, a slower
 first step) falls on every case alike; ratios are medians over runs of the ratio within a run.
+
+`--separate-calls` also times "same" and "mixed" with each site's rows added by a call of their own after
+its product, as before the products made that call themselves in C, and reports the products' way over
+that one (paired within runs).
 
 `--loaded N`: every run also loads N - 8 more adapters (slots the layouts do not use), times the three
 layouts again and unloads them, so "N loaded / 8 loaded" compares the same work, interleaved, with only
@@ -146,7 +151,7 @@ def stream(buffer: torch.Tensor) -> float:
 
 def no_op_kernel() -> RowKernel:
     """A `lora_rows` module whose functions take the kernel's arguments and do nothing (a site reports its work
-    done), built as the kernel is."""
+    done; so does its C function, which the forward's products call), built as the kernel is."""
     source = Path(tempfile.mkdtemp()) / "noop.c"
     source.write_text(
         "#define PY_SSIZE_T_CLEAN\n#include <Python.h>\n"
@@ -157,7 +162,12 @@ def no_op_kernel() -> RowKernel:
         "static PyMethodDef methods[] = {{\"rows\", (PyCFunction)(void (*)(void))rows, METH_FASTCALL, 0},\n"
         "    {\"site\", (PyCFunction)(void (*)(void))site, METH_FASTCALL, 0}, {0}};\n"
         "static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, \"lora_rows\", 0, -1, methods};\n"
-        "PyMODINIT_FUNC PyInit_lora_rows(void) { return PyModule_Create(&module); }\n")
+        "static int site_function(const void *s, long long t, const float *x, long long ldx, float *y,\n"
+        "                         long long ldy) { return 1; }\n"
+        "PyMODINIT_FUNC PyInit_lora_rows(void) {\n"
+        "    PyObject *m = PyModule_Create(&module);\n"
+        "    if (m) PyModule_AddObject(m, \"site_function\", PyLong_FromVoidPtr((void *)site_function));\n"
+        "    return m;\n}\n")
     return build_row_kernel(source.parent, source=source)
 
 
@@ -186,6 +196,8 @@ def main() -> None:
                     help="also time adapter rows with torch's batched matmuls instead of the C kernel, interleaved")
     ap.add_argument("--call-cost", action="store_true",
                     help="also time adapter rows with a no-op in the C kernel's place (the calls alone), interleaved")
+    ap.add_argument("--separate-calls", action="store_true",
+                    help="also time adapter rows added by a call of their own after each product, interleaved")
     ap.add_argument("--lora-dtype", choices=["float32", "bfloat16"], default="float32",
                     help="what the slots store the factors in (rahf-serve --lora-dtype)")
     args = ap.parse_args()
@@ -201,8 +213,9 @@ def main() -> None:
     dtype = getattr(torch, args.lora_dtype)
     slots = LoraSlots(model, max_loras=max(8, args.loaded), max_rank=RANK, dtype=dtype)
     kernel = slots.kernel
-    if (args.torch_too or args.call_cost) and kernel is None:
-        ap.error("--torch-too and --call-cost need the C row kernel, which is not available here (see the log)")
+    if (args.torch_too or args.call_cost or args.separate_calls) and kernel is None:
+        ap.error("--torch-too, --call-cost and --separate-calls need the C row kernel, which is not available here "
+                 "(see the log)")
     calls_only = no_op_kernel() if args.call_cost else None
     for i in range(8):
         slots.load_weights(f"a{i}", weights[i % 2])
@@ -217,6 +230,7 @@ def main() -> None:
     extra = f" {'base, same, mixed: ' + str(args.loaded) + ' loaded / 8':>34}" if fillers else ""
     extra += f" {'torch same/base':>15} {'torch mixed/base':>16}" if args.torch_too else ""
     extra += f" {'calls same/base':>15} {'calls mixed/base':>16}" if args.call_cost else ""
+    extra += f" {'same/separate':>13} {'mixed/separate':>14}" if args.separate_calls else ""
     print(f"{'rows':>4} {'base ms':>8} {'same ms':>8} {'mixed ms':>9} {'same/base':>9} {'mixed/base':>10} "
           f"{'floor same':>10} {'floor mixed':>11} {'walk/base':>9}{extra}")
     with torch.inference_mode():
@@ -234,6 +248,7 @@ def main() -> None:
             walks: list[float] = []
             torch_times: dict[str, list[float]] = {"same": [], "mixed": []}
             call_times: dict[str, list[float]] = {"same": [], "mixed": []}
+            separate_times: dict[str, list[float]] = {"same": [], "mixed": []}
             floors: dict[str, list[float]] = {"same": [], "mixed": []}
             used = {"same": [weights[0]], "mixed": [weights[i % 2] for i in range(min(rows, 8))]}
             floats = {k: factor_count(used[k]) * dtype.itemsize // 4 for k in floors}  # as many bytes
@@ -247,9 +262,13 @@ def main() -> None:
                 arms += [functools.partial(timed, torch_times[kind], [(slots, "kernel", None)], *common, layouts[kind],
                                            args.steps) for kind in torch_times]
             if calls_only is not None:  # every SlotLinear and SlotSite calls through these
-                no_op = [(kernel, "rows", calls_only.rows), (kernel, "site", calls_only.site)]
+                no_op = [(kernel, "rows", calls_only.rows), (kernel, "site", calls_only.site),
+                         (kernel, "site_function", calls_only.site_function)]
                 arms += [functools.partial(timed, call_times[kind], no_op, *common, layouts[kind], args.steps)
                          for kind in call_times]
+            if args.separate_calls:  # SlotSite.call is then None: the site's own `add` after the product
+                arms += [functools.partial(timed, separate_times[kind], [(kernel, "site_function", 0)], *common,
+                                           layouts[kind], args.steps) for kind in separate_times]
             for run in range(args.runs):
                 # forward, then backward: whatever a case's place in the run costs falls on each case alike
                 for arm in arms if run % 2 == 0 else arms[::-1]:
@@ -277,6 +296,9 @@ def main() -> None:
                 print(f" {paired(torch_times['same']):>15.3f} {paired(torch_times['mixed']):>16.3f}", end="")
             if calls_only is not None:
                 print(f" {paired(call_times['same']):>15.3f} {paired(call_times['mixed']):>16.3f}", end="")
+            if args.separate_calls:
+                print(f" {paired_ratio(times['same'], separate_times['same']):>13.3f} "
+                      f"{paired_ratio(times['mixed'], separate_times['mixed']):>14.3f}", end="")
             print()
 
 

@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 SOURCE = c_extension.CSRC / "forward_ops.c"
 
 
+NO_SITE = (0, 0)
+"""`ForwardKernel.product_then`'s site for none"""
+
+
 class ForwardKernel:
     """Typed calls into the extension. Nothing is checked below them: `PackedLlama` and `SlotCache` own the
     layouts (activations row-major float32, q/k/v side by side in one row, the cache's contiguous slots)."""
@@ -82,11 +86,18 @@ class ForwardKernel:
                 into: torch.Tensor | None = None) -> torch.Tensor:
         """x [tokens, in] (rows contiguous) times the weight `panels` holds, [tokens, out_features]; with
         `into` (contiguous, that shape), added to it in place and returned."""
+        return self.product_then(x, panels, out_features, into, NO_SITE)[0]
+
+    def product_then(self, x: torch.Tensor, panels: torch.Tensor, out_features: int, into: torch.Tensor | None,
+                     site: tuple[int, int]) -> tuple[torch.Tensor, bool]:
+        """`product`, then in the same C call the LoRA rows of `site`, (a `rahf_site_fn`'s address, its
+        site's: `SlotSite.call`), added to the output; and whether they were (False: the site did nothing,
+        its rows are the caller's to add)."""
         tokens, inp = x.shape
         y = torch.empty(tokens, out_features, dtype=x.dtype) if into is None else into
-        self._product(x.data_ptr(), x.stride(0), tokens, panels.data_ptr(), inp, out_features, y.data_ptr(),
-                      out_features, int(into is not None), torch.get_num_threads())
-        return y
+        done = self._product(x.data_ptr(), x.stride(0), tokens, panels.data_ptr(), inp, out_features, y.data_ptr(),
+                             out_features, int(into is not None), torch.get_num_threads(), *site)
+        return y, done
 
     def rms_norm(self, h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """LlamaRMSNorm of each row of h [tokens, hidden] (contiguous)."""

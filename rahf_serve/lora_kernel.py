@@ -101,6 +101,9 @@ class RowKernel:
         self.path = path
         self.rows: Callable[[int, int, int, int, int, int], None] = module.rows
         self.site: Callable[[int, int, int, int], bool] = module.site
+        self.site_function = int(getattr(module, "site_function", 0))
+        """the address of `site` as a C function (`rahf_site_fn` in csrc/extension.h), which the forward
+        kernel's products call after their own work; 0 where the module has none"""
         self.openmp = bool(getattr(module, "openmp", False))
         """whether a site's rows are shared between torch's OpenMP threads (built with -fopenmp)"""
 

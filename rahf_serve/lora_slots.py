@@ -429,7 +429,7 @@ class SlotSite:
     """The LoRA modules that read one input and add into one output, each at its columns: q/k/v or gate/up
     of a fused product [tokens, `width`], or one module alone (`width`: its out_features). `add` does a
     decode-only step's rows of all of them in one C call, other steps (prompt chunks, no kernel) module by
-    module through `add_packed`."""
+    module through `add_packed`; the packed forward's C products make that C call themselves (`call`)."""
 
     def __init__(self, modules: Sequence[SlotLinear | None], parts: Sequence[slice | None] = (None,),
                  width: int | None = None) -> None:
@@ -445,6 +445,13 @@ class SlotSite:
         self._entries = (SiteModule * len(entries))(*entries)  # kept: the C call reads them
         self._struct = Site(len(entries), first.in_features, width, ctypes.addressof(self._entries))
         self._address = ctypes.addressof(self._struct)
+
+    @property
+    def call(self) -> tuple[int, int] | None:
+        """The kernel's site call as a C function and this site's address (for `ForwardKernel.product_then`,
+        which adds the rows in its own call), or None without the kernel."""
+        kernel = self._kernel
+        return None if kernel is None or not kernel.site_function else (kernel.site_function, self._address)
 
     def add(self, x: torch.Tensor, out: torch.Tensor, total: int) -> None:
         """Add each row's LoRA of `x` [total, in] to the modules' columns of `out` [total, width], in place.

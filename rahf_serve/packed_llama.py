@@ -7,7 +7,7 @@ new tokens in one sequence) with
 
 - q/k/v and gate/up as one matrix each (the Linear modules keep views into them, so nothing is copied and
   every other user of the model sees the same weights), each module's LoRA slots added to its slice of
-  the output;
+  the output (on a decode step, by the C product's own call: `_Matrix`);
 - activations kept 2-D [tokens, hidden], so each product is one `mm` over a transposed view of the weight
   (no transpose operator per call), and o_proj and down_proj an `addmm` that adds the residual as well;
   for float32 on CPU, the products (the LM head's too) are the C kernel's instead, over a copy of each
@@ -101,12 +101,25 @@ class _Matrix:
     def weight(self) -> torch.Tensor:
         return self.t.t()
 
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                 lora: SlotSite | None = None) -> torch.Tensor:
         """x [tokens, in] times the weight, plus `residual` [tokens, out] when given (the C products add into
-        it in place: the forward's residual stream is its own)."""
+        it in place: the forward's residual stream is its own), plus each row's LoRA of `lora`'s modules
+        (LoRA is linear: added to the sum, it is added to the product). With the C products and kernel,
+        the LoRA rows of a decode step are added in the product's own call."""
         if self._kernel is not None:
-            return self._kernel.product(x, self._panels, self.out, residual)
-        return torch.mm(x, self.t) if residual is None else torch.addmm(residual, x, self.t)
+            call = None if lora is None else lora.call
+            if call is None:
+                y = self._kernel.product(x, self._panels, self.out, residual)
+            else:
+                y, done = self._kernel.product_then(x, self._panels, self.out, residual, call)
+                if done:
+                    return y
+        else:
+            y = torch.mm(x, self.t) if residual is None else torch.addmm(residual, x, self.t)
+        if lora is not None:
+            lora.add(x, y, x.shape[0])
+        return y
 
 
 class _Block:
@@ -215,9 +228,7 @@ class PackedLlama:
         for i, blk in enumerate(self.blocks):
             qkv_lora, o_lora, gate_up_lora, down_lora = blk.sites() if lora else _NO_SITES
             x = self._norm(h, blk.ln1)
-            qkv = blk.qkv(x)
-            if qkv_lora is not None:
-                qkv_lora.add(x, qkv, total)
+            qkv = blk.qkv(x, lora=qkv_lora)
             if kernel is not None:
                 kernel.rotate_and_store(qkv, heads, self.cos, self.sin_signed, step.rows, step.columns,
                                         cache.planes[i])
@@ -229,17 +240,11 @@ class PackedLlama:
                 cache.write(i, qk[:, heads:], qkv[:, k_end:].view(total, kv_heads, head_dim))
                 q = qk[:, :heads]
             o = cache.attend_packed(i, q, self.scaling, kernel).view(total, q_end)
-            h = blk.o(o, h)  # the residual add inside the product
-            if o_lora is not None:  # LoRA is linear: adding it to h adds it to o_proj's output
-                o_lora.add(o, h, total)
+            h = blk.o(o, h, o_lora)  # the residual add inside the product
             x = self._norm(h, blk.ln2)
-            gu = blk.gate_up(x)
-            if gate_up_lora is not None:
-                gate_up_lora.add(x, gu, total)
+            gu = blk.gate_up(x, lora=gate_up_lora)
             act = F.silu(gu[:, :blk.inter]).mul_(gu[:, blk.inter:])
-            h = blk.down(act, h)
-            if down_lora is not None:
-                down_lora.add(act, h, total)
+            h = blk.down(act, h, down_lora)
             delta = deltas.get(i + 1)
             if delta is not None:
                 h = h + delta[0].to(h.dtype)

@@ -34,6 +34,13 @@ static int parse_args(PyObject *const *args, Py_ssize_t nargs, const char *name,
     return 0;
 }
 
+/* A LoRA site's rows added to a product's output: lora_rows exports its site call as one of these (the
+ * int `site_function`) and forward_ops' products call it after the product, in C, so a decode step makes
+ * one call from Python per product, not two. Nonzero when it did the rows (or there were none); 0 when it
+ * did nothing and the caller must take its own path. */
+typedef int (*rahf_site_fn)(const void *site, int64_t total, const float *x, int64_t ldx, float *y,
+                            int64_t ldy);
+
 /* The module `m` (from PyModule_Create) with its `openmp` constant, whether it was built with -fopenmp and
  * so shares its work between torch's threads; NULL if `m` is or that fails. */
 static PyObject *with_openmp_flag(PyObject *m)

@@ -22,6 +22,11 @@
  * Each token's arithmetic depends on that token alone (and, in the attention, on its row's cache), so a
  * row's result does not change with the batch around it.
  *
+ * A product can add a LoRA site's rows to its output before it returns: it calls the row kernel's site
+ * function (csrc/extension.h's `rahf_site_fn`, from the other extension module), so a decode step makes one
+ * call from Python per product, not one for the product and one for its LoRA, and the rows run without
+ * the GIL as the product does.
+ *
  * Built as a Python extension module (`forward_ops`), the arguments ints (addresses and sizes) and floats.
  */
 #include "extension.h"
@@ -544,18 +549,24 @@ static PyObject *py_attend_rows(PyObject *self, PyObject *const *args, Py_ssize_
     Py_RETURN_NONE;
 }
 
-/* product(x, ldx, tokens, panels, in, out, y, ldy, add, threads) */
+/* product(x, ldx, tokens, panels, in, out, y, ldy, add, threads, site_function, site) -> whether the site's
+ * LoRA rows were added too: `site_function` (a `rahf_site_fn`, or 0 for none) is called on `site` after the
+ * product, with its input and output. */
 static PyObject *py_product(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    int64_t a[10];
-    if (parse_args(args, nargs, "product", 10, 0, a, NULL) < 0)
+    int64_t a[12];
+    if (parse_args(args, nargs, "product", 12, 0, a, NULL) < 0)
         return NULL;
+    const rahf_site_fn lora = PTR(rahf_site_fn, a[10]);
+    int done = 1;
     /* Up to milliseconds, touching no Python object: the server's other threads run meanwhile. */
     Py_BEGIN_ALLOW_THREADS
     panel_product(PTR(const float *, a[0]), a[1], a[2], PTR(const float *, a[3]), a[4], a[5], PTR(float *, a[6]),
                   a[7], (int)a[8], a[9]);
+    if (lora != NULL)
+        done = lora(PTR(const void *, a[11]), a[2], PTR(const float *, a[0]), a[1], PTR(float *, a[6]), a[7]);
     Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+    return PyBool_FromLong(done);
 }
 
 static PyMethodDef methods[] = {

@@ -19,7 +19,9 @@
  *
  * `site` does the modules that read one input and add into one output (q/k/v, gate/up) in one call:
  * inside a forward, each call from Python costs several times what it costs in a tight loop (its code and
- * data are cold after the weights streamed by), so a decode step makes four calls a layer, not seven.
+ * data are cold after the weights streamed by), so a decode step makes four calls a layer, not seven; and
+ * the forward's C products call it themselves (`site_function`, a C function pointer), so where those run
+ * a decode step's LoRA rows take no call from Python at all.
  * Each module reaches its group's plan through a cell its SlotLinear keeps pointed at it.
  *
  * Built as a Python extension module (`lora_rows`, two METH_FASTCALL functions at the end), not a plain
@@ -386,6 +388,13 @@ static int lora_site(const struct rahf_site *s, int64_t total, const float *x, f
     return 1;
 }
 
+/* lora_site as a `rahf_site_fn`: for inputs and outputs of the site's widths only. */
+static int site_function(const void *site, int64_t total, const float *x, int64_t ldx, float *y, int64_t ldy)
+{
+    const struct rahf_site *s = site;
+    return ldx == s->ldx && ldy == s->ldy && lora_site(s, total, x, y);
+}
+
 /* rows(&rahf_rows, &rahf_factors, x, ldx, y, ldy): one module's rows. */
 static PyObject *py_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -418,5 +427,15 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "lora_rows", NULL, -1
 
 PyMODINIT_FUNC PyInit_lora_rows(void)
 {
-    return with_openmp_flag(PyModule_Create(&module));
+    PyObject *m = with_openmp_flag(PyModule_Create(&module));
+    if (m == NULL)
+        return NULL;
+    PyObject *f = PyLong_FromVoidPtr((void *)(rahf_site_fn)site_function);
+    const int failed = f == NULL || PyModule_AddObjectRef(m, "site_function", f) < 0;
+    Py_XDECREF(f);
+    if (failed) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -15,6 +15,7 @@ from rahf_serve import forward_kernel, lora_kernel
 from rahf_serve.bundle import WEIGHTS_FILE
 from rahf_serve.engine import Engine
 from rahf_serve.errors import BundleError
+from rahf_serve.forward_kernel import ForwardKernel
 from rahf_serve.lora_slots import SlotSite
 from rahf_serve.models import load_base
 from rahf_serve.packed_llama import unsupported_reason
@@ -112,20 +113,35 @@ def test_the_packed_forward_serves_exactly_what_transformers_forward_serves(engi
 def test_every_site_is_handed_the_rows_the_kernel_reads_unchecked(engines, monkeypatch):
     """The kernel reads a site's input as [total, in] float32 and adds into its output as [total, width],
     each with its rows back to back, and nothing on the hot path checks it: every step the forward runs
-    (decode-only, prompt chunks beside decoding rows, every kind of row) must hand them so."""
+    (decode-only, prompt chunks beside decoding rows, every kind of row) must hand them so, whether the
+    product's C call adds the rows (decode-only steps) or the site's own call does."""
     packed, _ = engines
-    seen, add = [], SlotSite.add
+    seen, add, product_then = [], SlotSite.add, ForwardKernel.product_then
+    sites = {}
+
+    def layout(x: torch.Tensor, out: torch.Tensor, total: int, site: SlotSite) -> tuple[bool, ...]:
+        return (x.is_contiguous(), out.is_contiguous(), x.dtype == out.dtype == torch.float32,
+                tuple(x.shape) == (total, site._struct.ldx), tuple(out.shape) == (total, site._struct.ldy))
 
     def checked(site: SlotSite, x: torch.Tensor, out: torch.Tensor, total: int) -> None:
-        layout = site._struct
-        seen.append((x.is_contiguous(), out.is_contiguous(), x.dtype == out.dtype == torch.float32,
-                     tuple(x.shape) == (total, layout.ldx), tuple(out.shape) == (total, layout.ldy)))
+        seen.append(("site", *layout(x, out, total, site)))
         add(site, x, out, total)
 
+    def checked_product(kernel, x, panels, out_features, into, call):
+        y, done = product_then(kernel, x, panels, out_features, into, call)
+        if call[1] and done:
+            seen.append(("product", *layout(x, y, x.shape[0], sites[call[1]])))
+        return y, done
+
     monkeypatch.setattr(SlotSite, "add", checked)
+    monkeypatch.setattr(ForwardKernel, "product_then", checked_product)
+    for blk in packed._packed.blocks:
+        sites.update({site._address: site for site in blk.sites() if site is not None})
     run_together(packed, batch_of_every_kind())
-    assert len(seen) > 100
-    assert [s for s in seen if not all(s)] == []
+    assert sum(by == "site" for by, *_ in seen) > 50
+    assert sum(by == "product" for by, *_ in seen) > 100
+    assert [s for s in seen if not all(s[1:])] == []
+
 
 @pytest.mark.parametrize("missing", [("row",), ("forward",), ("row", "forward")])
 def test_without_the_c_kernels_the_packed_forward_serves_the_same(engines, lively_model_dir, bundles, missing):

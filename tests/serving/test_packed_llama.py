@@ -3,7 +3,6 @@ same engine, for every kind of row at once; the model it fuses stays the same mo
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from rahf_serve.request import GenerationRequest, SteeringSpec, StreamEvent
 from rahf_serve.sampling import SamplingParams
 from tests.conftest import build_tiny_model_dir
 from tests.helpers import random_lora_bundle
-from tests.serving.conftest import load_lively
+from tests.serving.conftest import burst, load_lively
 
 ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -72,20 +71,9 @@ def batch_of_every_kind() -> list[GenerationRequest]:
 
 
 def run_together(engine: Engine, reqs: list[GenerationRequest]) -> list[list[StreamEvent]]:
-    events: list[list[StreamEvent]] = [[] for _ in reqs]
-    done = [threading.Event() for _ in reqs]
-
-    def sink(i: int):
-        def take(event: StreamEvent) -> None:
-            events[i].append(event)
-            if event.finish_reason:
-                assert event.error is None, event.error
-                done[i].set()
-        return take
-
-    engine.submit_many(reqs, [sink(i) for i in range(len(reqs))])
-    assert all(d.wait(120) for d in done)
-    return events
+    """Submit `reqs` as one group; each request's events."""
+    _, log = burst(engine, reqs)
+    return [[e for j, e in log if j == i] for i in range(len(reqs))]
 
 
 def assert_same_streams(got: list[list[StreamEvent]], want: list[list[StreamEvent]]) -> None:

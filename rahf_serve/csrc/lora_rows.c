@@ -402,8 +402,11 @@ static PyObject *py_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     if (parse_args(args, nargs, "rows", 6, 0, a, NULL) < 0)
         return NULL;
     const struct rahf_rows *rows = (const struct rahf_rows *)(intptr_t)a[0];
+    /* Touching no Python object: the server's other threads run meanwhile. */
+    Py_BEGIN_ALLOW_THREADS
     lora_rows(rows, 0, rows->n, (const struct rahf_factors *)(intptr_t)a[1], (const float *)(intptr_t)a[2], a[3],
               (float *)(intptr_t)a[4], a[5]);
+    Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
@@ -413,8 +416,12 @@ static PyObject *py_site(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     int64_t a[4];
     if (parse_args(args, nargs, "site", 4, 0, a, NULL) < 0)
         return NULL;
-    return PyBool_FromLong(lora_site((const struct rahf_site *)(intptr_t)a[0], a[1], (const float *)(intptr_t)a[2],
-                                     (float *)(intptr_t)a[3]));
+    int done;
+    Py_BEGIN_ALLOW_THREADS
+    done = lora_site((const struct rahf_site *)(intptr_t)a[0], a[1], (const float *)(intptr_t)a[2],
+                     (float *)(intptr_t)a[3]);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(done);
 }
 
 static PyMethodDef methods[] = {

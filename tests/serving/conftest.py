@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +31,39 @@ def isas_here() -> list[str]:
     if platform.machine().lower() in ("x86_64", "amd64") and here in ("AVX2", "AVX512"):
         return ["DEFAULT", "AVX2"] + (["AVX512"] if here == "AVX512" else [])
     return [here]
+
+
+def lets_other_threads_run(call) -> bool:
+    """Whether another Python thread got to run while `call()` ran on this one (on one torch thread): its count
+    over the call above a fifth of its count over as long with this thread asleep. A call that holds the GIL
+    throughout lets it run only for a switch interval after it returns (50 us here: under a tenth of that
+    count for the 3-450 ms calls of these tests, measured); one that lets go, at half its speed or more."""
+    ticks, stop = [0], threading.Event()
+
+    def tick() -> None:
+        while not stop.is_set():
+            ticks[0] += 1
+
+    threads, interval = torch.get_num_threads(), sys.getswitchinterval()
+    worker = threading.Thread(target=tick)
+    try:
+        torch.set_num_threads(1)
+        sys.setswitchinterval(0.00005)
+        worker.start()
+        while ticks[0] == 0:  # the ticker is running
+            pass
+        start, before = time.perf_counter(), ticks[0]
+        call()
+        took, during = time.perf_counter() - start, ticks[0] - before
+        before = ticks[0]
+        time.sleep(took)
+        alone = ticks[0] - before
+    finally:
+        stop.set()
+        worker.join()
+        sys.setswitchinterval(interval)
+        torch.set_num_threads(threads)
+    return during > alone / 5
 
 
 @pytest.fixture(scope="session")

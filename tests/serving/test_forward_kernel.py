@@ -4,8 +4,6 @@ built."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +13,7 @@ from rahf_serve.c_extension import torch_on_libgomp
 from rahf_serve.forward_kernel import ForwardKernel, build_forward_kernel
 from rahf_serve.packed_llama import PackedLlama
 from tests.helpers import built_for
-from tests.serving.conftest import isas_here
+from tests.serving.conftest import isas_here, lets_other_threads_run
 
 
 @pytest.fixture(scope="module", params=isas_here())
@@ -230,24 +228,5 @@ def test_a_long_attention_call_lets_the_server_s_other_threads_run(kernel):
     rows, columns = torch.arange(rows_n), torch.full((rows_n,), max_len - 1)
     query, layer = randn(rows_n, heads, head_dim, seed=9), randn(2, rows_n, kv_heads, max_len, head_dim, seed=10)
     out = torch.empty(rows_n, heads, head_dim)
-    ticks, stop = [0], threading.Event()
-
-    def tick() -> None:
-        while not stop.is_set():
-            ticks[0] += 1
-
-    threads = torch.get_num_threads()
-    worker = threading.Thread(target=tick)
-    try:
-        torch.set_num_threads(1)
-        worker.start()
-        while ticks[0] == 0:  # the ticker is running
-            pass
-        before = ticks[0]  # read while this thread holds the interpreter: nothing ticks until it lets go
-        kernel.attend_rows(query, slice(0, rows_n), rows, columns, layer, 0.125, out)
-        during = ticks[0] - before
-    finally:
-        stop.set()
-        worker.join()
-        torch.set_num_threads(threads)
-    assert during > 1000  # with the GIL held throughout the call, the ticker could not have moved
+    assert lets_other_threads_run(lambda: kernel.attend_rows(query, slice(0, rows_n), rows, columns, layer, 0.125,
+                                                             out))

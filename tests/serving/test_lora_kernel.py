@@ -17,7 +17,7 @@ from rahf_serve.errors import RahfError
 from rahf_serve.lora_kernel import build_row_kernel
 from rahf_serve.lora_slots import LoraSlots, LoraWeights, SlotSite
 from tests.helpers import built_for
-from tests.serving.conftest import isas_here, load_lively
+from tests.serving.conftest import isas_here, lets_other_threads_run, load_lively
 
 
 @pytest.fixture(scope="module", params=isas_here())
@@ -140,6 +140,21 @@ def test_a_site_shared_between_threads_gives_each_row_what_one_thread_gives(kern
     want = reference(x, torch.zeros(total, 96), list(zip(positions, slot_of, strict=True)), A, B, 16)
     torch.testing.assert_close(outputs[1][:, :96].double(), want, atol=1e-4, rtol=1e-5)
     assert not outputs[1][[1, 4, 9]].any()  # rows that are not LoRA rows
+
+
+def test_the_kernel_s_calls_let_the_server_s_other_threads_run(kernel):
+    """Its calls touch no Python object while they work, so they let go of the GIL: a module's rows and a
+    site (a forward product's own call releases it for both)."""
+    total = 4096  # rows at 64 positions, over and over: tens of ms
+    tokens, slots = torch.arange(total) % 64, torch.arange(total) % 8
+    rows = lora_kernel.rows_for(tokens, slots, 16)
+    address, x, width, keep = site_of([(2048, 2048), (2048, 2048)], rows, 64, torch.float32, seed=3)
+    keep[0].threads = 1
+    y = torch.zeros(64, width)
+    module = lora_kernel.factors_for(keep[2], keep[3])
+    assert lets_other_threads_run(lambda: kernel.rows(ctypes.addressof(rows), ctypes.addressof(module), x.data_ptr(),
+                                                      x.stride(0), y.data_ptr(), y.stride(0)))
+    assert lets_other_threads_run(lambda: kernel.site(address, 64, x.data_ptr(), y.data_ptr()))
 
 
 def test_plans_carry_torch_s_thread_count_to_the_thread_that_runs_the_forward(lively_model_dir):

@@ -249,7 +249,7 @@ def main() -> None:
     for k, (_, value, _) in aggregates.items():
         if k != counts[0]:
             print(f"{k} streams vs {counts[0]} stream aggregate: {value / aggregates[counts[0]][1]:.2f}x")
-    if 8 in aggregates and 16 in aggregates:
+    if 8 in aggregates and 16 in aggregates and counts[0] != 8:  # else the loop above said it
         print(f"16 streams vs 8 streams aggregate: {aggregates[16][1] / aggregates[8][1]:.2f}x")
 
 

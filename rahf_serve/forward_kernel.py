@@ -90,8 +90,8 @@ class ForwardKernel:
 
     def product_then(self, x: torch.Tensor, panels: torch.Tensor, out_features: int, into: torch.Tensor | None,
                      site: tuple[int, int]) -> tuple[torch.Tensor, bool]:
-        """`product`, then in the same C call the LoRA rows of `site`, (a `rahf_site_fn`'s address, its
-        site's: `SlotSite.call`), added to the output; and whether they were (False: the site did nothing,
+        """`product`, then in the same C call the LoRA rows of `site` (a `rahf_site_fn`'s address and its
+        site's: `SlotSite.call`) added to the output; and whether they were (False: the site did nothing,
         its rows are the caller's to add)."""
         tokens, inp = x.shape
         y = torch.empty(tokens, out_features, dtype=x.dtype) if into is None else into

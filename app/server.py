@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="compute every prompt in full. By default a request whose prompt starts as another's under "
                         "the same adapter and steering reuses those tokens' keys and values: the built-in engine "
-                        "copies them from a request in its batch, vLLM from its prefix cache")
+                        "copies them from a request in its batch or a finished one still in its cache, vLLM from its prefix "
+                        "cache")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = torch's default); 1 is faster on a machine shared with other jobs")
     p.add_argument("--engine", choices=("builtin", "vllm"), default="builtin",

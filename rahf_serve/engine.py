@@ -282,7 +282,6 @@ class Engine:
     def reset_prefix_cache(self) -> None:
         """Forget the finished rows' keys and values kept in free cache slots (benchmarks and tests that
         want every prompt computed; rows in the batch still share with each other)."""
-
         self.call(self._prefixes.forget)
 
     def _lora_for(self, name: str) -> LoraWeights:

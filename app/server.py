@@ -19,7 +19,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from rahf_serve.engine import DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_STEP_SLOWDOWN, LORA_DTYPES
+from rahf_serve.engine import (
+    DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    DEFAULT_MAX_STEP_SLOWDOWN,
+    LORA_DTYPES,
+    MATMUL_DTYPES,
+)
 from rahf_serve.engine_api import ServingEngine
 from rahf_serve.errors import RahfError
 from rahf_serve.models import EMBEDDED_ALIAS, load_base, load_base_skeleton
@@ -74,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what LoRA factors are stored in (auto = the model's dtype; vLLM's lora_dtype with --engine "
                         "vllm). bfloat16 under a float32 model halves the memory of resident adapters and the bytes "
                         "an adapter row reads, but rounds the factors: results are no longer PEFT's to the last bit")
+    p.add_argument("--matmul-dtype", choices=tuple(MATMUL_DTYPES), default="float32",
+                   help="built-in engine, float32 model on CPU: what its matrix products multiply in. bfloat16 (CPUs "
+                        "with AVX512_BF16) keeps a bfloat16 copy of the weights for them and rounds each product's "
+                        "inputs to bfloat16: faster decoding, but results are no longer float32's to the last bit")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="compute every prompt in full. By default a request whose prompt starts as another's under "
                         "the same adapter and steering reuses those tokens' keys and values: the built-in engine "
@@ -172,7 +181,10 @@ def build_engine(args: argparse.Namespace) -> ServingEngine:
         return Engine(base, max_batch=args.max_batch, max_queue=args.max_queue, max_new_tokens=args.max_new_tokens,
                       max_model_len=args.max_model_len, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
                       lora_dtype=lora_dtype, prefix_sharing=not args.no_prefix_caching,
+                      matmul_dtype=MATMUL_DTYPES[args.matmul_dtype],
                       max_step_slowdown=_resolve_slowdown(args.max_step_slowdown, base.device.type), **budget)
+    if args.matmul_dtype != "float32":
+        raise RahfError("--matmul-dtype only applies to the built-in engine (vLLM's products follow --dtype)")
     if args.max_step_slowdown not in (None, OFF):
         raise RahfError("--max-step-slowdown only applies to the built-in engine (vLLM paces with "
                         "--max-num-batched-tokens)")

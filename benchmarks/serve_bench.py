@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.engine_timing import aggregate_speed, decode_speed  # noqa: E402
 from rahf_serve.engine import Engine  # noqa: E402
 from rahf_serve.forward_kernel import forward_kernel  # noqa: E402
 from rahf_serve.models import load_base  # noqa: E402
@@ -115,21 +116,6 @@ def main() -> None:
         out = on.generate(request)
         return out.completion_tokens / (time.perf_counter() - start)
 
-    def decode_speed(request: GenerationRequest, on: Engine = engine) -> float:
-        """Tokens/s after the first token: decode steps only, like the floor (no prefill in it)."""
-        stamps: list[float] = []
-        done = threading.Event()
-
-        def sink(event) -> None:
-            if event.token_ids:
-                stamps.append(time.perf_counter())
-            if event.finish_reason:
-                done.set()
-
-        on.submit(request, sink)
-        done.wait(600)
-        return (len(stamps) - 1) / (stamps[-1] - stamps[0])
-
     def rounds(cases: dict[str, Callable[[], float]]) -> dict[str, list[float]]:
         for fn in cases.values():
             fn()  # warm-up (and builds the blend once)
@@ -145,8 +131,8 @@ def main() -> None:
                          "engine, base, no adapter loaded": lambda: stream_speed(plain),
                          "engine on transformers' forward, base": lambda: stream_speed(plain, hf_engine)})
         decode = rounds({"floor": floor_speed, **({"C floor": c_floor_speed} if c_gemvs else {}),
-                         "engine": lambda: decode_speed(plain),
-                         "engine on transformers' forward": lambda: decode_speed(plain, hf_engine)})
+                         "engine": lambda: decode_speed(engine, plain),
+                         "engine on transformers' forward": lambda: decode_speed(hf_engine, plain)})
         floor = statistics.median(before.pop("floor") + decode.pop("floor"))
         c_floor = statistics.median(decode.pop("C floor")) if c_gemvs else None
         hf_engine.stop()
@@ -192,21 +178,7 @@ def main() -> None:
                  GenerationRequest(prompt, greedy, "terse", steering=SteeringSpec("kind", 2.0))]
         mix = [kinds[i % len(kinds)] for i in range(max(*counts, 7))]  # 7: the TTFT join below
 
-        def aggregate(k: int) -> float:
-            outs: list[int] = [0] * k
-
-            def worker(i: int) -> None:
-                outs[i] = engine.generate(mix[i]).completion_tokens
-
-            threads = [threading.Thread(target=worker, args=(i,)) for i in range(k)]
-            start = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            return sum(outs) / (time.perf_counter() - start)
-
-        concurrency = rounds({f"aggregate, {k} concurrent mixed streams": (lambda k=k: aggregate(k))
+        concurrency = rounds({f"aggregate, {k} concurrent mixed streams": (lambda k=k: aggregate_speed(engine, mix[:k]))
                               for k in counts})
         rows += [(label, statistics.median(v), "tok/s") for label, v in concurrency.items()]
         aggregates = dict(zip(counts, rows[-len(counts):], strict=True))

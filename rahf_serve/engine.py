@@ -90,6 +90,8 @@ counts only, not on timings, which keeps library runs and tests reproducible to 
 
 LORA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """What `--lora-dtype` may store LoRA factors in (besides the model's own dtype, its default)."""
+MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""What `--matmul-dtype` may run the packed forward's C products in (`Engine`'s `matmul_dtype`)."""
 
 
 @dataclass
@@ -136,7 +138,8 @@ class Engine:
                  max_model_len: int | None = None, max_num_batched_tokens: int | None = None,
                  max_loras: int = 8, max_lora_rank: int = 64, lora_dtype: torch.dtype | None = None,
                  max_step_slowdown: float | None = None, prefix_sharing: bool = True,
-                 packed_forward: bool = True, metrics: ServingMetrics | None = None) -> None:
+                 packed_forward: bool = True, matmul_dtype: torch.dtype = torch.float32,
+                 metrics: ServingMetrics | None = None) -> None:
         """`max_model_len`: the most tokens a request may span (prompt + max_tokens); None = the model's
         context, at most DEFAULT_MAX_MODEL_LEN. `max_num_batched_tokens`: the compute of one step, in tokens
         (decoding rows count about one each; prefilling rows share the rest in prompt chunks); None = by
@@ -150,8 +153,11 @@ class Engine:
         rather than computing them (`prefixes`); a request asking for prompt log-probabilities always
         computes its own. `packed_forward`: run llama-family bases through `PackedLlama` (fewer operators a
         step, same results) rather than transformers' forward; bases it does not cover keep transformers'
-        either way (`forward_impl` says which runs). Raises
-        UnsupportedModelError for bases the KV cache cannot serve exactly (e.g. sliding-window attention)."""
+        either way (`forward_impl` says which runs). `matmul_dtype`: what the packed forward's C products
+        multiply in on CPU, float32 or bfloat16 (a CPU with AVX512_BF16: half the weights' bytes, twice the
+        multiply-adds per instruction, each product's inputs rounded to bfloat16; `PackedLlama`); RahfError
+        where they cannot run. Raises UnsupportedModelError for bases the KV cache cannot serve exactly
+        (e.g. sliding-window attention)."""
         self.base = base
         self.model: Any = base.model
         self.tokenizer = base.tokenizer
@@ -190,7 +196,13 @@ class Engine:
         self._kv = SlotCache.for_model(self.model, max_batch, self.max_model_len)
         self._key_cost = key_cost(self.model.config)
         self._prefixes = PrefixSharing(self._kv, _selection, self.metrics.prompt_tokens_shared)
-        self._packed: PackedLlama | None = packed_forward_for(self.model, self.max_model_len) if packed_forward else None
+        if matmul_dtype != torch.float32 and not packed_forward:
+            raise RahfError("bfloat16 products are the packed forward's")
+        try:
+            self._packed: PackedLlama | None = (packed_forward_for(self.model, self.max_model_len, matmul_dtype)
+                                                if packed_forward else None)
+        except ValueError as e:
+            raise RahfError(str(e)) from e
         log.info("KV cache: %d rows x %d tokens, kv_cache_bytes=%d (%.2f GiB)", max_batch, self.max_model_len,
                  self.kv_cache_bytes, self.kv_cache_bytes / 2**30)
         self._deltas: dict[int, torch.Tensor] | None = None

@@ -1,6 +1,6 @@
 """The packed llama forward's operators in C (csrc/forward_ops.c), for float32 on CPU: its matrix products over
-weights stored in panels, RMSNorm, the rotary embedding with the KV cache write, and the attention of
-one-token rows over their cache slots.
+weights stored in panels (in float32, or in bfloat16 where the CPU has AVX512_BF16), RMSNorm, the rotary
+embedding with the KV cache write, and the attention of one-token rows over their cache slots.
 
 On a one-row decode step of a small model torch spends longer dispatching these than computing them (about
 7 ms of a 45 ms SmolLM2-135M step outside the products); here each is one call. Built on first use
@@ -48,15 +48,27 @@ class ForwardKernel:
         """output columns per panel of a weight in the products' layout"""
         self.openmp = bool(module.openmp)
         """whether long attention calls are shared between torch's OpenMP threads (built with -fopenmp)"""
+        self.bf16 = bool(module.bf16_products())
+        """whether products over bfloat16 panels run here (an AVX-512 build on a CPU with AVX512_BF16)"""
 
-    def panels(self, weight: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
-        """`weight` [out, in] (float32, on CPU) in the products' layout: [ceil(out / panel), in, panel], each
-        panel a contiguous run of `panel` output columns, those past `out` zero; written `into` (that shape,
-        contiguous) when given."""
+    def panels(self, weight: torch.Tensor, into: torch.Tensor | None = None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """`weight` [out, in] (on CPU) in the products' layout: float32 [ceil(out / panel), in, panel], each
+        panel a contiguous run of `panel` output columns, those past `out` zero; bfloat16 (where `bf16`)
+        [ceil(out / panel), ceil(in / 2), panel, 2], each column's inputs in consecutive pairs, an odd last
+        one paired with zero. Written `into` (that shape, contiguous) when given."""
         out, inp = weight.shape
         full, rest = divmod(out, self.panel)
         # In 2 MB pages where the system gives them: a step streams every panel (see huge_pages).
-        panels = huge_pages.empty(self._shape(weight), weight.dtype) if into is None else into
+        panels = huge_pages.empty(self._shape(weight, dtype), dtype) if into is None else into
+        if dtype == torch.bfloat16:
+            # One panel at a time: the columns' pairs, padded, are a transient copy of one panel only.
+            for p in range(full + bool(rest)):
+                block = torch.zeros(self.panel, 2 * panels.shape[1], dtype=dtype)
+                rows = weight[p * self.panel:(p + 1) * self.panel]
+                block[:rows.shape[0], :inp] = rows
+                panels[p] = block.view(self.panel, -1, 2).transpose(0, 1)
+            return panels
         # Copied straight into place: a padded copy first would hold a second transient copy of a large
         # matrix (the LM head's is 113 MB on the default model) at start-up.
         panels[:full] = weight[:full * self.panel].view(full, self.panel, inp).transpose(1, 2)
@@ -65,21 +77,29 @@ class ForwardKernel:
             panels[full, :, rest:] = 0
         return panels
 
-    def panels_of(self, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Each weight's `panels`, all in one allocation, each starting on a 64-byte line: in 2 MB pages, a
-        matrix of its own would pay for its last page whole (about 100 MB over the default model's 121)."""
-        shapes = [self._shape(w) for w in weights]
-        line = 64 // weights[0].element_size()
+    def panels_of(self, weights: Sequence[torch.Tensor], dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+        """Each weight's `panels` in `dtype`, all in one allocation, each starting on a 64-byte line: in 2 MB
+        pages, a matrix of its own would pay for its last page whole (about 100 MB over the default model's
+        121)."""
+        if dtype == torch.bfloat16 and not self.bf16:
+            raise ValueError("bfloat16 products need a CPU with AVX512_BF16 (and the kernel's AVX-512 build); "
+                             f"this one is {torch.backends.cpu.get_cpu_capability()} without it")
+        shapes = [self._shape(w, dtype) for w in weights]
+        line = 64 // dtype.itemsize
         sizes = [-(-math.prod(shape) // line) * line for shape in shapes]
-        arena = huge_pages.empty((sum(sizes),), weights[0].dtype)
+        arena = huge_pages.empty((sum(sizes),), dtype)
         out, at = [], 0
         for w, shape, size in zip(weights, shapes, sizes, strict=True):
-            out.append(self.panels(w, arena[at:at + math.prod(shape)].view(shape)))
+            out.append(self.panels(w, arena[at:at + math.prod(shape)].view(shape), dtype))
             at += size
         return out
 
-    def _shape(self, weight: torch.Tensor) -> tuple[int, int, int]:
+    def _shape(self, weight: torch.Tensor, dtype: torch.dtype) -> tuple[int, ...]:
         out, inp = weight.shape
+        if dtype == torch.bfloat16:
+            return -(-out // self.panel), -(-inp // 2), self.panel, 2
+        if dtype != torch.float32:
+            raise ValueError(f"products in float32 or bfloat16, not {dtype}")
         return -(-out // self.panel), inp, self.panel
 
     def product(self, x: torch.Tensor, panels: torch.Tensor, out_features: int,
@@ -96,7 +116,8 @@ class ForwardKernel:
         tokens, inp = x.shape
         y = torch.empty(tokens, out_features, dtype=x.dtype) if into is None else into
         done = self._product(x.data_ptr(), x.stride(0), tokens, panels.data_ptr(), inp, out_features, y.data_ptr(),
-                             out_features, int(into is not None), torch.get_num_threads(), *site)
+                             out_features, int(into is not None), int(panels.dtype == torch.bfloat16),
+                             torch.get_num_threads(), *site)
         return y, done
 
     def rms_norm(self, h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

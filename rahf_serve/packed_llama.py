@@ -61,13 +61,16 @@ def unsupported_reason(model: Any) -> str | None:
     return None
 
 
-def packed_forward_for(model: Any, max_len: int) -> PackedLlama | None:
-    """The packed forward for `model`, or None (logged with the reason) when it keeps transformers'."""
+def packed_forward_for(model: Any, max_len: int, matmul_dtype: torch.dtype = torch.float32) -> PackedLlama | None:
+    """The packed forward for `model`, or None (logged with the reason) when it keeps transformers'.
+    Raises ValueError for bfloat16 products where they cannot run."""
     reason = unsupported_reason(model)
     if reason is not None:
+        if matmul_dtype != torch.float32:
+            raise ValueError(f"bfloat16 products need the packed llama forward, which does not cover {reason}")
         log.info("engine forward: transformers' (the packed llama forward does not cover %s)", reason)
         return None
-    return PackedLlama(model, max_len)
+    return PackedLlama(model, max_len, matmul_dtype=matmul_dtype)
 
 
 def _fuse(modules: list[torch.nn.Linear]) -> tuple[torch.Tensor, list[slice]]:
@@ -165,10 +168,13 @@ class PackedLlama:
     run, a copy of its matrices in their layout)."""
 
     def __init__(self, model: Any, max_len: int, *, kernel: bool | ForwardKernel = True,
-                 products: bool = True) -> None:
+                 products: bool = True, matmul_dtype: torch.dtype = torch.float32) -> None:
         """`kernel`: use the C operators where they run this model (float32 on CPU) and build (or these
         ones: benchmarks compare two builds); `products`: their matrix products too (a copy of every matrix
-        in their layout; without, torch's products over the model's own weights)."""
+        in their layout; without, torch's products over the model's own weights); `matmul_dtype`: what that
+        copy is in, float32 or bfloat16 (`ForwardKernel.panels`: each product's rows rounded to bfloat16
+        too, everything between the products in float32). Raises ValueError for bfloat16 where the C
+        products or their bfloat16 instructions do not run."""
         config, inner = model.config, model.model
         self.model = model
         self.heads = int(config.num_attention_heads)
@@ -194,10 +200,17 @@ class PackedLlama:
         self.head = _Matrix(model.lm_head.weight)
         if kernel and weight.dtype == torch.float32 and weight.device.type == "cpu":
             self.kernel = kernel if isinstance(kernel, ForwardKernel) else forward_kernel()
+        if matmul_dtype != torch.float32 and (self.kernel is None or not products):
+            why = (f"this model is {weight.dtype} on {weight.device.type}"
+                   if weight.dtype != torch.float32 or weight.device.type != "cpu"
+                   else "the kernel did not build here: the log says why" if self.kernel is None
+                   else "the C products are off")
+            raise ValueError(f"bfloat16 products are the C kernel's, which runs float32 models on CPU only ({why})")
         if self.kernel is not None and products:
             matrices = [self.head, *(m for b in self.blocks for m in (b.qkv, b.o, b.gate_up, b.down))]
-            for m, panels in zip(matrices, self.kernel.panels_of([m.weight for m in matrices]), strict=True):
-                m.panel(self.kernel, panels)
+            panels = self.kernel.panels_of([m.weight for m in matrices], matmul_dtype)
+            for m, p in zip(matrices, panels, strict=True):
+                m.panel(self.kernel, p)
 
     def _norm(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:

@@ -15,7 +15,8 @@
  *
  * Layouts (rahf_serve/packed_llama.py and kvcache.py own them; nothing is checked here):
  *   activations [tokens, ld] row-major float32;
- *   a weight [out, in] as panels [ceil(out / PANEL), in, PANEL], the columns past `out` zero;
+ *   a weight [out, in] as panels [ceil(out / PANEL), in, PANEL], the columns past `out` zero; in bfloat16
+ *   [ceil(out / PANEL), ceil(in / 2), PANEL, 2], an odd last input paired with zero;
  *   a layer's cache [2 (keys, values), max_rows, kv_heads, max_len, head_dim], contiguous;
  *   rotary tables [positions, head_dim]: cos, and sin with its first half negated, so that with the two
  *   halves of x swapped (x') the rotation is x * cos + x' * sin, transformers' rotate_half in one formula.
@@ -171,39 +172,152 @@ static void panel_block(const float *x, int64_t ldx, int64_t tokens, const float
     }
 }
 
-/* Below this many multiply-adds a product stays on one thread: waking the others costs more. */
-#define SHARED_PRODUCT (1 << 17)
+#if defined(__AVX512F__)
+/* Products in bfloat16 (AVX512_BF16, where the CPU has it: `bf16_products()`): the weight in panels of
+ * pairs [ceil(out / PANEL), ceil(in / 2), PANEL, 2], each lane two bfloat16 of consecutive inputs, and the
+ * rows' inputs rounded to bfloat16 pairs likewise; one dot-product instruction does two inputs' multiply-adds
+ * per lane into float32 sums. Half the bytes of float32 and twice the multiply-adds per instruction. Built
+ * for that extension alone, so an AVX-512 CPU without it loads the module and never calls them. */
+#define BF16 __attribute__((target("avx512bf16")))
 
-/* Panels lo .. hi-1 of a product (below). */
-static void panel_range(const float *x, int64_t ldx, int64_t tokens, const float *panels, int64_t in,
-                        int64_t out, float *y, int64_t ldy, int add, int64_t lo, int64_t hi)
+static inline __attribute__((always_inline)) BF16 void bf16_rows(const uint32_t *x, int64_t ldx, const int R,
+                                                                  const uint32_t *restrict panel, int64_t pairs,
+                                                                  float *y, int64_t ldy, int64_t cols, int add)
 {
-    for (int64_t p = lo; p < hi; p++) {
-        const int64_t cols = out - p * PANEL < PANEL ? out - p * PANEL : PANEL;
-        panel_block(x, ldx, tokens, panels + p * in * PANEL, in, y + p * PANEL, ldy, cols, add);
+    __m512 s[9][3];
+    for (int m = 0; m < R; m++)
+        for (int v = 0; v < 3; v++)
+            s[m][v] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < pairs; k++) {
+        const uint32_t *w = panel + k * PANEL;
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w), w1 = (__m512bh)_mm512_loadu_si512(w + 16),
+                       w2 = (__m512bh)_mm512_loadu_si512(w + 32);
+        for (int m = 0; m < R; m++) {
+            const __m512bh b = (__m512bh)_mm512_set1_epi32((int)x[m * ldx + k]);
+            s[m][0] = _mm512_dpbf16_ps(s[m][0], b, w0);
+            s[m][1] = _mm512_dpbf16_ps(s[m][1], b, w1);
+            s[m][2] = _mm512_dpbf16_ps(s[m][2], b, w2);
+        }
+    }
+    for (int m = 0; m < R; m++) {
+        float tile[PANEL];
+        memcpy(tile, s[m], sizeof tile);
+        put_row(y + m * ldy, tile, cols, add);
     }
 }
 
-/* y [tokens, ldy] = x [tokens, ldx] W^T (or y += it, `add`), W [out, in] as panels. A panel's rows go in
- * blocks while it is in cache; panels are shared between torch's threads (`threads`) when the
- * product is large enough. */
-static void panel_product(const float *x, int64_t ldx, int64_t tokens, const float *panels, int64_t in,
-                          int64_t out, float *y, int64_t ldy, int add, int64_t threads)
+/* One panel's rows in bfloat16: as panel_block, in blocks of eight, nine where nine are left. */
+static BF16 void bf16_block(const uint32_t *x, int64_t ldx, int64_t tokens, const uint32_t *panel, int64_t pairs,
+                            float *y, int64_t ldy, int64_t cols, int add)
+{
+    int64_t m = 0;
+    for (; m + 8 <= tokens; m += 8) {
+        if (tokens - m == 9) {
+            bf16_rows(x + m * ldx, ldx, 9, panel, pairs, y + m * ldy, ldy, cols, add);
+            return;
+        }
+        bf16_rows(x + m * ldx, ldx, 8, panel, pairs, y + m * ldy, ldy, cols, add);
+    }
+    x += m * ldx;
+    y += m * ldy;
+    switch (tokens - m) {
+    case 7: bf16_rows(x, ldx, 7, panel, pairs, y, ldy, cols, add); break;
+    case 6: bf16_rows(x, ldx, 6, panel, pairs, y, ldy, cols, add); break;
+    case 5: bf16_rows(x, ldx, 5, panel, pairs, y, ldy, cols, add); break;
+    case 4: bf16_rows(x, ldx, 4, panel, pairs, y, ldy, cols, add); break;
+    case 3: bf16_rows(x, ldx, 3, panel, pairs, y, ldy, cols, add); break;
+    case 2: bf16_rows(x, ldx, 2, panel, pairs, y, ldy, cols, add); break;
+    case 1: bf16_rows(x, ldx, 1, panel, pairs, y, ldy, cols, add); break;
+    default: break;
+    }
+}
+
+/* x [tokens, ldx] float32 as bfloat16 pairs [tokens, pairs] (rounded to nearest even, as torch rounds), a
+ * last odd input paired with zero. */
+static BF16 void bf16_pairs(const float *x, int64_t ldx, int64_t tokens, int64_t in, uint32_t *out)
+{
+    const int64_t pairs = (in + 1) / 2;
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *r = x + t * ldx;
+        uint16_t *o = (uint16_t *)(out + t * pairs);
+        int64_t k = 0;
+        for (; k + 32 <= in; k += 32)
+            _mm512_storeu_si512(o + k, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(r + k + 16), _mm512_loadu_ps(r + k)));
+        for (; k < 2 * pairs; k++)
+            o[k] = k < in ? (uint16_t)_mm_cvtsi128_si32((__m128i)_mm_cvtneps_pbh(_mm_set_ss(r[k]))) : 0;
+    }
+}
+
+int bf16_products(void) { return __builtin_cpu_supports("avx512bf16"); }
+#else
+int bf16_products(void) { return 0; }
+#endif
+
+/* Below this many multiply-adds a product stays on one thread: waking the others costs more. */
+#define SHARED_PRODUCT (1 << 17)
+
+/* Panels lo .. hi-1 of a product (below); `x` and `panels` in bfloat16 pairs where `bf16`. */
+static void panel_range(const void *x, int64_t ldx, int64_t tokens, const void *panels, int64_t in, int64_t out,
+                        float *y, int64_t ldy, int add, int bf16, int64_t lo, int64_t hi)
+{
+    for (int64_t p = lo; p < hi; p++) {
+        const int64_t cols = out - p * PANEL < PANEL ? out - p * PANEL : PANEL;
+#if defined(__AVX512F__)
+        if (bf16) {
+            const int64_t pairs = (in + 1) / 2;
+            bf16_block(x, ldx, tokens, (const uint32_t *)panels + p * pairs * PANEL, pairs, y + p * PANEL, ldy,
+                       cols, add);
+            continue;
+        }
+#endif
+        panel_block(x, ldx, tokens, (const float *)panels + p * in * PANEL, in, y + p * PANEL, ldy, cols, add);
+    }
+}
+
+/* y [tokens, ldy] = x [tokens, ldx] W^T (or y += it, `add`), W [out, in] as panels, float32 or (`bf16`)
+ * bfloat16 pairs, whose product rounds x's rows to bfloat16 first. A panel's rows go in blocks while it is in
+ * cache; panels are shared between torch's threads (`threads`) when the product is large enough. Returns -1
+ * when the bfloat16 rows' scratch cannot be had, 0 otherwise. */
+static int panel_product(const float *x, int64_t ldx, int64_t tokens, const void *panels, int64_t in,
+                         int64_t out, float *y, int64_t ldy, int add, int bf16, int64_t threads)
 {
     const int64_t count = (out + PANEL - 1) / PANEL;
+    const void *rows = x;
+#if defined(__AVX512F__)
+    /* The thread's scratch for rows in pairs, kept: a decode step makes 121 products. */
+    static __thread uint32_t *scratch;
+    static __thread int64_t held;
+    if (bf16) {
+        const int64_t need = tokens * ((in + 1) / 2);
+        if (need > held) {
+            uint32_t *grown = realloc(scratch, (size_t)need * sizeof *grown);
+            if (grown == NULL)
+                return -1;
+            scratch = grown;
+            held = need;
+        }
+        bf16_pairs(x, ldx, tokens, in, scratch);
+        rows = scratch;
+        ldx = (in + 1) / 2;
+    }
+#else
+    if (bf16)
+        return -1;
+#endif
 #ifdef _OPENMP
     if (threads > 1 && count > 1 && tokens * in * out >= SHARED_PRODUCT) {
 #pragma omp parallel num_threads((int)threads)
         {
             const int64_t n = omp_get_num_threads(), t = omp_get_thread_num();
-            panel_range(x, ldx, tokens, panels, in, out, y, ldy, add, count * t / n, count * (t + 1) / n);
+            panel_range(rows, ldx, tokens, panels, in, out, y, ldy, add, bf16, count * t / n, count * (t + 1) / n);
         }
-        return;
+        return 0;
     }
 #else
     (void)threads;
 #endif
-    panel_range(x, ldx, tokens, panels, in, out, y, ldy, add, 0, count);
+    panel_range(rows, ldx, tokens, panels, in, out, y, ldy, add, bf16, 0, count);
+    return 0;
 }
 
 /* y[t] = w * x[t] / sqrt(mean(x[t]^2) + eps), LlamaRMSNorm in float32. */
@@ -549,28 +663,41 @@ static PyObject *py_attend_rows(PyObject *self, PyObject *const *args, Py_ssize_
     Py_RETURN_NONE;
 }
 
-/* product(x, ldx, tokens, panels, in, out, y, ldy, add, threads, site_function, site) -> whether the site's
- * LoRA rows were added too: `site_function` (a `rahf_site_fn`, or 0 for none) is called on `site` after the
- * product, with its input and output. */
+/* product(x, ldx, tokens, panels, in, out, y, ldy, add, bf16, threads, site_function, site) -> whether the
+ * site's LoRA rows were added too: `site_function` (a `rahf_site_fn`, or 0 for none) is called on `site`
+ * after the product, with its input and output. `bf16`: the panels are bfloat16 pairs (`bf16_products()`
+ * says whether this CPU can). */
 static PyObject *py_product(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    int64_t a[12];
-    if (parse_args(args, nargs, "product", 12, 0, a, NULL) < 0)
+    int64_t a[13];
+    if (parse_args(args, nargs, "product", 13, 0, a, NULL) < 0)
         return NULL;
-    const rahf_site_fn lora = PTR(rahf_site_fn, a[10]);
-    int done = 1;
+    if (a[9] && !bf16_products()) {
+        PyErr_SetString(PyExc_RuntimeError, "bfloat16 products need AVX512_BF16, which this CPU or build lacks");
+        return NULL;
+    }
+    const rahf_site_fn lora = PTR(rahf_site_fn, a[11]);
+    int done = 1, failed;
     /* Up to milliseconds, touching no Python object: the server's other threads run meanwhile. */
     Py_BEGIN_ALLOW_THREADS
-    panel_product(PTR(const float *, a[0]), a[1], a[2], PTR(const float *, a[3]), a[4], a[5], PTR(float *, a[6]),
-                  a[7], (int)a[8], a[9]);
-    if (lora != NULL)
-        done = lora(PTR(const void *, a[11]), a[2], PTR(const float *, a[0]), a[1], PTR(float *, a[6]), a[7]);
+    failed = panel_product(PTR(const float *, a[0]), a[1], a[2], PTR(const void *, a[3]), a[4], a[5],
+                           PTR(float *, a[6]), a[7], (int)a[8], (int)a[9], a[10]);
+    if (!failed && lora != NULL)
+        done = lora(PTR(const void *, a[12]), a[2], PTR(const float *, a[0]), a[1], PTR(float *, a[6]), a[7]);
     Py_END_ALLOW_THREADS
+    if (failed)
+        return PyErr_NoMemory();
     return PyBool_FromLong(done);
+}
+
+static PyObject *py_bf16_products(PyObject *self, PyObject *unused)
+{
+    return PyBool_FromLong(bf16_products());
 }
 
 static PyMethodDef methods[] = {
     {"product", (PyCFunction)(void (*)(void))py_product, METH_FASTCALL, "x W^T, W stored as panels"},
+    {"bf16_products", py_bf16_products, METH_NOARGS, "whether products over bfloat16 panels run here"},
     {"rms_norm", (PyCFunction)(void (*)(void))py_rms_norm, METH_FASTCALL, "RMSNorm of each token"},
     {"rotate_and_store", (PyCFunction)(void (*)(void))py_rotate_and_store, METH_FASTCALL,
      "rotary embedding of q and k, k and v written to the cache"},

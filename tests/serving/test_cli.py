@@ -39,6 +39,8 @@ def test_engine_specific_flags_are_refused_for_the_other_engine():
 
     with pytest.raises(RahfError, match="--max-step-slowdown only applies to the built-in engine"):
         build_engine(build_parser().parse_args(["--engine", "vllm", "--max-step-slowdown", "2"]))
+    with pytest.raises(RahfError, match="--matmul-dtype only applies to the built-in engine"):
+        build_engine(build_parser().parse_args(["--engine", "vllm", "--matmul-dtype", "bfloat16"]))
     with pytest.raises(RahfError, match="--kv-cache-gib only apply to --engine vllm"):
         build_engine(build_parser().parse_args(["--kv-cache-gib", "2"]))
 
@@ -53,6 +55,24 @@ def test_step_pacer_is_on_by_default_on_cpu_and_can_be_turned_off(lively_model_d
     assert slowdown() == 1.7
     assert slowdown("--max-step-slowdown", "off") is None
     assert slowdown("--max-step-slowdown", "3") == 3.0
+
+
+def test_matmul_dtype_reaches_the_forward_s_products(lively_model_dir):
+    from app.server import build_engine
+    from rahf_serve.errors import RahfError
+    from rahf_serve.forward_kernel import forward_kernel
+
+    def panels(*flags):
+        engine = build_engine(build_parser().parse_args(["--base", str(lively_model_dir), "--device", "cpu", *flags]))
+        return engine._packed.head._panels.dtype
+
+    assert panels() == torch.float32
+    kernel = forward_kernel()
+    if kernel is not None and kernel.bf16:
+        assert panels("--matmul-dtype", "bfloat16") == torch.bfloat16
+    else:
+        with pytest.raises(RahfError, match="AVX512_BF16|kernel"):
+            panels("--matmul-dtype", "bfloat16")
 
 
 def test_prefix_sharing_is_on_by_default_and_no_prefix_caching_turns_it_off(lively_model_dir):

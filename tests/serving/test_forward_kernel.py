@@ -38,6 +38,64 @@ def test_a_product_over_panels_is_torch_s_and_adds_into_a_residual(kernel, token
     torch.testing.assert_close(into, residual + x @ w.t(), **tolerance)
 
 
+@pytest.fixture(scope="module")
+def bf16_kernel(tmp_path_factory) -> ForwardKernel:
+    """The AVX-512 build, whose bfloat16 products run where the CPU has AVX512_BF16; elsewhere nothing stands
+    in for the instruction and the tests that need it are skipped (the others check the refusal)."""
+    if "AVX512" not in isas_here():
+        pytest.skip("needs the AVX-512 build: this CPU has no AVX-512")
+    built = built_for("AVX512", lambda: build_forward_kernel(tmp_path_factory.mktemp("kernels")))
+    if not built.bf16:
+        pytest.skip("needs AVX512_BF16, which this CPU lacks")
+    return built
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 17, 64])
+@pytest.mark.parametrize("inp,out", [(576, 960), (37, 23), (70, 150), (1536, 48)])  # odd inputs, tails of 32
+def test_a_product_over_bfloat16_panels_multiplies_the_rounded_rows_and_weight(bf16_kernel, tokens, inp, out):
+    kernel = bf16_kernel
+    w, x, residual = randn(out, inp, seed=31), randn(tokens, inp, seed=32), randn(tokens, out, seed=33)
+    panels = kernel.panels(w, dtype=torch.bfloat16)
+    assert panels.shape == (-(-out // kernel.panel), -(-inp // 2), kernel.panel, 2)
+    # float32 sums of exact products of bfloat16 operands: close to float64's over the rounded operands
+    want = x.bfloat16().double() @ w.bfloat16().double().t()
+    tolerance = {"rtol": 1e-5, "atol": 2e-5 * inp ** 0.5}
+    torch.testing.assert_close(kernel.product(x, panels, out).double(), want, **tolerance)
+    into = residual.clone()
+    assert kernel.product(x, panels, out, into) is into
+    torch.testing.assert_close(into.double(), residual.double() + want, **tolerance)
+    assert (x.bfloat16().double() @ w.double().t() - want).abs().max() > 1e-3  # the weight was rounded
+
+
+def test_a_bfloat16_product_row_does_not_depend_on_the_rows_around_it_or_the_threads(bf16_kernel):
+    kernel = bf16_kernel
+    w, x = randn(3072, 576, seed=34), randn(9, 576, seed=35)
+    panels = kernel.panels_of([w], dtype=torch.bfloat16)[0]
+    assert torch.equal(panels, kernel.panels(w, dtype=torch.bfloat16)) and panels.data_ptr() % 64 == 0
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(kernel.product(x, panels, 3072))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+    for t in range(9):
+        assert torch.equal(kernel.product(x[t:t + 1], panels, 3072), results[0][t:t + 1])
+
+
+def test_where_they_cannot_run_bfloat16_products_are_refused_by_name(kernel, monkeypatch):
+    w = randn(48, 64, seed=36)
+    if kernel.bf16:  # what a CPU without the instruction reports
+        monkeypatch.setattr(kernel, "bf16", False)
+    else:  # and the module's own check, for builds without it
+        with pytest.raises(RuntimeError, match="AVX512_BF16"):
+            kernel.product(randn(1, 64, seed=37), kernel.panels(w, dtype=torch.bfloat16), 48)
+    with pytest.raises(ValueError, match="AVX512_BF16"):
+        kernel.panels_of([w], dtype=torch.bfloat16)
+
+
 def test_many_weights_panels_share_one_allocation_each_on_its_own_line(kernel):
     weights = [randn(out, inp, seed=21 + i) for i, (out, inp) in enumerate([(960, 576), (23, 37), (3072, 576)])]
     together = kernel.panels_of(weights)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from rahf_serve import forward_kernel, lora_kernel
 from rahf_serve.bundle import WEIGHTS_FILE
 from rahf_serve.engine import Engine
-from rahf_serve.errors import BundleError
+from rahf_serve.errors import BundleError, RahfError
 from rahf_serve.forward_kernel import ForwardKernel
 from rahf_serve.lora_slots import SlotSite
 from rahf_serve.models import load_base
@@ -168,6 +168,46 @@ def test_bfloat16_factors_serve_the_same_through_the_kernel_and_torch(lively_mod
     finally:
         for gen in (with_kernel, without):
             next(gen, None)
+
+
+def test_bfloat16_products_serve_each_row_as_alone_and_near_float32(lively_model_dir, bundles):
+    """--matmul-dtype bfloat16: the products multiply a bfloat16 copy of the weights by bfloat16-rounded rows,
+    one row's arithmetic independent of the others', so every kind of row gets the same tokens batched as
+    alone. Its log-probabilities stay near float32's, and near each other's: rounding to bfloat16 turns the
+    float32 rounding between two ways of computing a prompt (other chunks, keys another request computed) into
+    differences of about 1e-2 (float32: 1e-5)."""
+    kernel = forward_kernel.forward_kernel()
+    if kernel is None or not kernel.bf16:
+        pytest.skip("needs AVX512_BF16 (the refusal elsewhere is tested without it)")
+    engine = Engine(load_lively(lively_model_dir), max_batch=8, max_new_tokens=64, max_num_batched_tokens=48,
+                    matmul_dtype=torch.bfloat16)
+    AdapterRegistry(engine, bundles).load_dir()
+    plain_served = served(lively_model_dir, bundles, True)
+    plain = next(plain_served)
+    try:
+        with engine:
+            assert engine._packed.head._panels.dtype == torch.bfloat16
+            reqs = batch_of_every_kind()
+            together = run_together(engine, reqs)
+            for g, w in zip(together, [run_together(engine, [r])[0] for r in reqs], strict=True):
+                assert [t for e in g for t in e.token_ids] == [t for e in w for t in e.token_ids]
+                g_lp = [x.logprob for e in g for x in (e.logprobs or [])]
+                assert g_lp == pytest.approx([x.logprob for e in w for x in (e.logprobs or [])], abs=0.05)
+            first = [g[0].logprobs[0].logprob for g in together[:5]]
+            want = [w[0].logprobs[0].logprob for w in run_together(plain, reqs[:5])]
+            # within 0.06 of float32's on this model (its weights drawn fifteen times wider than a real model's)
+            assert first == pytest.approx(want, abs=0.1) and first != want
+    finally:
+        next(plain_served, None)
+
+
+def test_bfloat16_products_are_refused_where_they_cannot_run(lively_model_dir):
+    base = load_lively(lively_model_dir)
+    with pytest.raises(RahfError, match="packed forward"):
+        Engine(base, max_batch=2, packed_forward=False, matmul_dtype=torch.bfloat16)
+    bf16_model = load_base(str(lively_model_dir), device="cpu", dtype="bfloat16")
+    with pytest.raises(RahfError, match="float32 models on CPU only"):
+        Engine(bf16_model, max_batch=2, matmul_dtype=torch.bfloat16)
 
 
 def test_modules_wrapped_after_steps_ran_are_used(lively_model_dir, bundles):

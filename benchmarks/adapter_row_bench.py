@@ -7,6 +7,7 @@
     OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --call-cost          # ... and against the calls alone
     OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --separate-calls     # ... and with a call of their own
     OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --lora-dtype bfloat16  # factors stored in bfloat16
+    OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --matmul-dtype bfloat16  # the base's products too
 
 The engine's path: a packed decode step (one token per row) through a `SlotCache` with `LoraSlots`, on the
 forward `Engine._forward` runs (`PackedLlama` for llama bases), with the slots set once per step as the
@@ -200,6 +201,8 @@ def main() -> None:
                     help="also time adapter rows added by a call of their own after each product, interleaved")
     ap.add_argument("--lora-dtype", choices=["float32", "bfloat16"], default="float32",
                     help="what the slots store the factors in (rahf-serve --lora-dtype)")
+    ap.add_argument("--matmul-dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="what the forward's C products multiply in (rahf-serve --matmul-dtype)")
     args = ap.parse_args()
     if args.shape == "smollm2-135m":
         model = load_base("smollm2-135m-instruct", device="cpu", dtype="float32").model.eval()
@@ -221,10 +224,10 @@ def main() -> None:
         slots.load_weights(f"a{i}", weights[i % 2])
     fillers = [f"f{i}" for i in range(8, args.loaded)]
     max_len = CONTEXT + 2 * args.runs * args.steps * 4 * (2 if fillers else 1) + 8
-    packed = packed_forward_for(model, max_len)
+    packed = packed_forward_for(model, max_len, getattr(torch, args.matmul_dtype))
     forward = "transformers" if packed is None else "packed-llama"
     print(f"# {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); {label}; fp32, "
-          f"factors in {args.lora_dtype}; "
+          f"factors in {args.lora_dtype}, products in {args.matmul_dtype}; "
           f"{forward} forward; packed decode steps at {CONTEXT}+ tokens of context; median of {args.runs} runs x "
           f"{args.steps} steps; adapter rows: {rows_by(kernel)}")
     extra = f" {'base, same, mixed: ' + str(args.loaded) + ' loaded / 8':>34}" if fillers else ""

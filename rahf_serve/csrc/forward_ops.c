@@ -241,16 +241,18 @@ static BF16 void bf16_pairs(const float *x, int64_t ldx, int64_t tokens, int64_t
         const float *r = x + t * ldx;
         uint16_t *o = (uint16_t *)(out + t * pairs);
         int64_t k = 0;
-        for (; k + 32 <= in; k += 32)
-            _mm512_storeu_si512(o + k, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(r + k + 16), _mm512_loadu_ps(r + k)));
+        for (; k + 32 <= in; k += 32) {  /* the second operand's sixteen go first */
+            const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(r + k + 16), _mm512_loadu_ps(r + k));
+            _mm512_storeu_si512(o + k, (__m512i)both);
+        }
         for (; k < 2 * pairs; k++)
             o[k] = k < in ? (uint16_t)_mm_cvtsi128_si32((__m128i)_mm_cvtneps_pbh(_mm_set_ss(r[k]))) : 0;
     }
 }
 
-int bf16_products(void) { return __builtin_cpu_supports("avx512bf16"); }
+static int bf16_products(void) { return __builtin_cpu_supports("avx512bf16"); }
 #else
-int bf16_products(void) { return 0; }
+static int bf16_products(void) { return 0; }
 #endif
 
 /* Below this many multiply-adds a product stays on one thread: waking the others costs more. */

@@ -173,9 +173,9 @@ def test_bfloat16_factors_serve_the_same_through_the_kernel_and_torch(lively_mod
 def test_bfloat16_products_serve_each_row_as_alone_and_near_float32(lively_model_dir, bundles):
     """--matmul-dtype bfloat16: the products multiply a bfloat16 copy of the weights by bfloat16-rounded rows,
     one row's arithmetic independent of the others', so every kind of row gets the same tokens batched as
-    alone. Its log-probabilities stay near float32's, and near each other's: rounding to bfloat16 turns the
-    float32 rounding between two ways of computing a prompt (other chunks, keys another request computed) into
-    differences of about 1e-2 (float32: 1e-5)."""
+    alone here. Its log-probabilities stay near float32's, and near each other's: rounding to bfloat16 turns
+    the float32 rounding between two ways of computing a prompt (other chunks, keys another request computed)
+    into differences of about 1e-2 (float32: 1e-5), which can flip a greedy near-tie on other prompts."""
     kernel = forward_kernel.forward_kernel()
     if kernel is None or not kernel.bf16:
         pytest.skip("needs AVX512_BF16 (the refusal elsewhere is tested without it)")

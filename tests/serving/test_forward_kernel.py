@@ -81,8 +81,10 @@ def test_a_bfloat16_product_row_does_not_depend_on_the_rows_around_it_or_the_thr
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(results[0], r) for r in results[1:])
-    for t in range(9):
+    for t in range(9):  # each row alone, and from a strided view with other columns beside it
         assert torch.equal(kernel.product(x[t:t + 1], panels, 3072), results[0][t:t + 1])
+    wide = torch.cat([x, randn(9, 5, seed=38)], 1)[:, :576]
+    assert torch.equal(kernel.product(wide, panels, 3072), results[0])
 
 
 def test_where_they_cannot_run_bfloat16_products_are_refused_by_name(kernel, monkeypatch):

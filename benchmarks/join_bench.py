@@ -5,6 +5,7 @@
     python benchmarks/join_bench.py --threads 1 --budgets 64 --slowdowns none,2   # the step pacer off / on
     python benchmarks/join_bench.py --threads 1 --budgets 64 --slowdowns 2 --quantiles 0.95,0   # its aim below the bound / at it
     python benchmarks/join_bench.py --threads 1 --budgets 64 --slowdowns 2 --refresh-every 16,0   # re-timing the streams / not
+    python benchmarks/join_bench.py --threads 1 --budgets 64 --slowdowns 1.7 --matmul-dtype bfloat16   # bfloat16 products
 
 Eight mixed-adapter streams run (greedy); once each has produced `--warm` tokens, one request with a
 `--prompt-tokens`-token prompt joins. For each stream, its normal inter-token time is the median gap
@@ -181,6 +182,8 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=12, help="tokens each stream produces before the join")
     ap.add_argument("--runs", type=int, default=3, help="runs per budget (medians reported)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--matmul-dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="what the forward's C products multiply in (rahf-serve --matmul-dtype)")
     ap.add_argument("--trace", type=Path, default=None,
                     help="write every paced step of the long joins here (JSON lines: run, setting, took, "
                          "predicted, tokens, keys, decode_seconds)")
@@ -202,7 +205,7 @@ def main() -> None:
     # Every run joins the same long prompt, which prefix sharing would take from the run before: off, so
     # that each run computes it.
     engine = Engine(base, max_batch=args.streams + 1, max_model_len=max(args.prompt_tokens, 32) + 2048,
-                    max_new_tokens=2048, prefix_sharing=False)
+                    max_new_tokens=2048, prefix_sharing=False, matmul_dtype=getattr(torch, args.matmul_dtype))
     workdir = Path(tempfile.mkdtemp(prefix="join-bench-"))
     for i, name in enumerate(("kind", "terse")):
         random_lora_bundle(base, workdir / name, seed=i, r=8)
@@ -258,8 +261,8 @@ def main() -> None:
                 print(f"run {r + 1}, {setting}, long, against nothing joining at the same token: "
                       f"{summary(relative)}", file=sys.stderr, flush=True)
 
-    print(f"\njoin benchmark: {base.name}, fp32 CPU, {torch.get_num_threads()} torch threads, {os.cpu_count()} "
-          f"cores ({platform.processor() or platform.machine()}), median of {args.runs}; load average at end "
+    print(f"\njoin benchmark: {base.name}, fp32 CPU (products in {args.matmul_dtype}), "
+          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), median of {args.runs}; load average at end "
           f"{os.getloadavg()[0]:.1f}\n")
     print("Gaps between a running stream's tokens while a request joins, over that stream's median gap "
           "before it joined (worst / 90th percentile / median over all streams' gaps), and the joining "

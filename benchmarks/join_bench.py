@@ -262,7 +262,8 @@ def main() -> None:
                       f"{summary(relative)}", file=sys.stderr, flush=True)
 
     print(f"\njoin benchmark: {base.name}, fp32 CPU (products in {args.matmul_dtype}), "
-          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), median of {args.runs}; load average at end "
+          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores "
+          f"({platform.processor() or platform.machine()}), median of {args.runs}; load average at end "
           f"{os.getloadavg()[0]:.1f}\n")
     print("Gaps between a running stream's tokens while a request joins, over that stream's median gap "
           "before it joined (worst / 90th percentile / median over all streams' gaps), and the joining "

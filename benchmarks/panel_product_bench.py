@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/panel_product_bench.py
     python benchmarks/panel_product_bench.py --rows 1 8 16 64 --threads 2
     OMP_NUM_THREADS=1 python benchmarks/panel_product_bench.py --against AVX2   # on an AVX-512 machine
+    OMP_NUM_THREADS=1 python benchmarks/panel_product_bench.py --bf16   # and over bfloat16 panels (AVX512_BF16)
 
 For each of SmolLM2-135M's products (q/k/v fused, o, gate/up fused, down, the LM head) and each row count:
 `x @ W.T` through torch (MKL on x86 wheels) and `ForwardKernel.product` over the same weight's panels,
@@ -11,6 +12,8 @@ step, the two alternating every round. Reports medians over rounds of the time p
 and GB/s they reach, and the median of the per-round ratios torch / C. Random weights: speed does not
 depend on the values. `--against ISA` also times, in the same rounds, the kernel built as for a machine
 where torch found ISA (DEFAULT, AVX2), over its own panels: what this machine's build gains over it.
+`--bf16` also times, in the same rounds, the kernel's bfloat16 products (`--matmul-dtype bfloat16`) over
+bfloat16 panels of the same weights, rounding of the rows included: their speed over the float32 ones.
 """
 
 from __future__ import annotations
@@ -46,18 +49,22 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=9, help="rounds, each timing both once per weight copy")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--against", metavar="ISA", help="also time the kernel built as for this capability")
+    ap.add_argument("--bf16", action="store_true", help="also time the products over bfloat16 panels")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     kernel = forward_kernel()
     if kernel is None:
         sys.exit("the forward kernel is unavailable here (see the log line above)")
+    if args.bf16 and not kernel.bf16:
+        sys.exit("bfloat16 products need AVX512_BF16, which this CPU (or the kernel's build) lacks")
     other = None
     if args.against:
         other = built_for(args.against, build_forward_kernel)  # cached beside this machine's build, by its flags
     print(f"# {platform.machine()}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), "
           f"{torch.get_num_threads()} thread(s); medians of {args.runs} rounds")
     extra = f"  {args.against} us  {args.against}/C" if other else ""
+    extra += "  bf16 us  bf16 GFLOP/s  C/bf16" if args.bf16 else ""
     print(f"rows  product   torch us  C us   torch GFLOP/s  C GFLOP/s  C GB/s  torch/C{extra}")
     g = torch.Generator().manual_seed(0)
     for name, (out, inp) in SHAPES.items():
@@ -65,14 +72,17 @@ def main() -> None:
         weights = [torch.randn(out, inp, generator=g) for _ in range(copies)]
         panels = [kernel.panels(w) for w in weights]
         other_panels = [other.panels(w) for w in weights] if other else []
+        bf16_panels = [kernel.panels(w, dtype=torch.bfloat16) for w in weights] if args.bf16 else []
         for rows in args.rows:
             x = torch.randn(rows, inp, generator=g)
-            torch_s, c_s, other_s = [], [], []
+            torch_s, c_s, other_s, bf16_s = [], [], [], []
             for _ in range(args.runs):
                 torch_s.append(timed(lambda w, x=x: torch.mm(x, w.t()), weights))
                 c_s.append(timed(lambda p, x=x, out=out: kernel.product(x, p, out), panels))
                 if other:
                     other_s.append(timed(lambda p, x=x, out=out: other.product(x, p, out), other_panels))
+                if args.bf16:
+                    bf16_s.append(timed(lambda p, x=x, out=out: kernel.product(x, p, out), bf16_panels))
             t, c = statistics.median(torch_s), statistics.median(c_s)
             ratio = statistics.median(a / b for a, b in zip(torch_s, c_s, strict=True))
             flops = 2 * rows * out * inp
@@ -81,6 +91,10 @@ def main() -> None:
             if other:
                 vs = statistics.median(a / b for a, b in zip(other_s, c_s, strict=True))
                 line += f"  {statistics.median(other_s) * 1e6:7.0f}  {vs:6.2f}x"
+            if args.bf16:
+                half = statistics.median(bf16_s)
+                vs = statistics.median(a / b for a, b in zip(c_s, bf16_s, strict=True))
+                line += f"  {half * 1e6:7.0f}  {flops / half / 1e9:11.1f}  {vs:6.2f}x"
             print(line)
 
 

@@ -37,10 +37,11 @@ def bundles(tmp_path_factory, lively_model_dir) -> Path:
     return root
 
 
-def served(model_dir: Path, bundles: Path, packed: bool, lora_dtype: torch.dtype | None = None) -> Iterator[Engine]:
+def served(model_dir: Path, bundles: Path, packed: bool, lora_dtype: torch.dtype | None = None,
+           matmul_dtype: torch.dtype = torch.float32) -> Iterator[Engine]:
     # A small token budget: the long prompt is fed in chunks beside decoding rows.
     engine = Engine(load_lively(model_dir), max_batch=8, max_new_tokens=64, max_num_batched_tokens=48,
-                    packed_forward=packed, lora_dtype=lora_dtype)
+                    packed_forward=packed, lora_dtype=lora_dtype, matmul_dtype=matmul_dtype)
     AdapterRegistry(engine, bundles).load_dir()
     with engine:
         yield engine
@@ -76,12 +77,12 @@ def run_together(engine: Engine, reqs: list[GenerationRequest]) -> list[list[Str
     return [[e for j, e in log if j == i] for i in range(len(reqs))]
 
 
-def assert_same_streams(got: list[list[StreamEvent]], want: list[list[StreamEvent]]) -> None:
-    """Each request's tokens equal, its sampled tokens' log-probabilities within 1e-4."""
+def assert_same_streams(got: list[list[StreamEvent]], want: list[list[StreamEvent]], within: float = 1e-4) -> None:
+    """Each request's tokens equal, its sampled tokens' log-probabilities within `within`."""
     for g, w in zip(got, want, strict=True):
         assert [t for e in g for t in e.token_ids] == [t for e in w for t in e.token_ids]
         g_lp = [x.logprob for e in g for x in (e.logprobs or [])]
-        assert g_lp == pytest.approx([x.logprob for e in w for x in (e.logprobs or [])], abs=1e-4)
+        assert g_lp == pytest.approx([x.logprob for e in w for x in (e.logprobs or [])], abs=within)
 
 
 def test_the_packed_forward_serves_exactly_what_transformers_forward_serves(engines):
@@ -179,26 +180,21 @@ def test_bfloat16_products_serve_each_row_as_alone_and_near_float32(lively_model
     kernel = forward_kernel.forward_kernel()
     if kernel is None or not kernel.bf16:
         pytest.skip("needs AVX512_BF16 (the refusal elsewhere is tested without it)")
-    engine = Engine(load_lively(lively_model_dir), max_batch=8, max_new_tokens=64, max_num_batched_tokens=48,
-                    matmul_dtype=torch.bfloat16)
-    AdapterRegistry(engine, bundles).load_dir()
-    plain_served = served(lively_model_dir, bundles, True)
-    plain = next(plain_served)
+    halved, plain = served(lively_model_dir, bundles, True, matmul_dtype=torch.bfloat16), served(
+        lively_model_dir, bundles, True)
+    engine, float32 = next(halved), next(plain)
     try:
-        with engine:
-            assert engine._packed.head._panels.dtype == torch.bfloat16
-            reqs = batch_of_every_kind()
-            together = run_together(engine, reqs)
-            for g, w in zip(together, [run_together(engine, [r])[0] for r in reqs], strict=True):
-                assert [t for e in g for t in e.token_ids] == [t for e in w for t in e.token_ids]
-                g_lp = [x.logprob for e in g for x in (e.logprobs or [])]
-                assert g_lp == pytest.approx([x.logprob for e in w for x in (e.logprobs or [])], abs=0.05)
-            first = [g[0].logprobs[0].logprob for g in together[:5]]
-            want = [w[0].logprobs[0].logprob for w in run_together(plain, reqs[:5])]
-            # within 0.06 of float32's on this model (its weights drawn fifteen times wider than a real model's)
-            assert first == pytest.approx(want, abs=0.1) and first != want
+        assert engine._packed.head._panels.dtype == torch.bfloat16
+        reqs = batch_of_every_kind()
+        together = run_together(engine, reqs)
+        assert_same_streams(together, [run_together(engine, [r])[0] for r in reqs], within=0.05)
+        first = [g[0].logprobs[0].logprob for g in together[:5]]
+        want = [w[0].logprobs[0].logprob for w in run_together(float32, reqs[:5])]
+        # within 0.06 of float32's on this model (its weights drawn fifteen times wider than a real model's)
+        assert first == pytest.approx(want, abs=0.1) and first != want
     finally:
-        next(plain_served, None)
+        for gen in (halved, plain):
+            next(gen, None)
 
 
 def test_bfloat16_products_are_refused_where_they_cannot_run(lively_model_dir):

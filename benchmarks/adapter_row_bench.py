@@ -57,6 +57,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rahf_serve.bundle import read_bundle  # noqa: E402
+from rahf_serve.engine import MATMUL_DTYPES  # noqa: E402
 from rahf_serve.kvcache import SlotCache, pack_inputs  # noqa: E402
 from rahf_serve.lora_kernel import RowKernel, build_row_kernel  # noqa: E402
 from rahf_serve.lora_slots import LoraSlots, LoraWeights, read_lora  # noqa: E402
@@ -201,7 +202,7 @@ def main() -> None:
                     help="also time adapter rows added by a call of their own after each product, interleaved")
     ap.add_argument("--lora-dtype", choices=["float32", "bfloat16"], default="float32",
                     help="what the slots store the factors in (rahf-serve --lora-dtype)")
-    ap.add_argument("--matmul-dtype", choices=["float32", "bfloat16"], default="float32",
+    ap.add_argument("--matmul-dtype", choices=list(MATMUL_DTYPES), default="float32",
                     help="what the forward's C products multiply in (rahf-serve --matmul-dtype)")
     args = ap.parse_args()
     if args.shape == "smollm2-135m":
@@ -224,7 +225,7 @@ def main() -> None:
         slots.load_weights(f"a{i}", weights[i % 2])
     fillers = [f"f{i}" for i in range(8, args.loaded)]
     max_len = CONTEXT + 2 * args.runs * args.steps * 4 * (2 if fillers else 1) + 8
-    packed = packed_forward_for(model, max_len, getattr(torch, args.matmul_dtype))
+    packed = packed_forward_for(model, max_len, MATMUL_DTYPES[args.matmul_dtype])
     forward = "transformers" if packed is None else "packed-llama"
     print(f"# {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); {label}; fp32, "
           f"factors in {args.lora_dtype}, products in {args.matmul_dtype}; "

@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rahf_serve.engine import Engine  # noqa: E402
+from rahf_serve.engine import MATMUL_DTYPES, Engine  # noqa: E402
 from rahf_serve.models import load_base  # noqa: E402
 from rahf_serve.pacing import PacedStep, quantile  # noqa: E402
 from rahf_serve.registry import AdapterRegistry  # noqa: E402
@@ -182,7 +182,7 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=12, help="tokens each stream produces before the join")
     ap.add_argument("--runs", type=int, default=3, help="runs per budget (medians reported)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    ap.add_argument("--matmul-dtype", choices=["float32", "bfloat16"], default="float32",
+    ap.add_argument("--matmul-dtype", choices=list(MATMUL_DTYPES), default="float32",
                     help="what the forward's C products multiply in (rahf-serve --matmul-dtype)")
     ap.add_argument("--trace", type=Path, default=None,
                     help="write every paced step of the long joins here (JSON lines: run, setting, took, "
@@ -205,7 +205,7 @@ def main() -> None:
     # Every run joins the same long prompt, which prefix sharing would take from the run before: off, so
     # that each run computes it.
     engine = Engine(base, max_batch=args.streams + 1, max_model_len=max(args.prompt_tokens, 32) + 2048,
-                    max_new_tokens=2048, prefix_sharing=False, matmul_dtype=getattr(torch, args.matmul_dtype))
+                    max_new_tokens=2048, prefix_sharing=False, matmul_dtype=MATMUL_DTYPES[args.matmul_dtype])
     workdir = Path(tempfile.mkdtemp(prefix="join-bench-"))
     for i, name in enumerate(("kind", "terse")):
         random_lora_bundle(base, workdir / name, seed=i, r=8)

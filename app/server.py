@@ -76,13 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest LoRA rank a slot takes (a blend's is the sum of its adapters': the two shipped "
                         "r16 bundles blend to r32); larger adapters fail to load, larger blends get a 400")
     p.add_argument("--lora-dtype", choices=("auto", *LORA_DTYPES), default="auto",
-                   help="what LoRA factors are stored in (auto = the model's dtype; vLLM's lora_dtype with --engine "
-                        "vllm). bfloat16 under a float32 model halves the memory of resident adapters and the bytes "
-                        "an adapter row reads, but rounds the factors: results are no longer PEFT's to the last bit")
+                   help="what LoRA factors are stored in (auto = the model's dtype, bfloat16 with --matmul-dtype "
+                        "bfloat16; vLLM's lora_dtype with --engine vllm). bfloat16 under a float32 model halves the "
+                        "memory of resident adapters and the bytes an adapter row reads, but rounds the factors: "
+                        "results are no longer PEFT's to the last bit")
     p.add_argument("--matmul-dtype", choices=tuple(MATMUL_DTYPES), default="float32",
                    help="built-in engine, float32 model on CPU: what its matrix products multiply in. bfloat16 (CPUs "
                         "with AVX512_BF16) keeps a bfloat16 copy of the weights for them and rounds each product's "
-                        "inputs to bfloat16: faster decoding, but results are no longer float32's to the last bit")
+                        "inputs to bfloat16, adapter rows' too (over bfloat16 factors): faster decoding, but results "
+                        "are no longer float32's to the last bit")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="compute every prompt in full. By default a request whose prompt starts as another's under "
                         "the same adapter and steering reuses those tokens' keys and values: the built-in engine "

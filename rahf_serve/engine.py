@@ -140,24 +140,23 @@ class Engine:
                  max_step_slowdown: float | None = None, prefix_sharing: bool = True,
                  packed_forward: bool = True, matmul_dtype: torch.dtype = torch.float32,
                  metrics: ServingMetrics | None = None) -> None:
-        """`max_model_len`: the most tokens a request may span (prompt + max_tokens); None = the model's
-        context, at most DEFAULT_MAX_MODEL_LEN. `max_num_batched_tokens`: the compute of one step, in tokens
-        (decoding rows count about one each; prefilling rows share the rest in prompt chunks); None = by
-        device, DEFAULT_MAX_NUM_BATCHED_TOKENS. `max_loras`:
-        adapters and blends resident in LoRA slots at once; `max_lora_rank`: the largest rank a slot takes (a
-        blend's is the sum of its adapters'); `lora_dtype`: what their factors are stored in (None: the model's
-        dtype; `LoraSlots`). `max_step_slowdown`: a step that feeds prompt chunks next to
-        decoding rows takes at most this many times a decode-only step, by measured time (`pacing`); None =
-        the token budget alone. `prefix_sharing`: a joining row copies the keys and values of the prompt start
-        it shares with a row in the batch or a finished row still in the cache (same adapter and steering)
-        rather than computing them (`prefixes`); a request asking for prompt log-probabilities always
-        computes its own. `packed_forward`: run llama-family bases through `PackedLlama` (fewer operators a
-        step, same results) rather than transformers' forward; bases it does not cover keep transformers'
-        either way (`forward_impl` says which runs). `matmul_dtype`: what the packed forward's C products
-        multiply in on CPU, float32 or bfloat16 (a CPU with AVX512_BF16: half the weights' bytes, twice the
-        multiply-adds per instruction, each product's inputs rounded to bfloat16; `PackedLlama`); RahfError
-        where they cannot run. Raises UnsupportedModelError for bases the KV cache cannot serve exactly
-        (e.g. sliding-window attention)."""
+        """`max_model_len`: the most tokens a request may span (prompt + max_tokens); None = the model's context, at
+        most DEFAULT_MAX_MODEL_LEN. `max_num_batched_tokens`: the compute of one step, in tokens (decoding rows
+        count about one each; prefilling rows share the rest in prompt chunks); None = by device,
+        DEFAULT_MAX_NUM_BATCHED_TOKENS. `max_loras`: adapters and blends resident in LoRA slots at once;
+        `max_lora_rank`: the largest rank a slot takes (a blend's is the sum of its adapters'); `lora_dtype`: what
+        their factors are stored in (None: the model's dtype, bfloat16 with bfloat16 products; `LoraSlots`).
+        `max_step_slowdown`: a step that feeds prompt chunks next to decoding rows takes at most this many times a
+        decode-only step, by measured time (`pacing`); None = the token budget alone. `prefix_sharing`: a joining
+        row copies the keys and values of the prompt start it shares with a row in the batch or a finished row
+        still in the cache (same adapter and steering) rather than computing them (`prefixes`); a request asking
+        for prompt log-probabilities always computes its own. `packed_forward`: run llama-family bases through
+        `PackedLlama` (fewer operators a step, same results) rather than transformers' forward; bases it does not
+        cover keep transformers' either way (`forward_impl` says which runs). `matmul_dtype`: what the packed
+        forward's C products multiply in on CPU, float32 or bfloat16 (a CPU with AVX512_BF16: half the weights'
+        bytes, twice the multiply-adds per instruction, each product's inputs rounded to bfloat16; `PackedLlama`;
+        and the LoRA row kernel's products of bfloat16 factors, `LoraSlots`); RahfError where they cannot run.
+        Raises UnsupportedModelError for bases the KV cache cannot serve exactly (e.g. sliding-window attention)."""
         self.base = base
         self.model: Any = base.model
         self.tokenizer = base.tokenizer
@@ -181,8 +180,10 @@ class Engine:
         self._loaded: dict[str, _Loaded] = {}
         self._blends = BlendCache()
         self.max_lora_rank = max_lora_rank
+        if lora_dtype is None and matmul_dtype == torch.bfloat16:
+            lora_dtype = torch.bfloat16  # products that round to bfloat16 gain nothing from float32 factors
         self._slots = LoraSlots(self.model, max_loras=max_loras, max_rank=max_lora_rank, loader=self._lora_for,
-                                dtype=lora_dtype)
+                                dtype=lora_dtype, matmul_dtype=matmul_dtype)
         self._eos = _eos_ids(base)
         self._pending: queue.SimpleQueue[_Row] = queue.SimpleQueue()
         self._deferred: list[_Row] = []

@@ -42,14 +42,20 @@ class Rows(ctypes.Structure):
 
 class Factors(ctypes.Structure):
     """A module's slot tensors (C `struct rahf_factors`): A [slots, rank, in], B transposed [slots, rank, out],
-    and their element type (a `FACTOR_DTYPES` index)."""
+    and their element type (a `FACTOR_DTYPES` index), or `BF16_DOTS`."""
 
     _fields_ = [("in_features", _I64), ("out_features", _I64), ("A", _PTR), ("a_stride", _I64), ("B", _PTR),
                 ("b_stride", _I64), ("dtype", _I64)]
 
 
 FACTOR_DTYPES = (torch.float32, torch.bfloat16)
-"""The factor types the kernel reads (C `RAHF_F32`, `RAHF_BF16`); its inputs and outputs are float32."""
+"""The factor types the kernel reads (C `RAHF_F32`, `RAHF_BF16`), multiplied in float32; its inputs and
+outputs are float32."""
+
+BF16_DOTS = 2
+"""`Factors.dtype` for bfloat16 factors multiplied in bfloat16 dot products (C `RAHF_BF16_DOTS`): each row's
+input and rank sums rounded to bfloat16, as `--matmul-dtype bfloat16` rounds the forward's products' inputs;
+where `RowKernel.bf16_dots`."""
 
 
 class Plan(ctypes.Structure):
@@ -80,15 +86,17 @@ def rows_for(tokens: torch.Tensor | None, slots: torch.Tensor, rank: int) -> Row
     return Rows(slots.numel(), None if tokens is None else tokens.data_ptr(), slots.data_ptr(), rank)
 
 
-def factors_for(slot_a: torch.Tensor, slot_b: torch.Tensor) -> Factors:
+def factors_for(slot_a: torch.Tensor, slot_b: torch.Tensor, bf16_dots: bool = False) -> Factors:
     """The struct for slot tensors [slots, rank, in] and [slots, rank, out], contiguous, of one of
-    `FACTOR_DTYPES`."""
+    `FACTOR_DTYPES`; bfloat16 ones multiplied in bfloat16 dot products where `bf16_dots`."""
     if not (slot_a.is_contiguous() and slot_b.is_contiguous()):
         raise ValueError("the row kernel reads contiguous slot tensors")
     if slot_a.dtype != slot_b.dtype or slot_a.dtype not in FACTOR_DTYPES:
         raise ValueError(f"the row kernel reads float32 or bfloat16 factors, not {slot_a.dtype} and {slot_b.dtype}")
+    if bf16_dots and slot_a.dtype != torch.bfloat16:
+        raise ValueError(f"bfloat16 dot products multiply bfloat16 factors, not {slot_a.dtype}")
     return Factors(slot_a.shape[2], slot_b.shape[2], slot_a.data_ptr(), slot_a.stride(0), slot_b.data_ptr(),
-                   slot_b.stride(0), FACTOR_DTYPES.index(slot_a.dtype))
+                   slot_b.stride(0), BF16_DOTS if bf16_dots else FACTOR_DTYPES.index(slot_a.dtype))
 
 
 class RowKernel:
@@ -106,6 +114,9 @@ class RowKernel:
         kernel's products call after their own work; 0 where the module has none"""
         self.openmp = bool(getattr(module, "openmp", False))
         """whether a site's rows are shared between torch's OpenMP threads (built with -fopenmp)"""
+        self.bf16_dots = bool(module.bf16_dots()) if hasattr(module, "bf16_dots") else False
+        """whether rows multiply bfloat16 factors in bfloat16 dot products here (`BF16_DOTS`: an AVX-512
+        build on a CPU with AVX512_BF16)"""
 
 
 def build_row_kernel(cache: Path | None = None, compiler: str | None = None, source: Path = SOURCE) -> RowKernel:

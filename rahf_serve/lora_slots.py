@@ -254,7 +254,7 @@ class SlotLinear(nn.Module):
     """A Linear plus, per batch row, the LoRA of that row's slot."""
 
     def __init__(self, base_layer: nn.Linear, rows: _Rows, slots: int, max_rank: int,
-                 kernel: RowKernel | None = None, dtype: torch.dtype | None = None) -> None:
+                 kernel: RowKernel | None = None, dtype: torch.dtype | None = None, bf16_dots: bool = False) -> None:
         super().__init__()
         self.base_layer = base_layer
         self._plan_cell = ctypes.c_void_p()
@@ -275,7 +275,7 @@ class SlotLinear(nn.Module):
         take them widened (exactly, for bfloat16 factors of a float32 model), the kernel as they are"""
         self._kernel = kernel
         # The slot tensors are never reallocated, so the kernel's view of them is made once.
-        self._factors_struct = factors_for(self.slot_A, self.slot_B) if kernel is not None else None
+        self._factors_struct = factors_for(self.slot_A, self.slot_B, bf16_dots) if kernel is not None else None
         self._factors_address = 0 if self._factors_struct is None else ctypes.addressof(self._factors_struct)
 
     @property
@@ -467,12 +467,15 @@ class SlotSite:
 
 
 def _plan_packed(plan: _Rows, slots: Sequence[int | None], tokens: Sequence[int], device: torch.device,
-                 kernel: bool, rank: int) -> None:
+                 kernel: bool, rank: int, every_token: bool = False) -> None:
+    """`every_token`: the kernel does every LoRA token, a prompt chunk's too, as one-token rows (with bfloat16
+    dot products, whose rounding torch's float32 products would not match: a prompt's LoRA then does not
+    depend on how it was chunked)."""
     single_tokens, single_slots, at = [], [], 0
     for slot, n in zip(slots, tokens, strict=True):
-        if slot is not None and n == 1:
-            single_tokens.append(at)
-            single_slots.append(slot)
+        if slot is not None and (n == 1 or every_token):
+            single_tokens.extend(range(at, at + n))
+            single_slots.extend([slot] * n)
         elif slot is not None and n > 1:
             plan.segments.append((at, at + n, slot))
         at += n
@@ -529,13 +532,19 @@ class LoraSlots:
     `kernel`: whether packed steps' one-token rows use the C row kernel; None (the default) uses it when the
     model is float32 on CPU and the kernel builds here, True insists (KernelUnavailable if it cannot).
     `dtype`: what the factors are stored in (`--lora-dtype`); None, the model's dtype.
+    `matmul_dtype`: what the kernel multiplies bfloat16 factors in: float32 (widened exactly), or bfloat16
+    dot products (where the kernel has them: `RowKernel.bf16_dots`), each row's input and rank sums rounded
+    to bfloat16 as `--matmul-dtype bfloat16` rounds the forward's products' inputs, for twice the
+    multiply-adds per instruction.
     """
 
     def __init__(self, model: nn.Module, *, max_loras: int = 8, max_rank: int = 16, targets: Iterable[str] = (),
                  loader: Callable[[str], LoraWeights] | None = None, kernel: bool | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, matmul_dtype: torch.dtype = torch.float32) -> None:
         if max_loras < 1 or max_rank < 1:
             raise RahfError("--max-loras and --max-lora-rank must be at least 1")
+        if matmul_dtype not in (torch.float32, torch.bfloat16):
+            raise RahfError(f"LoRA rows multiply in float32 or bfloat16, not {matmul_dtype}")
         if any(isinstance(m, SlotLinear) or hasattr(m, "base_layer") for m in model.modules()):
             raise RahfError("LoraSlots needs a plain model: this one already has LoRA layers (PEFT or slots)")
         self.model = model
@@ -544,6 +553,9 @@ class LoraSlots:
         halves what adapter rows read (and round the factors: no longer PEFT's results to the last bit)"""
         self.kernel = _kernel_for(model, kernel, self.dtype)
         """the C row kernel, or None: torch's batched matmuls"""
+        self.bf16_dots = (matmul_dtype == torch.bfloat16 and self.dtype == torch.bfloat16
+                          and self.kernel is not None and self.kernel.bf16_dots)
+        """whether the kernel's rows multiply in bfloat16 dot products; it then does prompt chunks' tokens too"""
         self.max_loras = max_loras
         self.max_rank = max_rank
         self.loader = loader
@@ -684,7 +696,7 @@ class LoraSlots:
         used = {s for s in slots if s is not None}
         if tokens is not None:  # from here on, a "row" is one token of the packed sequence
             plan.packed = True
-            _plan_packed(plan, slots, tokens, device, self.kernel is not None, rank)
+            _plan_packed(plan, slots, tokens, device, self.kernel is not None, rank, self.bf16_dots)
             slots = [s for s, n in zip(slots, tokens, strict=True) for _ in range(n)]
         plan.index = torch.tensor([self.max_loras if s is None else s for s in slots], device=device)
         plan.rank = rank
@@ -746,7 +758,7 @@ class LoraSlots:
     def _wrap(self, path: str) -> None:
         parent, _, leaf = path.rpartition(".")
         module = SlotLinear(self._linears[path], self._groups[frozenset()], self.max_loras, self.max_rank,
-                            self.kernel, self.dtype)
+                            self.kernel, self.dtype, self.bf16_dots)
         setattr(self.model.get_submodule(parent), leaf, module)
         self._wrapped[path] = module
         self._touched[path] = set()

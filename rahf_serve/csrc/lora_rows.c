@@ -8,8 +8,9 @@
  * Layout (rahf_serve/lora_slots.py): A of slot s starts at A + s * a_stride, rank k's row of `in` factors
  * at + k * in; B is stored transposed, rank k's row of `out` factors at B + s * b_stride + k * out (strides
  * in elements). Factors are float32, or bfloat16 (`--lora-dtype`: half the memory and half the bytes a row
- * reads), widened exactly to float32 as they are read; x and y are float32, row-major with row strides ldx
- * and ldy (y may be a column slice of a wider output). tokens: the
+ * reads), widened exactly to float32 as they are read, or multiplied in bfloat16 dot products (RAHF_BF16_DOTS,
+ * below); x and y are float32, row-major with row strides ldx and ldy (y may be a column slice of a wider
+ * output). tokens: the
  * rows' positions in x and y, or NULL for 0 .. n-1. Each row's arithmetic depends on that row alone, so
  * a row's result does not change with the batch around it. What stays fixed for a step (the rows) and for
  * a module (its factors) comes in two structs made once, so a call converts six arguments, not fourteen.
@@ -43,7 +44,10 @@ struct rahf_rows {
     int64_t r;
 };
 
-enum { RAHF_F32 = 0, RAHF_BF16 = 1 };
+/* The factors' type, and how a row multiplies them: F32 and BF16 in float32 arithmetic (a bfloat16 widened
+ * exactly), BF16_DOTS bfloat16 factors in bfloat16 dot products (below; the engine's `--matmul-dtype
+ * bfloat16`). */
+enum { RAHF_F32 = 0, RAHF_BF16 = 1, RAHF_BF16_DOTS = 2 };
 
 struct rahf_factors {
     int64_t in, out;
@@ -253,16 +257,185 @@ SPECIALISED void group_of(const struct rahf_rows *rows, int64_t i, int G, const 
     expand(b, rows->r, f->out, (const float *const *)h, ys, G, dtype);
 }
 
-/* Rows lo .. hi-1 of `rows`, those on one slot next to each other in groups (the plan puts them side by
- * side). */
-SPECIALISED void rows_of(const struct rahf_rows *rows, int64_t lo, int64_t hi, const struct rahf_factors *f,
-                         const float *x, int64_t ldx, float *y, int64_t ldy, int dtype)
+/* The n rows (1 .. GROUP) from i on, all on the slot whose factors are at a and b. */
+typedef void (*group_fn)(const struct rahf_rows *rows, int64_t i, int n, const char *a, const char *b,
+                         const struct rahf_factors *f, const float *x, int64_t ldx, float *y, int64_t ldy);
+
+/* A group_fn for float32 arithmetic on factors of `dtype`, each group size its own loops. */
+SPECIALISED void groups_of(const struct rahf_rows *rows, int64_t i, int n, const char *a, const char *b,
+                           const struct rahf_factors *f, const float *x, int64_t ldx, float *y, int64_t ldy,
+                           int dtype)
 {
-    const int64_t r = rows->r, in = f->in, out = f->out, size = size_of(dtype);
+    float h[GROUP * (rows->r > 0 ? rows->r : 1)];
+    switch (n) {
+    case 1: group_of(rows, i, 1, a, b, f, x, ldx, y, ldy, h, dtype); break;
+    case 2: group_of(rows, i, 2, a, b, f, x, ldx, y, ldy, h, dtype); break;
+#if GROUP > 2
+    case 3: group_of(rows, i, 3, a, b, f, x, ldx, y, ldy, h, dtype); break;
+    case 4: group_of(rows, i, 4, a, b, f, x, ldx, y, ldy, h, dtype); break;
+#endif
+    }
+}
+
+static void f32_groups(const struct rahf_rows *rows, int64_t i, int n, const char *a, const char *b,
+                       const struct rahf_factors *f, const float *x, int64_t ldx, float *y, int64_t ldy)
+{
+    groups_of(rows, i, n, a, b, f, x, ldx, y, ldy, RAHF_F32);
+}
+
+static void bf16_groups(const struct rahf_rows *rows, int64_t i, int n, const char *a, const char *b,
+                        const struct rahf_factors *f, const float *x, int64_t ldx, float *y, int64_t ldy)
+{
+    groups_of(rows, i, n, a, b, f, x, ldx, y, ldy, RAHF_BF16);
+}
+
+#if defined(__AVX512F__)
+/* Rows in bfloat16 dot products (AVX512_BF16, where the CPU has it: `bf16_dots()`), as the forward's
+ * bfloat16 products do theirs: a row's input is rounded to bfloat16 and h = A x summed by `vdpbf16ps`, two
+ * inputs' multiply-adds per float32 lane; h is rounded to bfloat16 pairs of ranks and y += B^T h summed
+ * the same way, two ranks per lane, the pairs of B's rows interleaved as they are read. Twice float32's
+ * multiply-adds per instruction: eight rows on one adapter are bound by that arithmetic, not by the
+ * factors' bytes. A row's arithmetic is again fixed by the row alone:
+ *   h[k] = 16 lanes of sums over the input's pairs in order (32 inputs a step, past `in` zero), added in
+ *   _mm512_reduce_add_ps's order;
+ *   y += h B: 16 columns at a time, each the chain y, + (h0 B0 + h1 B1), + (h2 B2 + h3 B3), ... over the
+ *   rank pairs in order (a last odd rank paired with zero).
+ * Built for that extension alone, as forward_ops' products are. */
+#define BF16 __attribute__((target("avx512bf16")))
+#define DOTS static inline __attribute__((always_inline)) BF16
+
+/* 32 inputs from j on as bfloat16 (rounded to nearest even), those past `in` zero. */
+DOTS __m512bh input_pairs(const float *x, int64_t j, int64_t in)
+{
+    const int64_t left = in - j;
+    if (left >= 32)  /* the second operand's sixteen go first */
+        return _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + j + 16), _mm512_loadu_ps(x + j));
+    const __mmask16 lo = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+    const __mmask16 hi = left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
+    return _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, x + j + 16), _mm512_maskz_loadu_ps(lo, x + j));
+}
+
+/* 32 bfloat16 factors from j on, those past `in` zero. */
+DOTS __m512bh factor_pairs(const uint16_t *a, int64_t j, int64_t in)
+{
+    const int64_t left = in - j;
+    const __mmask32 m = left >= 32 ? 0xffffffffu : (__mmask32)((1u << left) - 1);
+    return (__m512bh)_mm512_maskz_loadu_epi16(m, a + j);
+}
+
+/* h_g[k0 + k] = A[k0 + k] . x_g for k < K and the G rows sharing A (a: rank k0's row). */
+DOTS void shrink_dots_block(const uint16_t *a, int64_t in, const float *const *x, float *const *h, int64_t k0,
+                            int G, int K)
+{
+    __m512 s[GROUP][4];
+    for (int g = 0; g < G; g++)
+        for (int k = 0; k < K; k++)
+            s[g][k] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < in; j += 32) {
+        __m512bh xb[GROUP];
+        for (int g = 0; g < G; g++)
+            xb[g] = input_pairs(x[g], j, in);
+        for (int k = 0; k < K; k++) {
+            const __m512bh f = factor_pairs(a + k * in, j, in);
+            for (int g = 0; g < G; g++)
+                s[g][k] = _mm512_dpbf16_ps(s[g][k], f, xb[g]);
+        }
+    }
+    for (int g = 0; g < G; g++)
+        for (int k = 0; k < K; k++)
+            h[g][k0 + k] = _mm512_reduce_add_ps(s[g][k]);
+}
+
+/* Sixteen columns from c on of B's rows k and k + 1 (`second`: whether row k + 1 is there, else zeros),
+ * interleaved into pairs: lane l holds (B[k][c + l], B[k + 1][c + l]). */
+DOTS __m512bh rank_pairs(const uint16_t *b, int64_t out, int64_t c, __mmask16 m, int second)
+{
+    static const uint16_t order[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                       8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+    const __m512i lo = _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(m, b + c));
+    const __m512i hi = _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(second ? m : 0, b + out + c));
+    return (__m512bh)_mm512_permutex2var_epi16(lo, _mm512_loadu_si512(order), hi);
+}
+
+/* y_g += the rank pairs p0 .. p0 + P of h_g B (b: B's row 2 p0; hp_g: h_g in bfloat16 pairs), for the G
+ * rows sharing B; each pair of B's rows read once for all of them. */
+DOTS void expand_dots_block(const uint16_t *b, int64_t out, int64_t r, const uint32_t *const *hp, float *const *y,
+                            int64_t p0, int G, int P)
+{
+    for (int64_t c = 0; c < out; c += 16) {
+        const __mmask16 m = out - c >= 16 ? 0xffff : (__mmask16)((1u << (out - c)) - 1);
+        __m512bh f[4];
+        for (int p = 0; p < P; p++)
+            f[p] = rank_pairs(b + 2 * p * out, out, c, m, 2 * (p0 + p) + 1 < r);
+        for (int g = 0; g < G; g++) {
+            __m512 t = _mm512_maskz_loadu_ps(m, y[g] + c);
+            for (int p = 0; p < P; p++)
+                t = _mm512_dpbf16_ps(t, (__m512bh)_mm512_set1_epi32((int)hp[g][p0 + p]), f[p]);
+            _mm512_mask_storeu_ps(y[g] + c, m, t);
+        }
+    }
+}
+
+DOTS uint32_t bf16_bits(float v)
+{
+    return (uint16_t)_mm_cvtsi128_si32((__m128i)_mm_cvtneps_pbh(_mm_set_ss(v)));
+}
+
+/* The G rows from i on, all on the slot at a and b, in bfloat16 dot products. */
+DOTS void dots_group(const struct rahf_rows *rows, int64_t i, int G, const uint16_t *a, const uint16_t *b,
+                     const struct rahf_factors *f, const float *x, int64_t ldx, float *y, int64_t ldy)
+{
+    const int64_t r = rows->r, in = f->in, out = f->out, pairs = (r + 1) / 2;
+    float hs[GROUP * (r > 0 ? r : 1)];
+    uint32_t hps[GROUP * (pairs > 0 ? pairs : 1)];
+    const float *xs[GROUP];
+    float *ys[GROUP], *h[GROUP];
+    uint32_t *hp[GROUP];
+    for (int g = 0; g < G; g++) {
+        const int64_t t = rows->tokens ? rows->tokens[i + g] : i + g;
+        xs[g] = x + t * ldx, ys[g] = y + t * ldy, h[g] = hs + g * r, hp[g] = hps + g * pairs;
+    }
+    int64_t k = 0;
+    for (; k + 4 <= r; k += 4)
+        shrink_dots_block(a + k * in, in, xs, h, k, G, 4);
+    for (; k < r; k++)
+        shrink_dots_block(a + k * in, in, xs, h, k, G, 1);
+    for (int g = 0; g < G; g++)
+        for (int64_t p = 0; p < pairs; p++)
+            hp[g][p] = bf16_bits(h[g][2 * p]) | (2 * p + 1 < r ? bf16_bits(h[g][2 * p + 1]) << 16 : 0);
+    int64_t p = 0;
+    for (; p + 4 <= pairs; p += 4)
+        expand_dots_block(b + 2 * p * out, out, r, (const uint32_t *const *)hp, ys, p, G, 4);
+    for (; p < pairs; p++)
+        expand_dots_block(b + 2 * p * out, out, r, (const uint32_t *const *)hp, ys, p, G, 1);
+}
+
+static BF16 void dots_groups(const struct rahf_rows *rows, int64_t i, int n, const char *a, const char *b,
+                             const struct rahf_factors *f, const float *x, int64_t ldx, float *y, int64_t ldy)
+{
+    const uint16_t *a16 = (const uint16_t *)a, *b16 = (const uint16_t *)b;
+    switch (n) {
+    case 1: dots_group(rows, i, 1, a16, b16, f, x, ldx, y, ldy); break;
+    case 2: dots_group(rows, i, 2, a16, b16, f, x, ldx, y, ldy); break;
+    case 3: dots_group(rows, i, 3, a16, b16, f, x, ldx, y, ldy); break;
+    case 4: dots_group(rows, i, 4, a16, b16, f, x, ldx, y, ldy); break;
+    }
+}
+
+static int bf16_dots(void) { return __builtin_cpu_supports("avx512bf16"); }
+#else
+static int bf16_dots(void) { return 0; }
+#endif
+
+/* Rows lo .. hi-1 of `rows`, those on one slot next to each other in groups (the plan puts them side by
+ * side), each group done by `group`. */
+static void rows_of(const struct rahf_rows *rows, int64_t lo, int64_t hi, const struct rahf_factors *f,
+                    const float *x, int64_t ldx, float *y, int64_t ldy, group_fn group)
+{
+    const int64_t r = rows->r, in = f->in, out = f->out, size = f->dtype == RAHF_F32 ? 4 : 2;
     const int64_t *slots = rows->slots;
     const char *A = f->A, *B = f->B;
     const int64_t a_slot = f->a_stride * size, b_slot = f->b_stride * size;
-    float h[GROUP * (r > 0 ? r : 1)];
     if (lo < hi)
         prefetch_row(A + slots[lo] * a_slot, B + slots[lo] * b_slot, r, in * size, out * size);
     for (int64_t i = lo; i < hi;) {
@@ -272,26 +445,27 @@ SPECIALISED void rows_of(const struct rahf_rows *rows, int64_t lo, int64_t hi, c
             n++;
         if (i + n < hi)  /* the next group's streams start while this one computes */
             prefetch_row(A + slots[i + n] * a_slot, B + slots[i + n] * b_slot, r, in * size, out * size);
-        const char *a = A + s * a_slot, *b = B + s * b_slot;
-        switch (n) {
-        case 1: group_of(rows, i, 1, a, b, f, x, ldx, y, ldy, h, dtype); break;
-        case 2: group_of(rows, i, 2, a, b, f, x, ldx, y, ldy, h, dtype); break;
-#if GROUP > 2
-        case 3: group_of(rows, i, 3, a, b, f, x, ldx, y, ldy, h, dtype); break;
-        case 4: group_of(rows, i, 4, a, b, f, x, ldx, y, ldy, h, dtype); break;
-#endif
-        }
+        group(rows, i, n, A + s * a_slot, B + s * b_slot, f, x, ldx, y, ldy);
         i += n;
     }
 }
 
-static void lora_rows(const struct rahf_rows *rows, int64_t lo, int64_t hi, const struct rahf_factors *f,
-                      const float *x, int64_t ldx, float *y, int64_t ldy)
+/* Returns -1 (doing nothing) for factors this build or CPU cannot multiply, 0 otherwise. */
+static int lora_rows(const struct rahf_rows *rows, int64_t lo, int64_t hi, const struct rahf_factors *f,
+                     const float *x, int64_t ldx, float *y, int64_t ldy)
 {
-    if (f->dtype == RAHF_BF16)
-        rows_of(rows, lo, hi, f, x, ldx, y, ldy, RAHF_BF16);
-    else
-        rows_of(rows, lo, hi, f, x, ldx, y, ldy, RAHF_F32);
+    switch (f->dtype) {
+    case RAHF_F32: rows_of(rows, lo, hi, f, x, ldx, y, ldy, f32_groups); return 0;
+    case RAHF_BF16: rows_of(rows, lo, hi, f, x, ldx, y, ldy, bf16_groups); return 0;
+#if defined(__AVX512F__)
+    case RAHF_BF16_DOTS:
+        if (!bf16_dots())
+            return -1;
+        rows_of(rows, lo, hi, f, x, ldx, y, ldy, dots_groups);
+        return 0;
+#endif
+    default: return -1;
+    }
 }
 
 /* A module group's plan for the step, as lora_slots._Rows.publish writes it. */
@@ -347,6 +521,12 @@ static void site_share(const struct rahf_site *s, const float *x, float *y, doub
     }
 }
 
+/* Whether this build, on this CPU, multiplies factors of f's type. */
+static int multiplies(const struct rahf_factors *f)
+{
+    return f->dtype == RAHF_F32 || f->dtype == RAHF_BF16 || (f->dtype == RAHF_BF16_DOTS && bf16_dots());
+}
+
 /* Below this many factors a site's rows are not shared between threads: waking them costs more. */
 #define RAHF_SHARED_WORK (1 << 14)
 
@@ -365,7 +545,7 @@ static int lora_site(const struct rahf_site *s, int64_t total, const float *x, f
     int64_t threads = 1;
     for (int64_t i = 0; i < s->n; i++) {
         const struct rahf_plan *p = *m[i].plan;
-        if (p->state == RAHF_OTHER || (p->state == RAHF_ROWS && p->total != total))
+        if (p->state == RAHF_OTHER || (p->state == RAHF_ROWS && (p->total != total || !multiplies(m[i].f))))
             return 0;
         if (p->state == RAHF_ROWS) {
             work += p->rows->n * row_cost(p, m[i].f);
@@ -402,11 +582,17 @@ static PyObject *py_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     if (parse_args(args, nargs, "rows", 6, 0, a, NULL) < 0)
         return NULL;
     const struct rahf_rows *rows = (const struct rahf_rows *)(intptr_t)a[0];
+    int failed;
     /* Touching no Python object: the server's other threads run meanwhile. */
     Py_BEGIN_ALLOW_THREADS
-    lora_rows(rows, 0, rows->n, (const struct rahf_factors *)(intptr_t)a[1], (const float *)(intptr_t)a[2], a[3],
-              (float *)(intptr_t)a[4], a[5]);
+    failed = lora_rows(rows, 0, rows->n, (const struct rahf_factors *)(intptr_t)a[1], (const float *)(intptr_t)a[2],
+                       a[3], (float *)(intptr_t)a[4], a[5]);
     Py_END_ALLOW_THREADS
+    if (failed) {
+        PyErr_SetString(PyExc_RuntimeError, "bfloat16 dot products need a CPU with AVX512_BF16 and the kernel's "
+                                             "AVX-512 build");
+        return NULL;
+    }
     Py_RETURN_NONE;
 }
 
@@ -424,9 +610,15 @@ static PyObject *py_site(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     return PyBool_FromLong(done);
 }
 
+static PyObject *py_bf16_dots(PyObject *self, PyObject *unused)
+{
+    return PyBool_FromLong(bf16_dots());
+}
+
 static PyMethodDef methods[] = {
     {"rows", (PyCFunction)(void (*)(void))py_rows, METH_FASTCALL, "one module's one-token rows"},
     {"site", (PyCFunction)(void (*)(void))py_site, METH_FASTCALL, "a site's modules' rows, or nothing"},
+    {"bf16_dots", (PyCFunction)py_bf16_dots, METH_NOARGS, "whether rows multiply in bfloat16 dot products here"},
     {NULL, NULL, 0, NULL},
 };
 

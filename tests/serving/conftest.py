@@ -7,8 +7,9 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
@@ -20,7 +21,9 @@ from rahf_serve.models import BaseModel, load_base
 from rahf_serve.registry import AdapterRegistry
 from rahf_serve.request import GenerationRequest, StreamEvent
 from tests.conftest import build_tiny_model_dir
-from tests.helpers import random_lora_bundle
+from tests.helpers import built_for, random_lora_bundle
+
+T = TypeVar("T")
 
 
 def isas_here() -> list[str]:
@@ -31,6 +34,18 @@ def isas_here() -> list[str]:
     if platform.machine().lower() in ("x86_64", "amd64") and here in ("AVX2", "AVX512"):
         return ["DEFAULT", "AVX2"] + (["AVX512"] if here == "AVX512" else [])
     return [here]
+
+
+def bf16_build(build: Callable[[], T], runs_bf16: Callable[[T], bool]) -> T:
+    """The AVX-512 build of a C kernel (`build()`), whose bfloat16 dot products run where the CPU has
+    AVX512_BF16 (`runs_bf16(built)`); elsewhere nothing stands in for the instruction and the tests that
+    need it are skipped (others check the refusal on every build)."""
+    if "AVX512" not in isas_here():
+        pytest.skip("needs the AVX-512 build: this CPU has no AVX-512")
+    built = built_for("AVX512", build)
+    if not runs_bf16(built):
+        pytest.skip("needs AVX512_BF16, which this CPU lacks")
+    return built
 
 
 def lets_other_threads_run(call, attempts: int = 3) -> bool:

@@ -13,7 +13,7 @@ from rahf_serve.c_extension import torch_on_libgomp
 from rahf_serve.forward_kernel import ForwardKernel, build_forward_kernel
 from rahf_serve.packed_llama import PackedLlama
 from tests.helpers import built_for
-from tests.serving.conftest import isas_here, lets_other_threads_run
+from tests.serving.conftest import bf16_build, isas_here, lets_other_threads_run
 
 
 @pytest.fixture(scope="module", params=isas_here())
@@ -40,14 +40,7 @@ def test_a_product_over_panels_is_torch_s_and_adds_into_a_residual(kernel, token
 
 @pytest.fixture(scope="module")
 def bf16_kernel(tmp_path_factory) -> ForwardKernel:
-    """The AVX-512 build, whose bfloat16 products run where the CPU has AVX512_BF16; elsewhere nothing stands
-    in for the instruction and the tests that need it are skipped (the others check the refusal)."""
-    if "AVX512" not in isas_here():
-        pytest.skip("needs the AVX-512 build: this CPU has no AVX-512")
-    built = built_for("AVX512", lambda: build_forward_kernel(tmp_path_factory.mktemp("kernels")))
-    if not built.bf16:
-        pytest.skip("needs AVX512_BF16, which this CPU lacks")
-    return built
+    return bf16_build(lambda: build_forward_kernel(tmp_path_factory.mktemp("kernels")), lambda k: k.bf16)
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 17, 64])

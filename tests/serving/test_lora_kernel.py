@@ -17,7 +17,7 @@ from rahf_serve.errors import RahfError
 from rahf_serve.lora_kernel import build_row_kernel
 from rahf_serve.lora_slots import LoraSlots, LoraWeights, SlotSite
 from tests.helpers import built_for
-from tests.serving.conftest import isas_here, lets_other_threads_run, load_lively
+from tests.serving.conftest import bf16_build, isas_here, lets_other_threads_run, load_lively
 
 
 @pytest.fixture(scope="module", params=isas_here())
@@ -25,11 +25,18 @@ def kernel(request, tmp_path_factory) -> lora_kernel.RowKernel:
     return built_for(request.param, lambda: build_row_kernel(tmp_path_factory.mktemp("kernels")))
 
 
-def reference(x, y, rows, A, B, r):
-    """y[t] + B_s[:r]^T (A_s[:r] x[t]) for each row (t, s), in float64."""
+@pytest.fixture(scope="module")
+def dots_kernel(tmp_path_factory) -> lora_kernel.RowKernel:
+    return bf16_build(lambda: build_row_kernel(tmp_path_factory.mktemp("kernels")), lambda k: k.bf16_dots)
+
+
+def reference(x, y, rows, A, B, r, bf16_dots: bool = False):
+    """y[t] + B_s[:r]^T (A_s[:r] x[t]) for each row (t, s), in float64; with `bf16_dots`, of x[t] and of
+    A_s[:r] x[t] rounded to bfloat16, as the dot products take them."""
+    rounded = (lambda v: v.bfloat16().double()) if bf16_dots else (lambda v: v)
     want = y.double().clone()
     for t, s in rows:
-        want[t] += B[s, :r].double().t() @ (A[s, :r].double() @ x[t].double())
+        want[t] += B[s, :r].double().t() @ rounded(A[s, :r].double() @ rounded(x[t].double()))
     return want
 
 
@@ -64,16 +71,72 @@ def test_rows_equal_their_products_and_leave_other_rows_alone(kernel, r, positio
     assert torch.equal(wide[:, :4], before[:, :4]) and torch.equal(wide[:, 4 + d_out:], before[:, 4 + d_out:])
 
 
+@pytest.mark.parametrize("r", [1, 2, 3, 4, 7, 8, 9, 13, 16])
+@pytest.mark.parametrize("positions", ["first", "scattered"])
+@pytest.mark.parametrize(("d_in", "d_out"), [(37, 23), (64, 64), (70, 150), (576, 1536)])
+def test_rows_in_bfloat16_dot_products_multiply_the_rounded_input_and_rank_sums(dots_kernel, r, positions, d_in,
+                                                                                 d_out):
+    """`--matmul-dtype bfloat16`'s rows: the input and the rank sums rounded to bfloat16, then float32 sums of
+    exact products of bfloat16 pairs. Integer A and inputs an integer plus 2^-10 (which bfloat16 rounds
+    away) make every rank sum exact in float32, so its rounding is known and the result is float64's over
+    the rounded operands up to float32's sums: not the unrounded input's, nor the unrounded sums'. Odd
+    ranks (a last rank paired with zero), inputs and outputs off the 32- and 16-wide vectors, the
+    four-rank and four-pair blocks and their remainders, a strided input and a column-slice output."""
+    g = torch.Generator().manual_seed(100 + r)
+    A = torch.randint(-4, 5, (5, 16, d_in), generator=g).bfloat16()
+    B = torch.randn(5, 16, d_out, generator=g).bfloat16()
+    whole = torch.randint(1, 9, (9, d_in + 5), generator=g) * (torch.randint(0, 2, (9, d_in + 5), generator=g) * 2 - 1)
+    x = (whole + 2.0**-10)[:, 2:2 + d_in]  # rows d_in + 5 apart
+    wide = torch.randn(9, d_out + 11, generator=g)
+    y, before = wide[:, 4:4 + d_out], wide.clone()
+    slot_of = [3, 0, 3, 3, 3, 4, 3]  # a run of four on one slot, as the kernel groups them
+    tokens = list(range(7)) if positions == "first" else [7, 1, 4, 8, 2, 0, 5]
+    pairs = list(zip(tokens, slot_of, strict=True))
+    idx, slot_idx = torch.tensor(tokens), torch.tensor(slot_of)
+    rows = lora_kernel.rows_for(None if positions == "first" else idx, slot_idx, r)
+    factors = lora_kernel.factors_for(A, B, bf16_dots=True)
+    dots_kernel.rows(ctypes.addressof(rows), ctypes.addressof(factors), x.data_ptr(), x.stride(0), y.data_ptr(),
+                     y.stride(0))
+    y0 = before[:, 4:4 + d_out].double()
+    want = y0.clone()
+    bound = y0.abs()  # what float32's sums can be off by, in units of their rounding
+    for t, s in pairs:
+        h = (A[s, :r].double() @ x[t].bfloat16().double()).bfloat16().double()
+        want[t] += B[s, :r].double().t() @ h
+        bound[t] += B[s, :r].double().abs().t() @ h.abs()
+    assert ((y.double() - want).abs() <= 1e-5 * bound).all()
+    assert ((y.double() - reference(x, y0, pairs, A, B, r)).abs() > 1e-5 * bound).any()  # not float32's products
+    untouched = [t for t in range(9) if t not in tokens]
+    assert torch.equal(wide[untouched], before[untouched])
+    assert torch.equal(wide[:, :4], before[:, :4]) and torch.equal(wide[:, 4 + d_out:], before[:, 4 + d_out:])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rows_on_one_slot_done_together_give_each_row_what_it_gets_alone(kernel, dtype):
     """Rows side by side on one slot share each read of its factors (in groups of two or four by build) and
     a row's output is bit for bit the same alone, in runs of any length, first, last or in the middle of a
     run, with rows of other slots around it: ranks past the blocks (13), sizes past the vectors (70, 150)."""
+    alone = rows_alone_and_together(kernel, dtype)
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(3, 16, 70, generator=g).to(dtype)
+    B = torch.randn(3, 16, 150, generator=g).to(dtype)
+    x, base = torch.randn(12, 70, generator=g), torch.randn(12, 150, generator=g)
+    want = reference(x, base, [(t, 1) for t in range(12)], A, B, 13)
+    torch.testing.assert_close(alone.double(), want, atol=1e-4, rtol=1e-5)
+
+
+def test_rows_in_bfloat16_dot_products_on_one_slot_give_each_row_what_it_gets_alone(dots_kernel):
+    rows_alone_and_together(dots_kernel, torch.bfloat16, bf16_dots=True)
+
+
+def rows_alone_and_together(kernel, dtype: torch.dtype, bf16_dots: bool = False) -> torch.Tensor:
+    """Asserts each row on slot 1 gets the same alone as in runs on that slot, in the test above's cases, and
+    returns the rows alone (the factors and inputs drawn as it draws them)."""
     g = torch.Generator().manual_seed(3)
     d_in, d_out, r = 70, 150, 13
     A = torch.randn(3, 16, d_in, generator=g).to(dtype)
     B = torch.randn(3, 16, d_out, generator=g).to(dtype)
-    factors = lora_kernel.factors_for(A, B)
+    factors = lora_kernel.factors_for(A, B, bf16_dots)
     x = torch.randn(12, d_in, generator=g)
     base = torch.randn(12, d_out, generator=g)
 
@@ -93,11 +156,11 @@ def test_rows_on_one_slot_done_together_give_each_row_what_it_gets_alone(kernel,
             assert torch.equal(y[t], alone[t]), (n, t)
     y = run([0, 1, 2, 3, 4, 5], [2, 1, 1, 2, 1, 1])  # runs of two between rows of another slot
     assert all(torch.equal(y[t], alone[t]) for t in (1, 2, 4, 5))
-    want = reference(x, base, [(t, 1) for t in range(12)], A, B, r)
-    torch.testing.assert_close(torch.stack([alone[t] for t in range(12)]).double(), want, atol=1e-4, rtol=1e-5)
+    return torch.stack([alone[t] for t in range(12)])
 
 
-def site_of(shapes: list[tuple[int, int]], rows: lora_kernel.Rows, total: int, dtype: torch.dtype, seed: int):
+def site_of(shapes: list[tuple[int, int]], rows: lora_kernel.Rows, total: int, dtype: torch.dtype, seed: int,
+            bf16_dots: bool = False):
     """A site of modules [in, out] reading one input: (address, x, output width, the Python objects the C call
     reads, the plan first); every module's group plans `rows`."""
     g = torch.Generator().manual_seed(seed)
@@ -108,7 +171,7 @@ def site_of(shapes: list[tuple[int, int]], rows: lora_kernel.Rows, total: int, d
     for d_in, d_out in shapes:
         A = torch.randn(8, 16, d_in, generator=g).to(dtype)
         B = torch.randn(8, 16, d_out, generator=g).to(dtype)
-        factors = lora_kernel.factors_for(A, B)
+        factors = lora_kernel.factors_for(A, B, bf16_dots)
         keep += [A, B, factors]
         entries.append(lora_kernel.SiteModule(ctypes.addressof(cell), ctypes.addressof(factors), column))
         column += d_out
@@ -125,10 +188,22 @@ def test_a_site_shared_between_threads_gives_each_row_what_one_thread_gives(kern
     different sizes and rows on different slots (some sharing one, at scattered positions), the output is bit
     for bit what one thread gives, which is each row's products."""
     assert kernel.openmp == c_extension.torch_on_libgomp()
+    y, x, (A, B), pairs = site_on_threads(kernel, dtype)
+    want = reference(x, torch.zeros(x.shape[0], 96), pairs, A, B, 16)
+    torch.testing.assert_close(y[:, :96].double(), want, atol=1e-4, rtol=1e-5)
+
+
+def test_a_site_in_bfloat16_dot_products_shared_between_threads_gives_what_one_thread_gives(dots_kernel):
+    site_on_threads(dots_kernel, torch.bfloat16, bf16_dots=True)
+
+
+def site_on_threads(kernel, dtype: torch.dtype, bf16_dots: bool = False):
+    """Asserts the test above's site gives the same on 1, 2, 3 and 5 threads and nothing to rows that are not
+    LoRA rows; returns (output, input, the first module's (A, B), its (row, slot) pairs)."""
     total, positions, slot_of = 13, [0, 2, 3, 5, 6, 7, 8, 10, 11, 12], [3, 0, 7, 1, 1, 4, 6, 2, 5, 0]
     tokens, slots = torch.tensor(positions), torch.tensor(slot_of)
     rows = lora_kernel.rows_for(tokens, slots, 16)
-    address, x, width, keep = site_of([(96, 96), (96, 32), (96, 48)], rows, total, dtype, seed=7)
+    address, x, width, keep = site_of([(96, 96), (96, 32), (96, 48)], rows, total, dtype, seed=7, bf16_dots=bf16_dots)
     plan, outputs = keep[0], {}
     for n in (1, 2, 3, 5):
         plan.threads = n
@@ -136,10 +211,8 @@ def test_a_site_shared_between_threads_gives_each_row_what_one_thread_gives(kern
         assert kernel.site(address, total, x.data_ptr(), y.data_ptr())
         outputs[n] = y
     assert all(torch.equal(y, outputs[1]) for y in outputs.values())
-    A, B = keep[2], keep[3]  # the first module's factors
-    want = reference(x, torch.zeros(total, 96), list(zip(positions, slot_of, strict=True)), A, B, 16)
-    torch.testing.assert_close(outputs[1][:, :96].double(), want, atol=1e-4, rtol=1e-5)
     assert not outputs[1][[1, 4, 9]].any()  # rows that are not LoRA rows
+    return outputs[1], x, (keep[2], keep[3]), list(zip(positions, slot_of, strict=True))
 
 
 def test_the_kernel_s_calls_let_the_server_s_other_threads_run(kernel):
@@ -190,6 +263,25 @@ def test_sites_run_on_one_thread_where_torch_has_no_gnu_openmp_or_that_build_fai
     with caplog.at_level("INFO", logger="rahf_serve.c_extension"):
         kernel = build_row_kernel(tmp_path / "b")
     assert not kernel.openmp and "without OpenMP" in caplog.text and "-fopenmp" in caplog.text
+
+
+def test_where_they_cannot_run_bfloat16_dot_products_are_refused(kernel):
+    """A build without AVX-512 (or a CPU without AVX512_BF16) says so; asked anyway, a module's rows raise and
+    a site does nothing (its caller then takes torch's path) rather than run an instruction the CPU lacks."""
+    A, B = torch.ones(2, 4, 8, dtype=torch.bfloat16), torch.ones(2, 4, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16 factors, not torch.float32"):
+        lora_kernel.factors_for(A.float(), B.float(), bf16_dots=True)
+    if kernel.bf16_dots:  # the AVX-512 build here: `dots_kernel`'s tests run them
+        return
+    positions, slots = torch.tensor([0]), torch.tensor([1])
+    rows = lora_kernel.rows_for(positions, slots, 4)
+    factors = lora_kernel.factors_for(A, B, bf16_dots=True)
+    x, y = torch.ones(1, 8), torch.zeros(1, 8)
+    with pytest.raises(RuntimeError, match="AVX512_BF16"):
+        kernel.rows(ctypes.addressof(rows), ctypes.addressof(factors), x.data_ptr(), 8, y.data_ptr(), 8)
+    address, x, width, keep = site_of([(8, 8)], rows, 1, torch.bfloat16, seed=1, bf16_dots=True)
+    y = torch.zeros(1, width)
+    assert not kernel.site(address, 1, x.data_ptr(), y.data_ptr()) and not y.any()
 
 
 def test_the_kernel_reads_only_factors_it_knows(kernel):

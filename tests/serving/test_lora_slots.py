@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from rahf_serve.blend import blend_key, build_blend
 from rahf_serve.bundle import CONFIG_FILE, WEIGHTS_FILE, peft_payload, read_bundle, write_bundle
-from rahf_serve.errors import BundleError, FingerprintMismatch, LimitExceeded
+from rahf_serve.errors import BundleError, FingerprintMismatch, LimitExceeded, RahfError
 from rahf_serve.lora_slots import LoraSlots, LoraWeights, SlotLinear, SlotsExhausted, blend_lora, read_lora
 from rahf_serve.models import BaseModel, load_base
 from tests.helpers import random_lora_bundle
@@ -209,6 +209,46 @@ def test_bfloat16_factors_are_the_adapters_rounded_at_half_the_memory(tiny, kern
             full.set_rows(rows, tokens)
             torch.testing.assert_close(module(x), full._wrapped[path](x), atol=1e-5, rtol=1e-5)
     assert_packed_equals_each_row_alone(half, rows, tokens)
+
+
+def test_with_bfloat16_dot_products_every_lora_token_goes_through_the_kernel(tiny):
+    """bfloat16 products (`matmul_dtype`) over bfloat16 factors: the kernel does every LoRA token, a prompt
+    chunk's too, so a token gets bit for bit the same in a chunk as a one-token row (torch's float32
+    products would round otherwise), near what float32 arithmetic on the same factors gives."""
+    base, bundles = tiny
+    dots = LoraSlots(copy.deepcopy(base.model).eval(), max_loras=4, max_rank=16, dtype=torch.bfloat16,
+                     matmul_dtype=torch.bfloat16)
+    if not dots.bf16_dots:
+        pytest.skip("needs AVX512_BF16 and the kernel's AVX-512 build")
+    widened = LoraSlots(copy.deepcopy(base.model).eval(), max_loras=4, max_rank=16, dtype=torch.bfloat16)
+    for slots in (dots, widened):
+        load_all(slots, bundles)
+    names = LAYOUTS["mixed"]
+    rows, tokens = [None if n is None else dots.slot_of(n) for n in names], [1, 1, 5, 1, 1, 4]
+    one_by_one = [slot for slot, n in zip(rows, tokens, strict=True) for _ in range(n)]
+    g = torch.Generator().manual_seed(5)
+    for path, module in dots._wrapped.items():
+        x = torch.randn(1, sum(tokens), module.in_features, generator=g)
+        with torch.no_grad():
+            dots.set_rows(rows, tokens)
+            assert module.rows.segments == [] and module.rows.kernel is not None
+            chunked = module(x)
+            dots.set_rows(one_by_one, [1] * len(one_by_one))
+            assert torch.equal(chunked, module(x))
+            widened.set_rows(rows, tokens)
+            float32 = widened._wrapped[path](x)
+        torch.testing.assert_close(chunked, float32, atol=0.02, rtol=0.02)
+        assert not torch.equal(chunked, float32)
+
+
+def test_bfloat16_dot_products_are_for_bfloat16_factors(tiny):
+    base, bundles = tiny
+    slots = LoraSlots(copy.deepcopy(base.model).eval(), max_rank=16, matmul_dtype=torch.bfloat16)
+    load_all(slots, bundles)
+    assert slots.dtype == torch.float32 and not slots.bf16_dots  # float32 factors: float32 arithmetic
+    assert slots._wrapped and all(m._factors_struct.dtype == 0 for m in slots._wrapped.values())
+    with pytest.raises(RahfError, match="float32 or bfloat16, not torch.float16"):
+        LoraSlots(copy.deepcopy(base.model).eval(), matmul_dtype=torch.float16)
 
 
 def test_sixty_four_resident_adapters_give_the_same_logits_as_one(tiny):

@@ -173,7 +173,8 @@ def test_bfloat16_factors_serve_the_same_through_the_kernel_and_torch(lively_mod
 
 def test_bfloat16_products_serve_each_row_as_alone_and_near_float32(lively_model_dir, bundles):
     """--matmul-dtype bfloat16: the products multiply a bfloat16 copy of the weights by bfloat16-rounded rows,
-    one row's arithmetic independent of the others', so every kind of row gets the same tokens batched as
+    and adapter rows their bfloat16 factors in bfloat16 dot products likewise, one row's arithmetic
+    independent of the others', so every kind of row gets the same tokens batched as
     alone here. Its log-probabilities stay near float32's, and near each other's: rounding to bfloat16 turns
     the float32 rounding between two ways of computing a prompt (other chunks, keys another request computed)
     into differences of about 1e-2 (float32: 1e-5), which can flip a greedy near-tie on other prompts."""
@@ -185,13 +186,15 @@ def test_bfloat16_products_serve_each_row_as_alone_and_near_float32(lively_model
     engine, float32 = next(halved), next(plain)
     try:
         assert engine._packed.head._panels.dtype == torch.bfloat16
+        assert engine._slots.dtype == torch.bfloat16 and engine._slots.bf16_dots  # the adapter rows' products too
         reqs = batch_of_every_kind()
         together = run_together(engine, reqs)
         assert_same_streams(together, [run_together(engine, [r])[0] for r in reqs], within=0.05)
         first = [g[0].logprobs[0].logprob for g in together[:5]]
         want = [w[0].logprobs[0].logprob for w in run_together(float32, reqs[:5])]
-        # within 0.06 of float32's on this model (its weights drawn fifteen times wider than a real model's)
-        assert first == pytest.approx(want, abs=0.1) and first != want
+        # within 0.11 of float32's on this model (its weights drawn fifteen times wider than a real model's),
+        # 0.06 with the adapter rows' products in float32
+        assert first == pytest.approx(want, abs=0.15) and first != want
     finally:
         for gen in (halved, plain):
             next(gen, None)

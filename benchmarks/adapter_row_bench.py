@@ -8,6 +8,7 @@
     OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --separate-calls     # ... and with a call of their own
     OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --lora-dtype bfloat16  # factors stored in bfloat16
     OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --matmul-dtype bfloat16  # the base's products too
+    OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --matmul-dtype bfloat16 --lora-dtype bfloat16 --widened-too
 
 The engine's path: a packed decode step (one token per row) through a `SlotCache` with `LoraSlots`, on the
 forward `Engine._forward` runs (`PackedLlama` for llama bases), with the slots set once per step as the
@@ -36,6 +37,10 @@ first step) falls on every case alike; ratios are medians over runs of the ratio
 its product, as before the products made that call themselves in C, and reports the products' way over
 that one (paired within runs).
 
+`--widened-too` (bfloat16 products and factors, whose adapter rows then multiply in bfloat16 dot products):
+also times "same" and "mixed" with the factors widened to float32 arithmetic instead, interleaved, and
+reports the dot products' time over that one (paired within runs).
+
 `--loaded N`: every run also loads N - 8 more adapters (slots the layouts do not use), times the three
 layouts again and unloads them, so "N loaded / 8 loaded" compares the same work, interleaved, with only
 the number of resident adapters changed.
@@ -59,7 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rahf_serve.bundle import read_bundle  # noqa: E402
 from rahf_serve.engine import MATMUL_DTYPES  # noqa: E402
 from rahf_serve.kvcache import SlotCache, pack_inputs  # noqa: E402
-from rahf_serve.lora_kernel import RowKernel, build_row_kernel  # noqa: E402
+from rahf_serve.lora_kernel import FACTOR_DTYPES, RowKernel, build_row_kernel  # noqa: E402
 from rahf_serve.lora_slots import LoraSlots, LoraWeights, read_lora  # noqa: E402
 from rahf_serve.models import load_base  # noqa: E402
 from rahf_serve.packed_llama import PackedLlama, packed_forward_for  # noqa: E402
@@ -204,6 +209,9 @@ def main() -> None:
                     help="what the slots store the factors in (rahf-serve --lora-dtype)")
     ap.add_argument("--matmul-dtype", choices=list(MATMUL_DTYPES), default="float32",
                     help="what the forward's C products multiply in (rahf-serve --matmul-dtype)")
+    ap.add_argument("--widened-too", action="store_true",
+                    help="also time adapter rows in float32 arithmetic on the bfloat16 factors instead of bfloat16 "
+                         "dot products, interleaved (with --matmul-dtype and --lora-dtype bfloat16)")
     args = ap.parse_args()
     if args.shape == "smollm2-135m":
         model = load_base("smollm2-135m-instruct", device="cpu", dtype="float32").model.eval()
@@ -215,11 +223,15 @@ def main() -> None:
         label = f"random {args.shape} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters), " \
                 "random r16 LoRAs on every Linear and on q/k/v/o"
     dtype = getattr(torch, args.lora_dtype)
-    slots = LoraSlots(model, max_loras=max(8, args.loaded), max_rank=RANK, dtype=dtype)
+    slots = LoraSlots(model, max_loras=max(8, args.loaded), max_rank=RANK, dtype=dtype,
+                      matmul_dtype=MATMUL_DTYPES[args.matmul_dtype])
     kernel = slots.kernel
     if (args.torch_too or args.call_cost or args.separate_calls) and kernel is None:
         ap.error("--torch-too, --call-cost and --separate-calls need the C row kernel, which is not available here "
                  "(see the log)")
+    if args.widened_too and not slots.bf16_dots:
+        ap.error("--widened-too compares bfloat16 dot products, which need --matmul-dtype and --lora-dtype bfloat16 "
+                 "and a CPU with AVX512_BF16")
     calls_only = no_op_kernel() if args.call_cost else None
     for i in range(8):
         slots.load_weights(f"a{i}", weights[i % 2])
@@ -228,13 +240,15 @@ def main() -> None:
     packed = packed_forward_for(model, max_len, MATMUL_DTYPES[args.matmul_dtype])
     forward = "transformers" if packed is None else "packed-llama"
     print(f"# {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); {label}; fp32, "
-          f"factors in {args.lora_dtype}, products in {args.matmul_dtype}; "
+          f"factors in {args.lora_dtype}, products in {args.matmul_dtype}"
+          f"{' (adapter rows too: bfloat16 dot products)' if slots.bf16_dots else ''}; "
           f"{forward} forward; packed decode steps at {CONTEXT}+ tokens of context; median of {args.runs} runs x "
           f"{args.steps} steps; adapter rows: {rows_by(kernel)}")
     extra = f" {'base, same, mixed: ' + str(args.loaded) + ' loaded / 8':>34}" if fillers else ""
     extra += f" {'torch same/base':>15} {'torch mixed/base':>16}" if args.torch_too else ""
     extra += f" {'calls same/base':>15} {'calls mixed/base':>16}" if args.call_cost else ""
     extra += f" {'same/separate':>13} {'mixed/separate':>14}" if args.separate_calls else ""
+    extra += f" {'same dots/widened':>17} {'mixed dots/widened':>18}" if args.widened_too else ""
     print(f"{'rows':>4} {'base ms':>8} {'same ms':>8} {'mixed ms':>9} {'same/base':>9} {'mixed/base':>10} "
           f"{'floor same':>10} {'floor mixed':>11} {'walk/base':>9}{extra}")
     with torch.inference_mode():
@@ -253,6 +267,7 @@ def main() -> None:
             torch_times: dict[str, list[float]] = {"same": [], "mixed": []}
             call_times: dict[str, list[float]] = {"same": [], "mixed": []}
             separate_times: dict[str, list[float]] = {"same": [], "mixed": []}
+            widened_times: dict[str, list[float]] = {"same": [], "mixed": []}
             floors: dict[str, list[float]] = {"same": [], "mixed": []}
             used = {"same": [weights[0]], "mixed": [weights[i % 2] for i in range(min(rows, 8))]}
             floats = {k: factor_count(used[k]) * dtype.itemsize // 4 for k in floors}  # as many bytes
@@ -273,6 +288,11 @@ def main() -> None:
             if args.separate_calls:  # SlotSite.call is then None: the site's own `add` after the product
                 arms += [functools.partial(timed, separate_times[kind], [(kernel, "site_function", 0)], *common,
                                            layouts[kind], args.steps) for kind in separate_times]
+            if args.widened_too:  # each module's factors as the kernel reads them: bfloat16, float32 arithmetic
+                widened = [(m._factors_struct, "dtype", FACTOR_DTYPES.index(torch.bfloat16))
+                           for m in slots._wrapped.values()]
+                arms += [functools.partial(timed, widened_times[kind], widened, *common, layouts[kind], args.steps)
+                         for kind in widened_times]
             for run in range(args.runs):
                 # forward, then backward: whatever a case's place in the run costs falls on each case alike
                 for arm in arms if run % 2 == 0 else arms[::-1]:
@@ -303,6 +323,9 @@ def main() -> None:
             if args.separate_calls:
                 print(f" {paired_ratio(times['same'], separate_times['same']):>13.3f} "
                       f"{paired_ratio(times['mixed'], separate_times['mixed']):>14.3f}", end="")
+            if args.widened_too:
+                print(f" {paired_ratio(times['same'], widened_times['same']):>17.3f} "
+                      f"{paired_ratio(times['mixed'], widened_times['mixed']):>18.3f}", end="")
             print()
 
 

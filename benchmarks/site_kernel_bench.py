@@ -1,5 +1,6 @@
 """The row kernel's site calls alone, without the forward around them: one thread against torch's threads,
-float32 factors against bfloat16.
+float32 factors against bfloat16, multiplied in float32 or (where the CPU has AVX512_BF16, "bf16 dots") in
+bfloat16 dot products.
 
     python benchmarks/site_kernel_bench.py                   # 8 rows on 8 slots, SmolLM2-135M's sites
     python benchmarks/site_kernel_bench.py --adapters 1      # every row on one slot: its factors in cache
@@ -43,7 +44,8 @@ class Sites:
     """Every site of the model for `rows` one-token rows, factors in `dtype`; `run(threads)` times one pass
     with the rows of each site shared between `threads` threads (as a plan made under torch's count says)."""
 
-    def __init__(self, kernel: lora_kernel.RowKernel, rows: int, dtype: torch.dtype, adapters: int = SLOTS) -> None:
+    def __init__(self, kernel: lora_kernel.RowKernel, rows: int, dtype: torch.dtype, adapters: int = SLOTS,
+                 bf16_dots: bool = False) -> None:
         self.kernel, self.rows = kernel, rows
         slots = torch.arange(rows, dtype=torch.int64) % adapters
         self._rows = lora_kernel.rows_for(None, slots, RANK)
@@ -58,7 +60,7 @@ class Sites:
                 for d_out in outs:
                     a = torch.randn(SLOTS + 1, RANK, d_in, generator=g).to(dtype)
                     b = torch.randn(SLOTS + 1, RANK, d_out, generator=g).to(dtype)
-                    factors = lora_kernel.factors_for(a, b)
+                    factors = lora_kernel.factors_for(a, b, bf16_dots)
                     entries.append(lora_kernel.SiteModule(ctypes.addressof(self._cell), ctypes.addressof(factors),
                                                           column))
                     self._keep += [a, b, factors]
@@ -94,14 +96,16 @@ def main() -> None:
           f"OpenMP; SmolLM2-135M's {LAYERS * len(SITES)} sites, r{RANK} factors on {SLOTS} slots, rows on "
           f"{min(args.adapters, max(args.rows))} of them; median of "
           f"{args.rounds} rounds, ms per pass over every site")
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    dtypes = {"float32": (torch.float32, False), "bfloat16": (torch.bfloat16, False)}
+    if kernel.bf16_dots and (other is None or other.bf16_dots):
+        dtypes["bf16 dots"] = (torch.bfloat16, True)
     print(f"{'rows':>4} " + " ".join(f"{f'{d} {t}T':>14}" for d in dtypes for t in threads)
           + " " + " ".join(f"{f'{d} {threads[-1]}T/1T':>16}" for d in dtypes if threads[0] == 1 and len(threads) > 1)
           + (" " + " ".join(f"{f'{d} {t}T vs other':>18}" for d in dtypes for t in threads) if other else ""))
     wake = torch.randn(64, 64)
     for rows in args.rows:
-        sites = {d: Sites(kernel, rows, dtype, args.adapters) for d, dtype in dtypes.items()}
-        others = {d: Sites(other, rows, dtype, args.adapters) for d, dtype in dtypes.items()} if other else {}
+        sites = {d: Sites(kernel, rows, dtype, args.adapters, dots) for d, (dtype, dots) in dtypes.items()}
+        others = {d: Sites(other, rows, dtype, args.adapters, dots) for d, (dtype, dots) in dtypes.items()} if other else {}
         times: dict[tuple[str, int], list[float]] = {(d, t): [] for d in dtypes for t in threads}
         against: dict[tuple[str, int], list[float]] = {(d, t): [] for d in others for t in threads}
         for _ in range(args.rounds + 2):

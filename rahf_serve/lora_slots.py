@@ -4,11 +4,11 @@ Every targeted Linear of a plain causal LM is replaced by a `SlotLinear` that ho
 A [max_rank, in] and B transposed, [max_rank, out] (a slot's first r rows are then one contiguous
 block), the LoRA scaling folded into B, zero-padded above the adapter's rank and all zero in modules
 the adapter does not touch. The engine sets each row's slot once per step (`set_rows`); a wrapped layer
-adds B_row (A_row x), reading the factors where they lie: on CPU in float32, one-token rows go through a
-small C kernel (`rahf_serve.lora_kernel`), one call for all of them in all the modules sharing an input
-(`SlotSite`); elsewhere, or without a C compiler, two batched matmuls do it (one slot in use; one-token
-rows on nearby slots, as a band; a prompt chunk), gathering copies of the factors only for rows on
-widely spread slots. Nothing is registered per forward (PEFT's mixed-batch path hooks every LoRA layer
+adds B_row (A_row x), reading the factors where they lie: on CPU in float32, every LoRA token (a prompt
+chunk's too) goes through a small C kernel (`rahf_serve.lora_kernel`) as a one-token row, one call for all
+of them in all the modules sharing an input (`SlotSite`); elsewhere, or without a C compiler, two batched
+matmuls do it (one slot in use; one-token rows on nearby slots, as a band; a prompt chunk), gathering
+copies of the factors only for rows on widely spread slots. Nothing is registered per forward (PEFT's mixed-batch path hooks every LoRA layer
 on every call), and the cost follows the batch, never the number of resident adapters. Factors are
 stored in the model's dtype, or in another (`--lora-dtype`): bfloat16 under a float32 model halves the
 bytes an adapter row reads, which the kernel widens as it reads them and torch's products take widened.
@@ -226,11 +226,12 @@ class _Rows:
         self.band: _Band | None = None
         """packed, several LoRAs, instead of `gather` when the one-token rows' slots lie close together"""
         self.kernel: _KernelRows | None = None
-        """packed, with the C kernel: every one-token LoRA row (instead of `gather`, `band` and `single`)"""
+        """packed, with the C kernel: every LoRA token as a one-token row (instead of the fields above)"""
         self.total = 0
         """packed: the step's token count"""
         self.segments: list[tuple[int, int, int]] = []
-        """packed, several LoRAs: (start, end, slot) of each LoRA row that feeds several tokens"""
+        """packed, several LoRAs: (start, end, slot) of each LoRA row that feeds several tokens and is not
+        among `kernel`'s rows (the planning gives the kernel all of them where it runs)"""
         self.view = Plan()
         """this plan as the C site call reads it (`publish`); it belongs to this object, not to a plan
         copied into it, since its modules' cells point at it"""
@@ -241,7 +242,7 @@ class _Rows:
         view.total = self.total
         if self.index is None:
             view.state, view.rows = Plan.NONE, None
-        elif self.kernel is not None and not self.segments:  # a decode-only step: all in the kernel
+        elif self.kernel is not None and not self.segments:  # every LoRA token in the kernel
             view.state, view.rows = Plan.ROWS, self.kernel.address
             # torch's count, not the OpenMP setting of the thread that will run the forward: in a thread
             # torch has not yet run a parallel loop on, that is still the number of cores.
@@ -328,8 +329,8 @@ class SlotLinear(nn.Module):
     def add_packed(self, x: torch.Tensor, out: torch.Tensor, part: slice | None = None) -> None:
         """`add_lora` for a packed step's 2-D input [tokens, in] and output [tokens, out], or [tokens, wider]
         of which this module's output is the columns `part` (a fused product's). The engine's forward calls
-        this once per module on steps with prompt chunks (decode-only steps go by `SlotSite`), so it
-        does no more than the plan asks."""
+        this once per module where its site's C call does not run (no kernel), so it does no more than the
+        plan asks."""
         plan = self.rows
         if plan.index is None:
             return
@@ -428,8 +429,8 @@ class SlotLinear(nn.Module):
 class SlotSite:
     """The LoRA modules that read one input and add into one output, each at its columns: q/k/v or gate/up
     of a fused product [tokens, `width`], or one module alone (`width`: its out_features). `add` does a
-    decode-only step's rows of all of them in one C call, other steps (prompt chunks, no kernel) module by
-    module through `add_packed`; the packed forward's C products make that C call themselves (`call`)."""
+    step's rows of all of them in one C call where the kernel runs, else module by module through
+    `add_packed`; the packed forward's C products make that C call themselves (`call`)."""
 
     def __init__(self, modules: Sequence[SlotLinear | None], parts: Sequence[slice | None] = (None,),
                  width: int | None = None) -> None:
@@ -467,13 +468,14 @@ class SlotSite:
 
 
 def _plan_packed(plan: _Rows, slots: Sequence[int | None], tokens: Sequence[int], device: torch.device,
-                 kernel: bool, rank: int, every_token: bool = False) -> None:
-    """`every_token`: the kernel does every LoRA token, a prompt chunk's too, as one-token rows (with bfloat16
-    dot products, whose rounding torch's float32 products would not match: a prompt's LoRA then does not
-    depend on how it was chunked)."""
+                 kernel: bool, rank: int) -> None:
+    """With the kernel, every LoRA token is one of its rows, a prompt chunk's too: the step's LoRA is then
+    done in C inside the products (torch's products for a chunk cost a call from Python per module, which a
+    chunk's LoRA arithmetic does not make up for), and a token's LoRA does not depend on how its prompt was
+    chunked (with bfloat16 dot products, torch's float32 products would round otherwise)."""
     single_tokens, single_slots, at = [], [], 0
     for slot, n in zip(slots, tokens, strict=True):
-        if slot is not None and (n == 1 or every_token):
+        if slot is not None and (n == 1 or kernel):
             single_tokens.extend(range(at, at + n))
             single_slots.extend([slot] * n)
         elif slot is not None and n > 1:
@@ -555,7 +557,7 @@ class LoraSlots:
         """the C row kernel, or None: torch's batched matmuls"""
         self.bf16_dots = (matmul_dtype == torch.bfloat16 and self.dtype == torch.bfloat16
                           and self.kernel is not None and self.kernel.bf16_dots)
-        """whether the kernel's rows multiply in bfloat16 dot products; it then does prompt chunks' tokens too"""
+        """whether the kernel's rows multiply in bfloat16 dot products"""
         self.max_loras = max_loras
         self.max_rank = max_rank
         self.loader = loader
@@ -696,7 +698,7 @@ class LoraSlots:
         used = {s for s in slots if s is not None}
         if tokens is not None:  # from here on, a "row" is one token of the packed sequence
             plan.packed = True
-            _plan_packed(plan, slots, tokens, device, self.kernel is not None, rank, self.bf16_dots)
+            _plan_packed(plan, slots, tokens, device, self.kernel is not None, rank)
             slots = [s for s, n in zip(slots, tokens, strict=True) for _ in range(n)]
         plan.index = torch.tensor([self.max_loras if s is None else s for s in slots], device=device)
         plan.rank = rank

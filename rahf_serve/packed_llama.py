@@ -7,7 +7,7 @@ new tokens in one sequence) with
 
 - q/k/v and gate/up as one matrix each (the Linear modules keep views into them, so nothing is copied and
   every other user of the model sees the same weights), each module's LoRA slots added to its slice of
-  the output (on a decode step, by the C product's own call: `_Matrix`);
+  the output (with the C products and row kernel, by the product's own call: `_Matrix`);
 - activations kept 2-D [tokens, hidden], so each product is one `mm` over a transposed view of the weight
   (no transpose operator per call), and o_proj and down_proj an `addmm` that adds the residual as well;
   for float32 on CPU, the products (the LM head's too) are the C kernel's instead, over a copy of each
@@ -110,7 +110,7 @@ class _Matrix:
         """x [tokens, in] times the weight, plus `residual` [tokens, out] when given (the C products add into
         it in place: the forward's residual stream is its own), plus each row's LoRA of `lora`'s modules
         (LoRA is linear: added to the sum, it is added to the product). With the C products and kernel,
-        the LoRA rows of a decode step are added in the product's own call."""
+        the LoRA rows of a step are added in the product's own call."""
         if self._kernel is not None:
             call = None if lora is None else lora.call
             if call is None:

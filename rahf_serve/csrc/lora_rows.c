@@ -472,8 +472,9 @@ static int lora_rows(const struct rahf_rows *rows, int64_t lo, int64_t hi, const
 enum { RAHF_NONE = 0, RAHF_ROWS = 1, RAHF_OTHER = 2 };
 
 struct rahf_plan {
-    int64_t state;                 /* NONE: no row uses these modules' slots; ROWS: every LoRA row is one
-                                      token, at `rows`; OTHER: more than this kernel does (prompt chunks) */
+    int64_t state;                 /* NONE: no row uses these modules' slots; ROWS: every LoRA token (a
+                                      prompt chunk's too) is one of `rows`; OTHER: rows planned without
+                                      this kernel */
     int64_t total;                 /* the step's token count */
     const struct rahf_rows *rows;
     int64_t threads;               /* torch's thread count when the plan was made: the most a site shares

@@ -386,10 +386,11 @@ def test_rows_that_do_not_match_the_step_are_refused_before_the_kernel_runs(live
 
 
 def test_a_site_adds_its_modules_rows_in_one_call_and_follows_a_regrouping(lively_model_dir):
-    """`SlotSite` (the packed forward's q/k/v, o, gate/up, down) adds a decode-only step's rows of modules in
-    different groups as each module's `add_packed` does, at its columns; its C call declines, doing
-    nothing, a step planned for another token count or with a prompt chunk (then `add_packed` does it);
-    and a load that moves a module into another group after the site was made is followed."""
+    """`SlotSite` (the packed forward's q/k/v, o, gate/up, down) adds a step's rows of modules in different
+    groups as each module's `add_packed` does, at its columns, a prompt chunk's tokens as one-token rows
+    (the same as fed one by one); its C call declines, doing nothing, a step planned for another token
+    count (then `add_packed` does it); and a load that moves a module into another group after the site
+    was made is followed."""
     slots = LoraSlots(copy.deepcopy(load_lively(lively_model_dir).model), max_loras=4, max_rank=4, kernel=True)
     attn = "model.layers.0.self_attn."
 
@@ -433,10 +434,11 @@ def test_a_site_adds_its_modules_rows_in_one_call_and_follows_a_regrouping(livel
     assert c_call(3)[0] == 1
     done, out = c_call(4)
     assert done == 0 and not out.any()
-    slots.set_rows([qv, None], [2, 1])  # a prompt chunk
+    slots.set_rows([qv, None], [2, 1])  # a prompt chunk: its tokens are the kernel's rows too
     done, out = c_call(3)
-    assert done == 0 and not out.any()
-    assert torch.equal(by_site(), by_modules()) and by_site().any()
+    assert done == 1 and torch.equal(out, by_modules()) and out[:2].any() and not out[2].any()
+    slots.set_rows([qv, qv, None], [1, 1, 1])
+    assert torch.equal(c_call(3)[1], out)
 
     slots.load_weights("q", lora(["q_proj"], 3))  # q now has weights of a slot v has not: another group
     assert modules[0].rows is not modules[2].rows

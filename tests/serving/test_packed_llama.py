@@ -99,12 +99,22 @@ def test_the_packed_forward_serves_exactly_what_transformers_forward_serves(engi
             assert [x.logprob for x in g_prompt[1:]] == pytest.approx([x.logprob for x in w_prompt[1:]], abs=1e-4)
 
 
-def test_every_site_is_handed_the_rows_the_kernel_reads_unchecked(engines, monkeypatch):
+@pytest.mark.parametrize("products", ["c", "torch"])
+def test_every_site_is_handed_the_rows_the_kernel_reads_unchecked(engines, lively_model_dir, bundles, monkeypatch,
+                                                                  products):
     """The kernel reads a site's input as [total, in] float32 and adds into its output as [total, width],
     each with its rows back to back, and nothing on the hot path checks it: every step the forward runs
     (decode-only, prompt chunks beside decoding rows, every kind of row) must hand them so, whether the
-    product's C call adds the rows (decode-only steps) or the site's own call does."""
-    packed, _ = engines
+    product's C call adds the rows (the C products: every step) or the site's own call does (products
+    through torch, where the forward kernel cannot be built)."""
+    gen = None
+    if products == "c":
+        engine = engines[0]
+    else:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(forward_kernel._kernel, "_built", [None])
+            gen = served(lively_model_dir, bundles, True)
+            engine = next(gen)
     seen, add, product_then = [], SlotSite.add, ForwardKernel.product_then
     sites = {}
 
@@ -124,11 +134,15 @@ def test_every_site_is_handed_the_rows_the_kernel_reads_unchecked(engines, monke
 
     monkeypatch.setattr(SlotSite, "add", checked)
     monkeypatch.setattr(ForwardKernel, "product_then", checked_product)
-    for blk in packed._packed.blocks:
+    for blk in engine._packed.blocks:
         sites.update({site._address: site for site in blk.sites() if site is not None})
-    run_together(packed, batch_of_every_kind())
-    assert sum(by == "site" for by, *_ in seen) > 50
-    assert sum(by == "product" for by, *_ in seen) > 100
+    try:
+        run_together(engine, batch_of_every_kind())
+    finally:
+        if gen is not None:
+            next(gen, None)
+    by = "product" if products == "c" else "site"
+    assert sum(b == by for b, *_ in seen) > 100 and all(b == by for b, *_ in seen)
     assert [s for s in seen if not all(s[1:])] == []
 
 

@@ -11,7 +11,7 @@ products, one call from Python per module (`torch`). Each round times every case
 the order alternating between rounds: the aggregate tokens/s of 8 and 16 concurrent streams with distinct
 prompts (the base, each adapter, their blend and a steered row in turn, 48 new tokens), and the time to
 the first token of a 1,000-token prompt on an adapter alone. Reports medians and the median of each
-round's ratio (kernel over torch).
+round's ratio (kernel over torch: above 1 is faster for speeds, slower for times).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -29,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.engine_timing import aggregate_speed  # noqa: E402
+from benchmarks.engine_timing import aggregate_speed, interleaved_rounds, ratio_table  # noqa: E402
 from benchmarks.matmul_dtype_bench import QUESTIONS  # noqa: E402
 from rahf_serve import lora_slots  # noqa: E402
 from rahf_serve.engine import MATMUL_DTYPES, Engine  # noqa: E402
@@ -105,30 +104,13 @@ def main() -> None:
     cases = {"8 streams, aggregate tok/s": lambda e: aggregate_speed(e, [request(i) for i in range(8)]),
              "16 streams, aggregate tok/s": lambda e: aggregate_speed(e, [request(i) for i in range(16)]),
              f"{args.prompt_tokens}-token prompt on an adapter, first token s": first_token}
-    samples = {(case, name): [] for case in cases for name in engines}
-    for fn in cases.values():  # warm-up
-        for name, engine in engines.items():
-            with Planning(old=name == "torch"):
-                fn(engine)
-    for r in range(args.rounds):
-        order = list(engines.items()) if r % 2 == 0 else list(engines.items())[::-1]
-        for case, fn in cases.items():
-            for name, engine in order:
-                with Planning(old=name == "torch"):
-                    samples[case, name].append(fn(engine))
-        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    samples = interleaved_rounds(engines, cases, args.rounds, lambda name: Planning(old=name == "torch"))
     for engine in engines.values():
         engine.stop()
-
     print(f"\nPrompt chunks' LoRA: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
           f"thread(s), products in {args.matmul_dtype}, {args.rounds} rounds, load average at end "
           f"{os.getloadavg()[0]:.1f}\n")
-    print("| case | kernel | torch | kernel / torch (median of rounds) | per round |\n| --- | ---: | ---: | ---: | --- |")
-    for case in cases:
-        k, t = samples[case, "kernel"], samples[case, "torch"]
-        ratios = [a / b for a, b in zip(k, t, strict=True)]
-        print(f"| {case} | {statistics.median(k):.2f} | {statistics.median(t):.2f} | "
-              f"**{statistics.median(ratios):.3f}** | {', '.join(f'{x:.2f}' for x in ratios)} |")
+    print(ratio_table(samples, list(cases), "torch", "kernel"))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.engine_timing import aggregate_speed, decode_speed  # noqa: E402
+from benchmarks.engine_timing import aggregate_speed, decode_speed, interleaved_rounds, ratio_table  # noqa: E402
 from rahf_serve.engine import Engine  # noqa: E402
 from rahf_serve.forward_kernel import forward_kernel  # noqa: E402
 from rahf_serve.models import load_base  # noqa: E402
@@ -86,27 +86,11 @@ def main() -> None:
              **{f"{k} streams, aggregate tok/s": (lambda e, k=k: aggregate_speed(e, [request(i, args.tokens)
                                                                                     for i in range(k)]))
                 for k in map(int, args.streams.split(","))}}
-    samples = {(case, name): [] for case in cases for name in engines}
-    for fn in cases.values():  # warm-up
-        for engine in engines.values():
-            fn(engine)
-    for r in range(args.rounds):
-        order = list(engines.items()) if r % 2 == 0 else list(engines.items())[::-1]
-        for case, fn in cases.items():
-            for name, engine in order:
-                samples[case, name].append(fn(engine))
-        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
-
+    samples = interleaved_rounds(engines, cases, args.rounds)
     print(f"\n`--matmul-dtype`: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
           f"thread(s), {args.rounds} rounds, {args.tokens} new tokens per stream, load average at end "
           f"{os.getloadavg()[0]:.1f}\n")
-    print("| case | float32 | bfloat16 | bfloat16 / float32 (median of rounds) | per round |")
-    print("| --- | ---: | ---: | ---: | --- |")
-    for case in cases:
-        f32, bf16 = samples[case, "float32"], samples[case, "bfloat16"]
-        ratios = [b / f for f, b in zip(f32, bf16, strict=True)]
-        print(f"| {case} | {statistics.median(f32):.1f} | {statistics.median(bf16):.1f} | "
-              f"**{statistics.median(ratios):.2f}x** | {', '.join(f'{x:.2f}' for x in ratios)} |")
+    print(ratio_table(samples, list(cases), "float32", "bfloat16"))
 
     same, parted = 0, []
     selections = [None, *adapters]

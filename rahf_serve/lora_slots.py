@@ -1,17 +1,18 @@
 """Multi-LoRA slots: adapters and exact blends in preallocated tensors, each batch row naming its slot.
 
-Every targeted Linear of a plain causal LM is replaced by a `SlotLinear` that holds, for each slot,
-A [max_rank, in] and B transposed, [max_rank, out] (a slot's first r rows are then one contiguous
-block), the LoRA scaling folded into B, zero-padded above the adapter's rank and all zero in modules
-the adapter does not touch. The engine sets each row's slot once per step (`set_rows`); a wrapped layer
-adds B_row (A_row x), reading the factors where they lie: on CPU in float32, every LoRA token (a prompt
-chunk's too) goes through a small C kernel (`rahf_serve.lora_kernel`) as a one-token row, one call for all
-of them in all the modules sharing an input (`SlotSite`); elsewhere, or without a C compiler, two batched
-matmuls do it (one slot in use; one-token rows on nearby slots, as a band; a prompt chunk), gathering
-copies of the factors only for rows on widely spread slots. Nothing is registered per forward (PEFT's mixed-batch path hooks every LoRA layer
-on every call), and the cost follows the batch, never the number of resident adapters. Factors are
-stored in the model's dtype, or in another (`--lora-dtype`): bfloat16 under a float32 model halves the
-bytes an adapter row reads, which the kernel widens as it reads them and torch's products take widened.
+Every targeted Linear of a plain causal LM is replaced by a `SlotLinear` that holds, for each slot, A
+[max_rank, in] and B transposed, [max_rank, out] (a slot's first r rows are then one contiguous block), the
+LoRA scaling folded into B, zero-padded above the adapter's rank and all zero in modules the adapter does
+not touch. The engine sets each row's slot once per step (`set_rows`); a wrapped layer adds B_row (A_row x),
+reading the factors where they lie: on CPU in float32, every LoRA token (a prompt chunk's too) goes through
+a small C kernel (`rahf_serve.lora_kernel`) as a one-token row, one call for all of them in all the modules
+sharing an input (`SlotSite`); elsewhere, or without a C compiler, two batched matmuls do it (one slot in
+use; one-token rows on nearby slots, as a band; a prompt chunk), gathering copies of the factors only for
+rows on widely spread slots. Nothing is registered per forward (PEFT's mixed-batch path hooks every LoRA
+layer on every call), and the cost follows the batch, never the number of resident adapters. Factors are
+stored in the model's dtype, or in another (`--lora-dtype`): bfloat16 under a float32 model halves the bytes
+an adapter row reads, which the kernel widens as it reads them and torch's products take widened, or, under
+bfloat16 products (`matmul_dtype`), the kernel multiplies in bfloat16 dot products.
 
 A row whose adapter has no weights in a module costs that module nothing: modules are grouped by the set
 of slots that have weights in them, and each group gets its own row plan per step, in which such rows are

@@ -32,6 +32,7 @@
  */
 #include "extension.h"
 #include "vec8.h"
+#include "bf16.h"
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -177,8 +178,7 @@ static void panel_block(const float *x, int64_t ldx, int64_t tokens, const float
  * pairs [ceil(out / PANEL), ceil(in / 2), PANEL, 2], each lane two bfloat16 of consecutive inputs, and the
  * rows' inputs rounded to bfloat16 pairs likewise; one dot-product instruction does two inputs' multiply-adds
  * per lane into float32 sums. Half the bytes of float32 and twice the multiply-adds per instruction. Built
- * for that extension alone, so an AVX-512 CPU without it loads the module and never calls them. */
-#define BF16 __attribute__((target("avx512bf16")))
+ * for that extension alone (bf16.h), so an AVX-512 CPU without it loads the module and never calls them. */
 
 static inline __attribute__((always_inline)) BF16 void bf16_rows(const uint32_t *x, int64_t ldx, const int R,
                                                                   const uint32_t *restrict panel, int64_t pairs,
@@ -240,13 +240,11 @@ static BF16 void bf16_pairs(const float *x, int64_t ldx, int64_t tokens, int64_t
     for (int64_t t = 0; t < tokens; t++) {
         const float *r = x + t * ldx;
         uint16_t *o = (uint16_t *)(out + t * pairs);
-        int64_t k = 0;
-        for (; k + 32 <= in; k += 32) {  /* the second operand's sixteen go first */
-            const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(r + k + 16), _mm512_loadu_ps(r + k));
-            _mm512_storeu_si512(o + k, (__m512i)both);
+        for (int64_t k = 0; k < 2 * pairs; k += 32) {
+            const int64_t left = 2 * pairs - k;
+            const __mmask32 m = left >= 32 ? 0xffffffffu : (__mmask32)((1u << left) - 1);
+            _mm512_mask_storeu_epi16(o + k, m, (__m512i)bf16_32(r, k, in));
         }
-        for (; k < 2 * pairs; k++)
-            o[k] = k < in ? (uint16_t)_mm_cvtsi128_si32((__m128i)_mm_cvtneps_pbh(_mm_set_ss(r[k]))) : 0;
     }
 }
 

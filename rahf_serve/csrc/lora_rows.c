@@ -31,6 +31,7 @@
  */
 #include "extension.h"
 #include "vec8.h"
+#include "bf16.h"
 #include <stdint.h>
 #include <string.h>
 #ifdef _OPENMP
@@ -300,20 +301,8 @@ static void bf16_groups(const struct rahf_rows *rows, int64_t i, int n, const ch
  *   _mm512_reduce_add_ps's order;
  *   y += h B: 16 columns at a time, each the chain y, + (h0 B0 + h1 B1), + (h2 B2 + h3 B3), ... over the
  *   rank pairs in order (a last odd rank paired with zero).
- * Built for that extension alone, as forward_ops' products are. */
-#define BF16 __attribute__((target("avx512bf16")))
+ * Built for that extension alone, as forward_ops' products are (bf16.h). */
 #define DOTS static inline __attribute__((always_inline)) BF16
-
-/* 32 inputs from j on as bfloat16 (rounded to nearest even), those past `in` zero. */
-DOTS __m512bh input_pairs(const float *x, int64_t j, int64_t in)
-{
-    const int64_t left = in - j;
-    if (left >= 32)  /* the second operand's sixteen go first */
-        return _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + j + 16), _mm512_loadu_ps(x + j));
-    const __mmask16 lo = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
-    const __mmask16 hi = left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
-    return _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, x + j + 16), _mm512_maskz_loadu_ps(lo, x + j));
-}
 
 /* 32 bfloat16 factors from j on, those past `in` zero. */
 DOTS __m512bh factor_pairs(const uint16_t *a, int64_t j, int64_t in)
@@ -334,7 +323,7 @@ DOTS void shrink_dots_block(const uint16_t *a, int64_t in, const float *const *x
     for (int64_t j = 0; j < in; j += 32) {
         __m512bh xb[GROUP];
         for (int g = 0; g < G; g++)
-            xb[g] = input_pairs(x[g], j, in);
+            xb[g] = bf16_32(x[g], j, in);
         for (int k = 0; k < K; k++) {
             const __m512bh f = factor_pairs(a + k * in, j, in);
             for (int g = 0; g < G; g++)
@@ -374,11 +363,6 @@ DOTS void expand_dots_block(const uint16_t *b, int64_t out, int64_t r, const uin
             _mm512_mask_storeu_ps(y[g] + c, m, t);
         }
     }
-}
-
-DOTS uint32_t bf16_bits(float v)
-{
-    return (uint16_t)_mm_cvtsi128_si32((__m128i)_mm_cvtneps_pbh(_mm_set_ss(v)));
 }
 
 /* The G rows from i on, all on the slot at a and b, in bfloat16 dot products. */

@@ -25,7 +25,8 @@ def randn(*shape: int, seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 17, 64])  # blocks of 4, 8 or 9, every rest
+# blocks of 4, 8 or 9, every rest, and 8 .. 16 rows in chunks of inputs (AVX2's)
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 16, 17, 64])
 @pytest.mark.parametrize("inp,out", [(576, 960), (37, 23), (70, 150), (64, 24)])  # on and off the panel width
 def test_a_product_over_panels_is_torch_s_and_adds_into_a_residual(kernel, tokens, inp, out):
     w, x, residual = randn(out, inp, seed=11), randn(tokens, inp, seed=12), randn(tokens, out, seed=13)
@@ -99,9 +100,10 @@ def test_many_weights_panels_share_one_allocation_each_on_its_own_line(kernel):
         assert torch.equal(p, kernel.panels(w)) and p.is_contiguous() and p.data_ptr() % 64 == 0
 
 
-def test_a_product_row_does_not_depend_on_the_rows_around_it_or_the_threads(kernel):
+@pytest.mark.parametrize("rows", [9, 16])
+def test_a_product_row_does_not_depend_on_the_rows_around_it_or_the_threads(kernel, rows):
     inp, out = 576, 3072  # large enough to be shared between threads
-    w, x = randn(out, inp, seed=14), randn(9, inp, seed=15)
+    w, x = randn(out, inp, seed=14), randn(rows, inp, seed=15)
     panels = kernel.panels(w)
     threads = torch.get_num_threads()
     try:
@@ -112,9 +114,9 @@ def test_a_product_row_does_not_depend_on_the_rows_around_it_or_the_threads(kern
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(results[0], r) for r in results[1:])
-    for t in range(9):  # each row alone, and from a strided view with other columns beside it
+    for t in range(rows):  # each row alone, and from a strided view with other columns beside it
         assert torch.equal(kernel.product(x[t:t + 1], panels, out), results[0][t:t + 1])
-    wide = torch.cat([x, randn(9, 5, seed=16)], 1)[:, :inp]
+    wide = torch.cat([x, randn(rows, 5, seed=16)], 1)[:, :inp]
     assert torch.equal(kernel.product(wide, panels, out), results[0])
 
 

@@ -153,8 +153,8 @@ class Engine:
         for prompt log-probabilities always computes its own. `packed_forward`: run llama-family bases through
         `PackedLlama` (fewer operators a step, same results) rather than transformers' forward; bases it does not
         cover keep transformers' either way (`forward_impl` says which runs). `matmul_dtype`: what the packed
-        forward's C products multiply in on CPU, float32 or bfloat16 (a CPU with AVX512_BF16: half the weights'
-        bytes, twice the multiply-adds per instruction, each product's inputs rounded to bfloat16; `PackedLlama`;
+        forward's C products multiply in on CPU, float32 or bfloat16 (half the weights' bytes, each product's inputs
+        rounded to bfloat16; AVX512_BF16's dot products where the CPU has them, else AVX2's; `PackedLlama`;
         and the LoRA row kernel's products of bfloat16 factors, `LoraSlots`); RahfError where they cannot run.
         Raises UnsupportedModelError for bases the KV cache cannot serve exactly (e.g. sliding-window attention)."""
         self.base = base

@@ -1,5 +1,5 @@
 """The packed llama forward's operators in C (csrc/forward_ops.c), for float32 on CPU: its matrix products over
-weights stored in panels (in float32, or in bfloat16 where the CPU has AVX512_BF16), RMSNorm, the rotary
+weights stored in panels (in float32, or in bfloat16: AVX2 or AVX512_BF16), RMSNorm, the rotary
 embedding with the KV cache write, and the attention of one-token rows over their cache slots.
 
 On a one-row decode step of a small model torch spends longer dispatching these than computing them (about
@@ -49,7 +49,8 @@ class ForwardKernel:
         self.openmp = bool(module.openmp)
         """whether long attention calls are shared between torch's OpenMP threads (built with -fopenmp)"""
         self.bf16 = bool(module.bf16_products())
-        """whether products over bfloat16 panels run here (an AVX-512 build on a CPU with AVX512_BF16)"""
+        """whether products over bfloat16 panels run here (the AVX2 build; the AVX-512 build on a CPU with
+        AVX512_BF16)"""
 
     def panels(self, weight: torch.Tensor, into: torch.Tensor | None = None,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -82,8 +83,8 @@ class ForwardKernel:
         pages, a matrix of its own would pay for its last page whole (about 100 MB over the default model's
         121)."""
         if dtype == torch.bfloat16 and not self.bf16:
-            raise ValueError("bfloat16 products need a CPU with AVX512_BF16 (and the kernel's AVX-512 build); "
-                             f"this one is {torch.backends.cpu.get_cpu_capability()} without it")
+            raise ValueError("bfloat16 products need the kernel's AVX2 build, or its AVX-512 build on a CPU with "
+                             f"AVX512_BF16; this one is {torch.backends.cpu.get_cpu_capability()} without them")
         shapes = [self._shape(w, dtype) for w in weights]
         line = 64 // dtype.itemsize
         sizes = [-(-math.prod(shape) // line) * line for shape in shapes]

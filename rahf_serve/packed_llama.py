@@ -12,7 +12,8 @@ new tokens in one sequence) with
   (no transpose operator per call), and o_proj and down_proj an `addmm` that adds the residual as well;
   for float32 on CPU, the products (the LM head's too) are the C kernel's instead, over a copy of each
   matrix in panels made when the forward is built (`_Matrix`): 1.2-3.7x torch's at a server's row counts;
-  that copy in bfloat16 with `matmul_dtype` (AVX512_BF16's dot products, each product's rows rounded too);
+  that copy in bfloat16 with `matmul_dtype` (AVX512_BF16's dot products or AVX2's fused steps in their
+  order, each product's rows rounded too);
 - rotary angles from a table built once, indexed by each token's position;
 - keys and values written straight into the `SlotCache`, attention through its per-row groups;
 - for float32 on CPU, the norms, the rotation with the cache write and one-token rows' attention each one

@@ -67,16 +67,28 @@ static inline void put_row(float *out, const float *tile, int64_t cols, int add)
     }
 }
 
+/* AVX2's products over bfloat16 panels (`bf16_products()`, below) run where the build has AVX2 and FMA but
+ * not AVX-512, whose own use its dot-product instruction. */
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define AVX2_BF16 1
+#endif
+
 /* How far ahead of its reads a pass that streams a panel in for others asks for it (`panel_steps`), in the
- * panel's rows of inputs: 128 rows, 12 KB at 24 columns. */
+ * panel's rows: 128 rows, 12 KB at 24 columns (a row of inputs or of pairs is PANEL four-byte lanes). */
 #define AHEAD 128
 
 /* The sums of rows 0 .. R-1 (R at most four, a constant where it is inlined, so each count gets its own loop
- * with no multiply-adds for rows it does not have) of x [R, ldx] carried over inputs k0 .. k1 of one panel
- * [in, PANEL], in order, in vectors of eight; `ahead`: also prefetch the panel AHEAD rows ahead. */
+ * with no multiply-adds for rows it does not have) of x [R, ldx] carried over rows k0 .. k1 of one panel, in
+ * order, in vectors of eight; `ahead`: also prefetch the panel AHEAD rows ahead. A float32 panel [in, PANEL]
+ * has a row per input. A bfloat16 one (`bf16`, AVX2_BF16) [pairs, PANEL, 2] has a row per pair of inputs,
+ * x's rows rounded to bfloat16 and kept as float32 [R, 2 * pairs]: AVX2 has no dot-product instruction, so
+ * each lane's two products are fused into its sum one after the other, the pair's second input first, as
+ * the instruction does; the product of two bfloat16 is exact in float32, so each step rounds once, as the
+ * instruction's do. Unlike the instruction, a denormal bfloat16 weight or sum is not read as zero. */
 static inline __attribute__((always_inline)) void panel_steps(const float *x, int64_t ldx, const int R,
                                                               const float *restrict panel, int64_t k0, int64_t k1,
-                                                              vec8 sums[4][PANEL / 8], const int ahead)
+                                                              vec8 sums[4][PANEL / 8], const int ahead,
+                                                              const int bf16)
 {
     enum { V = PANEL / 8 };
     vec8 s[4][V];
@@ -89,6 +101,25 @@ static inline __attribute__((always_inline)) void panel_steps(const float *x, in
             __builtin_prefetch(w + AHEAD * PANEL);
             __builtin_prefetch(w + AHEAD * PANEL + 16);
         }
+#if defined(AVX2_BF16)
+        if (bf16) {
+            /* a lane's pair as two float32: the second bfloat16 is the top half of the lane, the first the
+               bottom half shifted up */
+            const __m256i top = _mm256_set1_epi32((int)0xffff0000u);
+            for (int v = 0; v < V; v++) {
+                const __m256i lanes = _mm256_loadu_si256((const __m256i *)(w + 8 * v));
+                const vec8 second = (vec8)_mm256_castsi256_ps(_mm256_and_si256(lanes, top));
+                const vec8 first = (vec8)_mm256_castsi256_ps(_mm256_slli_epi32(lanes, 16));
+                for (int m = 0; m < R; m++) {
+                    s[m][v] = VMULADD(splat(x[m * ldx + 2 * k + 1]), second, s[m][v]);
+                    s[m][v] = VMULADD(splat(x[m * ldx + 2 * k]), first, s[m][v]);
+                }
+            }
+            continue;
+        }
+#else
+        (void)bf16;
+#endif
         vec8 wv[V];
         for (int v = 0; v < V; v++)
             wv[v] = load8(w + 8 * v);
@@ -103,19 +134,20 @@ static inline __attribute__((always_inline)) void panel_steps(const float *x, in
             sums[m][v] = s[m][v];
 }
 
-/* Rows 0 .. R-1 of x [R, ldx] times one panel: their `cols` first columns into y [R, ldy], or added to it
- * (`add`). Each sum runs over `in` in order, whatever the rows around; the wider vectors below and the
- * chunks of `chunked_blocks` sum each column in the same order, so a row's result is the same in all. */
+/* Rows 0 .. R-1 of x [R, ldx] times one panel of `rows` rows (panel_steps): their `cols` first columns into
+ * y [R, ldy], or added to it (`add`). Each sum runs over the panel's rows in order, whatever the rows
+ * around; the wider vectors below and the chunks of `chunked_blocks` sum each column in the same order, so a
+ * row's result is the same in all. */
 static inline __attribute__((always_inline)) void panel_rows(const float *x, int64_t ldx, const int R,
-                                                             const float *restrict panel, int64_t in, float *y,
-                                                             int64_t ldy, int64_t cols, int add)
+                                                             const float *restrict panel, int64_t rows, float *y,
+                                                             int64_t ldy, int64_t cols, int add, const int bf16)
 {
     enum { V = PANEL / 8 };
     vec8 s[4][V];
     for (int m = 0; m < R; m++)
         for (int v = 0; v < V; v++)
             s[m][v] = splat(0);
-    panel_steps(x, ldx, R, panel, 0, in, s, 0);
+    panel_steps(x, ldx, R, panel, 0, rows, s, 0, bf16);
     for (int m = 0; m < R; m++) {
         float tile[PANEL];
         for (int v = 0; v < V; v++)
@@ -172,36 +204,41 @@ static inline __attribute__((always_inline)) void panel_rows16(const float *x, i
 #define CHUNKED_ROWS 16
 #define CHUNK 32
 
-/* Rows 0 .. tokens-1 (a multiple of four, at most CHUNKED_ROWS) times one panel, as panel_rows. */
-static void chunked_blocks(const float *x, int64_t ldx, int64_t tokens, const float *panel, int64_t in, float *y,
-                           int64_t ldy, int64_t cols, int add)
+/* Rows 0 .. tokens-1 (a multiple of B, at most CHUNKED_ROWS) times one panel in blocks of B, as panel_rows.
+ * bfloat16 panels go in blocks of two: a block's broadcasts are two a row per pair, and in fours they did
+ * not fit the registers beside the sums (eight rows 0.99-1.04x float32's time, in twos 0.93-0.97x). */
+static inline __attribute__((always_inline)) void chunked_blocks(const float *x, int64_t ldx, int64_t tokens,
+                                                                 const float *panel, int64_t rows, float *y,
+                                                                 int64_t ldy, int64_t cols, int add, const int B,
+                                                                 const int bf16)
 {
     enum { V = PANEL / 8 };
-    const int64_t blocks = tokens / 4;
-    vec8 s[CHUNKED_ROWS / 4][4][V];
+    const int64_t blocks = tokens / B;
+    vec8 s[CHUNKED_ROWS / 2][4][V];
     for (int64_t b = 0; b < blocks; b++)
-        for (int m = 0; m < 4; m++)
+        for (int m = 0; m < B; m++)
             for (int v = 0; v < V; v++)
                 s[b][m][v] = splat(0);
-    for (int64_t k0 = 0; k0 < in; k0 += CHUNK) {
-        const int64_t k1 = k0 + CHUNK < in ? k0 + CHUNK : in;
-        panel_steps(x, ldx, 4, panel, k0, k1, s[0], 1);
+    for (int64_t k0 = 0; k0 < rows; k0 += CHUNK) {
+        const int64_t k1 = k0 + CHUNK < rows ? k0 + CHUNK : rows;
+        panel_steps(x, ldx, B, panel, k0, k1, s[0], 1, bf16);
         for (int64_t b = 1; b < blocks; b++)
-            panel_steps(x + 4 * b * ldx, ldx, 4, panel, k0, k1, s[b], 0);
+            panel_steps(x + B * b * ldx, ldx, B, panel, k0, k1, s[b], 0, bf16);
     }
     for (int64_t b = 0; b < blocks; b++)
-        for (int m = 0; m < 4; m++) {
+        for (int m = 0; m < B; m++) {
             float tile[PANEL];
             for (int v = 0; v < V; v++)
                 store8(tile + 8 * v, s[b][m][v]);
-            put_row(y + (4 * b + m) * ldy, tile, cols, add);
+            put_row(y + (B * b + m) * ldy, tile, cols, add);
         }
 }
 #endif
 
-/* One panel's rows: blocks of eight (AVX-512) or four, then the rest. */
-static void panel_block(const float *x, int64_t ldx, int64_t tokens, const float *panel, int64_t in, float *y,
-                        int64_t ldy, int64_t cols, int add)
+/* One panel's rows: blocks of eight (AVX-512) or four, then the rest; `rows`, `bf16`: as panel_rows. */
+static inline __attribute__((always_inline)) void rows_block(const float *x, int64_t ldx, int64_t tokens,
+                                                             const float *panel, int64_t rows, float *y, int64_t ldy,
+                                                             int64_t cols, int add, const int bf16)
 {
     int64_t m = 0;
 #if defined(__AVX512F__)
@@ -210,34 +247,44 @@ static void panel_block(const float *x, int64_t ldx, int64_t tokens, const float
                                    registers): a ninth row's pass of its own read the panel again, and took
                                    a step of eight decoding rows and a one-token row 1.19x as long as eight,
                                    in one pass 1.11x (forward_ops_bench.py --rows 8 9 --against) */
-            panel_rows16(x + m * ldx, ldx, 9, panel, in, y + m * ldy, ldy, cols, add);
+            panel_rows16(x + m * ldx, ldx, 9, panel, rows, y + m * ldy, ldy, cols, add);
             m += 9;
             break;
         }
-        panel_rows16(x + m * ldx, ldx, 8, panel, in, y + m * ldy, ldy, cols, add);
+        panel_rows16(x + m * ldx, ldx, 8, panel, rows, y + m * ldy, ldy, cols, add);
     }
 #else
     if (tokens >= 8 && tokens <= CHUNKED_ROWS) {
-        m = tokens & ~(int64_t)3;
-        chunked_blocks(x, ldx, m, panel, in, y, ldy, cols, add);
+        m = bf16 ? tokens & ~(int64_t)1 : tokens & ~(int64_t)3;
+        if (bf16)
+            chunked_blocks(x, ldx, m, panel, rows, y, ldy, cols, add, 2, 1);
+        else
+            chunked_blocks(x, ldx, m, panel, rows, y, ldy, cols, add, 4, 0);
     }
     for (; m + 4 <= tokens; m += 4)
-        panel_rows(x + m * ldx, ldx, 4, panel, in, y + m * ldy, ldy, cols, add);
+        panel_rows(x + m * ldx, ldx, 4, panel, rows, y + m * ldy, ldy, cols, add, bf16);
 #endif
     x += m * ldx;
     y += m * ldy;
     switch (tokens - m) {
 #if defined(__AVX512F__)
-    case 7: panel_rows16(x, ldx, 7, panel, in, y, ldy, cols, add); break;
-    case 6: panel_rows16(x, ldx, 6, panel, in, y, ldy, cols, add); break;
-    case 5: panel_rows16(x, ldx, 5, panel, in, y, ldy, cols, add); break;
-    case 4: panel_rows(x, ldx, 4, panel, in, y, ldy, cols, add); break;
+    case 7: panel_rows16(x, ldx, 7, panel, rows, y, ldy, cols, add); break;
+    case 6: panel_rows16(x, ldx, 6, panel, rows, y, ldy, cols, add); break;
+    case 5: panel_rows16(x, ldx, 5, panel, rows, y, ldy, cols, add); break;
+    case 4: panel_rows(x, ldx, 4, panel, rows, y, ldy, cols, add, bf16); break;
 #endif
-    case 3: panel_rows(x, ldx, 3, panel, in, y, ldy, cols, add); break;
-    case 2: panel_rows(x, ldx, 2, panel, in, y, ldy, cols, add); break;
-    case 1: panel_rows(x, ldx, 1, panel, in, y, ldy, cols, add); break;
+    case 3: panel_rows(x, ldx, 3, panel, rows, y, ldy, cols, add, bf16); break;
+    case 2: panel_rows(x, ldx, 2, panel, rows, y, ldy, cols, add, bf16); break;
+    case 1: panel_rows(x, ldx, 1, panel, rows, y, ldy, cols, add, bf16); break;
     default: break;
     }
+}
+
+/* A float32 panel's rows. */
+static void panel_block(const float *x, int64_t ldx, int64_t tokens, const float *panel, int64_t in, float *y,
+                        int64_t ldy, int64_t cols, int add)
+{
+    rows_block(x, ldx, tokens, panel, in, y, ldy, cols, add, 0);
 }
 
 #if defined(__AVX512F__)
@@ -316,6 +363,60 @@ static BF16 void bf16_pairs(const float *x, int64_t ldx, int64_t tokens, int64_t
 }
 
 static int bf16_products(void) { return __builtin_cpu_supports("avx512bf16"); }
+#elif defined(AVX2_BF16)
+/* Products over bfloat16 panels where AVX2 has no dot-product instruction: the same panels of pairs and the
+ * same arithmetic, fused multiply-adds in its order (panel_steps). Half float32's bytes: one to four rows,
+ * which wait on memory, take 0.58-0.69x float32's time; eight, which compute, 0.93-0.97x, and sixteen
+ * 1.04-1.11x, the widening of the weights in their loops costing more than their bytes save (SmolLM2-135M's
+ * products on an AVX2 EPYC, benchmarks/panel_product_bench.py --bf16). */
+
+/* One panel's rows in bfloat16 (x: rows rounded, as float32 [tokens, 2 * pairs]). */
+static void bf16_block(const float *x, int64_t ldx, int64_t tokens, const uint32_t *panel, int64_t pairs, float *y,
+                       int64_t ldy, int64_t cols, int add)
+{
+    rows_block(x, ldx, tokens, (const float *)panel, pairs, y, ldy, cols, add, 1);
+}
+
+/* v rounded to bfloat16 as the instruction rounds, to nearest even (torch's rounding), a NaN made quiet and a
+ * denormal zero, as float32 bits. */
+static inline uint32_t bf16_round(uint32_t v)
+{
+    if ((v & 0x7fffffffu) > 0x7f800000u)
+        return (v | 0x00400000u) & 0xffff0000u;
+    if ((v & 0x7f800000u) == 0)
+        return v & 0x80000000u;
+    return (v + 0x7fffu + ((v >> 16) & 1u)) & 0xffff0000u;
+}
+
+/* bf16_round of eight lanes. */
+static inline __m256i bf16_round8(__m256i v)
+{
+    const __m256i top = _mm256_set1_epi32((int)0xffff0000u), exponent = _mm256_set1_epi32(0x7f800000);
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x7fffffff)), exponent);
+    const __m256i denormal = _mm256_cmpeq_epi32(_mm256_and_si256(v, exponent), _mm256_setzero_si256());
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(v, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_and_si256(_mm256_add_epi32(v, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), top);
+    r = _mm256_blendv_epi8(r, _mm256_and_si256(_mm256_or_si256(v, _mm256_set1_epi32(0x00400000)), top), nan);
+    return _mm256_blendv_epi8(r, _mm256_and_si256(v, _mm256_set1_epi32((int)0x80000000u)), denormal);
+}
+
+/* x [tokens, ldx] rounded to bfloat16 (bf16_round), kept as float32 [tokens, 2 * pairs], a last odd input
+ * paired with zero. */
+static void bf16_pairs(const float *x, int64_t ldx, int64_t tokens, int64_t in, float *out)
+{
+    const int64_t width = 2 * ((in + 1) / 2);
+    for (int64_t t = 0; t < tokens; t++) {
+        const uint32_t *r = (const uint32_t *)(x + t * ldx);
+        uint32_t *o = (uint32_t *)(out + t * width);
+        int64_t j = 0;
+        for (; j + 8 <= in; j += 8)
+            _mm256_storeu_si256((__m256i *)(o + j), bf16_round8(_mm256_loadu_si256((const __m256i *)(r + j))));
+        for (; j < width; j++)
+            o[j] = bf16_round(j < in ? r[j] : 0);
+    }
+}
+
+static int bf16_products(void) { return 1; }
 #else
 static int bf16_products(void) { return 0; }
 #endif
@@ -329,7 +430,7 @@ static void panel_range(const void *x, int64_t ldx, int64_t tokens, const void *
 {
     for (int64_t p = lo; p < hi; p++) {
         const int64_t cols = out - p * PANEL < PANEL ? out - p * PANEL : PANEL;
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(AVX2_BF16)
         if (bf16) {
             const int64_t pairs = (in + 1) / 2;
             bf16_block(x, ldx, tokens, (const uint32_t *)panels + p * pairs * PANEL, pairs, y + p * PANEL, ldy,
@@ -350,14 +451,22 @@ static int panel_product(const float *x, int64_t ldx, int64_t tokens, const void
 {
     const int64_t count = (out + PANEL - 1) / PANEL;
     const void *rows = x;
+#if defined(__AVX512F__) || defined(AVX2_BF16)
+    /* The thread's scratch for rows in pairs, kept: a decode step makes 121 products. AVX2 keeps each pair as
+     * two float32. */
 #if defined(__AVX512F__)
-    /* The thread's scratch for rows in pairs, kept: a decode step makes 121 products. */
-    static __thread uint32_t *scratch;
+    typedef uint32_t pair_t;
+    enum { PER_PAIR = 1 };
+#else
+    typedef float pair_t;
+    enum { PER_PAIR = 2 };
+#endif
+    static __thread pair_t *scratch;
     static __thread int64_t held;
     if (bf16) {
-        const int64_t need = tokens * ((in + 1) / 2);
+        const int64_t need = tokens * ((in + 1) / 2) * PER_PAIR;
         if (need > held) {
-            uint32_t *grown = realloc(scratch, (size_t)need * sizeof *grown);
+            pair_t *grown = realloc(scratch, (size_t)need * sizeof *grown);
             if (grown == NULL)
                 return -1;
             scratch = grown;
@@ -365,7 +474,7 @@ static int panel_product(const float *x, int64_t ldx, int64_t tokens, const void
         }
         bf16_pairs(x, ldx, tokens, in, scratch);
         rows = scratch;
-        ldx = (in + 1) / 2;
+        ldx = (in + 1) / 2 * PER_PAIR;
     }
 #else
     if (bf16)
@@ -740,7 +849,8 @@ static PyObject *py_product(PyObject *self, PyObject *const *args, Py_ssize_t na
     if (parse_args(args, nargs, "product", 13, 0, a, NULL) < 0)
         return NULL;
     if (a[9] && !bf16_products()) {
-        PyErr_SetString(PyExc_RuntimeError, "bfloat16 products need AVX512_BF16, which this CPU or build lacks");
+        PyErr_SetString(PyExc_RuntimeError, "bfloat16 products need the AVX2 build (AVX2 and FMA), or the AVX-512 "
+                                             "build on a CPU with AVX512_BF16; this build or CPU has neither");
         return NULL;
     }
     const rahf_site_fn lora = PTR(rahf_site_fn, a[11]);

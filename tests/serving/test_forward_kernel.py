@@ -39,12 +39,21 @@ def test_a_product_over_panels_is_torch_s_and_adds_into_a_residual(kernel, token
     torch.testing.assert_close(into, residual + x @ w.t(), **tolerance)
 
 
-@pytest.fixture(scope="module")
-def bf16_kernel(tmp_path_factory) -> ForwardKernel:
-    return bf16_build(lambda: build_forward_kernel(tmp_path_factory.mktemp("kernels")), lambda k: k.bf16)
+@pytest.fixture(scope="module", params=["AVX2", "AVX512"])
+def bf16_kernel(request, tmp_path_factory) -> ForwardKernel:
+    """Each build whose bfloat16 products run here: AVX2's fused steps, AVX-512's dot-product instruction."""
+    def build():
+        return build_forward_kernel(tmp_path_factory.mktemp("kernels"))
+    if request.param == "AVX512":
+        return bf16_build(build, lambda k: k.bf16)
+    if "AVX2" not in isas_here():
+        pytest.skip("needs the AVX2 build: this CPU has no AVX2")
+    built = built_for("AVX2", build)
+    assert built.bf16
+    return built
 
 
-@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 17, 64])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 16, 17, 64])
 @pytest.mark.parametrize("inp,out", [(576, 960), (37, 23), (70, 150), (1536, 48)])  # odd inputs, tails of 32
 def test_a_product_over_bfloat16_panels_multiplies_the_rounded_rows_and_weight(bf16_kernel, tokens, inp, out):
     kernel = bf16_kernel
@@ -61,9 +70,10 @@ def test_a_product_over_bfloat16_panels_multiplies_the_rounded_rows_and_weight(b
     assert (x.bfloat16().double() @ w.double().t() - want).abs().max() > 1e-3  # the weight was rounded
 
 
-def test_a_bfloat16_product_row_does_not_depend_on_the_rows_around_it_or_the_threads(bf16_kernel):
+@pytest.mark.parametrize("rows", [9, 16])
+def test_a_bfloat16_product_row_does_not_depend_on_the_rows_around_it_or_the_threads(bf16_kernel, rows):
     kernel = bf16_kernel
-    w, x = randn(3072, 576, seed=34), randn(9, 576, seed=35)
+    w, x = randn(3072, 576, seed=34), randn(rows, 576, seed=35)
     panels = kernel.panels_of([w], dtype=torch.bfloat16)[0]
     assert torch.equal(panels, kernel.panels(w, dtype=torch.bfloat16)) and panels.data_ptr() % 64 == 0
     threads = torch.get_num_threads()
@@ -75,10 +85,22 @@ def test_a_bfloat16_product_row_does_not_depend_on_the_rows_around_it_or_the_thr
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(results[0], r) for r in results[1:])
-    for t in range(9):  # each row alone, and from a strided view with other columns beside it
+    for t in range(rows):  # each row alone, and from a strided view with other columns beside it
         assert torch.equal(kernel.product(x[t:t + 1], panels, 3072), results[0][t:t + 1])
-    wide = torch.cat([x, randn(9, 5, seed=38)], 1)[:, :576]
+    wide = torch.cat([x, randn(rows, 5, seed=38)], 1)[:, :576]
     assert torch.equal(kernel.product(wide, panels, 3072), results[0])
+
+
+def test_a_bfloat16_product_rounds_its_rows_as_torch_rounds(bf16_kernel):
+    """Ties to even, at every exponent: random bit patterns (every finite normal float32), each row's input
+    multiplied by an identity, so the product is the rounded input itself."""
+    bits = torch.randint(-2 ** 31, 2 ** 31 - 1, (3000,), generator=torch.Generator().manual_seed(39), dtype=torch.int64)
+    x = torch.cat([bits.to(torch.int32).view(torch.float32), torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -0.0])])
+    x = x[x.isfinite() & ((x.abs() >= torch.finfo(torch.float32).tiny) | (x == 0))]
+    x = x[x.bfloat16().isfinite()]  # not those that round up past the largest bfloat16
+    n = x.numel()
+    y = bf16_kernel.product(x[None], bf16_kernel.panels(torch.eye(n), dtype=torch.bfloat16), n)[0]
+    assert torch.equal(y, x.bfloat16().float()) and not torch.equal(y, x)
 
 
 def test_where_they_cannot_run_bfloat16_products_are_refused_by_name(kernel, monkeypatch):

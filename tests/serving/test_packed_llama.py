@@ -194,16 +194,19 @@ def test_bfloat16_products_serve_each_row_as_alone_and_near_float32(lively_model
     into differences of about 1e-2 (float32: 1e-5), which can flip a greedy near-tie on other prompts."""
     kernel = forward_kernel.forward_kernel()
     if kernel is None or not kernel.bf16:
-        pytest.skip("needs AVX512_BF16 (the refusal elsewhere is tested without it)")
+        pytest.skip("needs the kernel's AVX2 build or AVX512_BF16 (the refusal elsewhere is tested without them)")
     halved, plain = served(lively_model_dir, bundles, True, matmul_dtype=torch.bfloat16), served(
         lively_model_dir, bundles, True)
     engine, float32 = next(halved), next(plain)
     try:
         assert engine._packed.head._panels.dtype == torch.bfloat16
-        assert engine._slots.dtype == torch.bfloat16 and engine._slots.bf16_dots  # the adapter rows' products too
+        # the adapter rows' products too, where the row kernel has bfloat16 dot products (else it widens the
+        # bfloat16 factors into float32 arithmetic)
+        assert engine._slots.dtype == torch.bfloat16 and engine._slots.bf16_dots == engine._slots.kernel.bf16_dots
         reqs = batch_of_every_kind()
         together = run_together(engine, reqs)
-        assert_same_streams(together, [run_together(engine, [r])[0] for r in reqs], within=0.05)
+        # within 0.05 with AVX512_BF16's dot products; 0.051 once with AVX2's and the factors widened
+        assert_same_streams(together, [run_together(engine, [r])[0] for r in reqs], within=0.1)
         first = [g[0].logprobs[0].logprob for g in together[:5]]
         want = [w[0].logprobs[0].logprob for w in run_together(float32, reqs[:5])]
         # within 0.11 of float32's on this model (its weights drawn fifteen times wider than a real model's),

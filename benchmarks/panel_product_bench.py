@@ -3,7 +3,9 @@
     OMP_NUM_THREADS=1 python benchmarks/panel_product_bench.py
     python benchmarks/panel_product_bench.py --rows 1 8 16 64 --threads 2
     OMP_NUM_THREADS=1 python benchmarks/panel_product_bench.py --against AVX2   # on an AVX-512 machine
-    OMP_NUM_THREADS=1 python benchmarks/panel_product_bench.py --bf16   # and over bfloat16 panels (AVX512_BF16)
+    git show <commit>:rahf_serve/csrc/forward_ops.c > /tmp/old.c
+    OMP_NUM_THREADS=1 python benchmarks/panel_product_bench.py --against /tmp/old.c   # this kernel against another source
+    OMP_NUM_THREADS=1 python benchmarks/panel_product_bench.py --bf16   # and over bfloat16 panels
 
 For each of SmolLM2-135M's products (q/k/v fused, o, gate/up fused, down, the LM head) and each row count:
 `x @ W.T` through torch (MKL on x86 wheels) and `ForwardKernel.product` over the same weight's panels,
@@ -11,7 +13,8 @@ each over as many copies of the weight as fill ~200 MB, so the weights come from
 step, the two alternating every round. Reports medians over rounds of the time per product, the GFLOP/s
 and GB/s they reach, and the median of the per-round ratios torch / C. Random weights: speed does not
 depend on the values. `--against ISA` also times, in the same rounds, the kernel built as for a machine
-where torch found ISA (DEFAULT, AVX2), over its own panels: what this machine's build gains over it.
+where torch found ISA (DEFAULT, AVX2), over its own panels: what this machine's build gains over it;
+`--against FILE`, the kernel built from another forward_ops.c.
 `--bf16` also times, in the same rounds, the kernel's bfloat16 products (`--matmul-dtype bfloat16`) over
 bfloat16 panels of the same weights, rounding of the rows included: their speed over the float32 ones.
 """
@@ -48,7 +51,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 64])
     ap.add_argument("--runs", type=int, default=9, help="rounds, each timing both once per weight copy")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    ap.add_argument("--against", metavar="ISA", help="also time the kernel built as for this capability")
+    ap.add_argument("--against", metavar="ISA|FILE",
+                    help="also time the kernel built as for this capability, or from this forward_ops.c")
     ap.add_argument("--bf16", action="store_true", help="also time the products over bfloat16 panels")
     args = ap.parse_args()
     if args.threads:
@@ -57,13 +61,17 @@ def main() -> None:
     if kernel is None:
         sys.exit("the forward kernel is unavailable here (see the log line above)")
     if args.bf16 and not kernel.bf16:
-        sys.exit("bfloat16 products need AVX512_BF16, which this CPU (or the kernel's build) lacks")
+        sys.exit("bfloat16 products do not run here: the kernel's AVX2 build, or its AVX-512 build on a CPU with "
+                 "AVX512_BF16, runs them")
     other = None
-    if args.against:
+    if args.against and Path(args.against).is_file():
+        other = build_forward_kernel(source=Path(args.against))
+    elif args.against:
         other = built_for(args.against, build_forward_kernel)  # cached beside this machine's build, by its flags
     print(f"# {platform.machine()}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), "
           f"{torch.get_num_threads()} thread(s); medians of {args.runs} rounds")
-    extra = f"  {args.against} us  {args.against}/C" if other else ""
+    label = Path(args.against).name if other and Path(args.against).is_file() else args.against
+    extra = f"  {label} us  {label}/C" if other else ""
     extra += "  bf16 us  bf16 GFLOP/s  C/bf16" if args.bf16 else ""
     print(f"rows  product   torch us  C us   torch GFLOP/s  C GFLOP/s  C GB/s  torch/C{extra}")
     g = torch.Generator().manual_seed(0)

@@ -193,45 +193,49 @@ static inline __attribute__((always_inline)) void panel_rows16(const float *x, i
 #endif
 
 #if !defined(__AVX512F__)
-/* Blocks of four rows over a panel, CHUNK inputs at a time, for 8 .. CHUNKED_ROWS rows (the decode steps of
- * a batch): the first block's pass streams the panel in, prefetching ahead, and the others take each chunk
- * from L1 right behind it, their sums kept between chunks. Block after block over the whole panel, the
- * first waited on memory at the speed of its four rows and the others computed after it; chunked, a
- * SmolLM2-135M product at eight rows takes 0.76-0.83x as long, at sixteen 0.87-0.97x, and a decode step
- * of eight rows 0.82x, on an AVX2 EPYC (benchmarks/forward_ops_bench.py --against). The prefetch only
- * pays where the other blocks follow: one pass of one to four rows prefetching ran 1.16x longer (the
- * hardware's own prefetch does better alone), and past sixteen rows chunks gained nothing. */
+/* Blocks of rows over a panel, CHUNK of its rows at a time (float32: blocks of four, for 8 .. CHUNKED_ROWS
+ * rows, the decode steps of a batch; bfloat16: blocks of two, every two rows or more, sixteen at a time):
+ * the first block's pass streams the panel in, prefetching ahead, and the others take each chunk from L1
+ * right behind it, their sums kept between chunks. Block after block over the whole panel, the first waited
+ * on memory at the speed of its rows and the others computed after it. Chunked, SmolLM2-135M's float32
+ * products at eight rows take 0.74-0.86x as long, at sixteen 0.87-0.94x, and a decode step of eight rows
+ * 0.82x, on an AVX2 EPYC (benchmarks/panel_product_bench.py and forward_ops_bench.py --against). The
+ * prefetch only pays where other blocks follow: a one-row pass prefetching took 1.16x as long (the
+ * hardware's prefetch does better alone), and float32 past sixteen rows gained nothing (1.02-1.05x). */
 #define CHUNKED_ROWS 16
 #define CHUNK 32
 
-/* Rows 0 .. tokens-1 (a multiple of B, at most CHUNKED_ROWS) times one panel in blocks of B, as panel_rows.
- * bfloat16 panels go in blocks of two: a block's broadcasts are two a row per pair, and in fours they did
- * not fit the registers beside the sums (eight rows 0.99-1.04x float32's time, in twos 0.93-0.97x). */
+/* Rows 0 .. tokens-1 (at most CHUNKED_ROWS: a multiple of B, or of two and one more) times one panel in blocks
+ * of B, an odd last row a block of its own, as panel_rows. bfloat16 panels go in blocks of two: a block's
+ * broadcasts are two a row per pair, and in fours they did not fit the registers beside the sums (eight rows
+ * 0.99-1.04x float32's time, in twos 0.93-0.97x). */
 static inline __attribute__((always_inline)) void chunked_blocks(const float *x, int64_t ldx, int64_t tokens,
                                                                  const float *panel, int64_t rows, float *y,
                                                                  int64_t ldy, int64_t cols, int add, const int B,
                                                                  const int bf16)
 {
     enum { V = PANEL / 8 };
-    const int64_t blocks = tokens / B;
-    vec8 s[CHUNKED_ROWS / 2][4][V];
-    for (int64_t b = 0; b < blocks; b++)
+    const int64_t blocks = tokens / B, odd = tokens % B;
+    vec8 s[CHUNKED_ROWS / 2 + 1][4][V];
+    for (int64_t b = 0; b <= blocks; b++)
         for (int m = 0; m < B; m++)
             for (int v = 0; v < V; v++)
                 s[b][m][v] = splat(0);
     for (int64_t k0 = 0; k0 < rows; k0 += CHUNK) {
         const int64_t k1 = k0 + CHUNK < rows ? k0 + CHUNK : rows;
-        panel_steps(x, ldx, B, panel, k0, k1, s[0], 1, bf16);
+        if (blocks)
+            panel_steps(x, ldx, B, panel, k0, k1, s[0], 1, bf16);
         for (int64_t b = 1; b < blocks; b++)
             panel_steps(x + B * b * ldx, ldx, B, panel, k0, k1, s[b], 0, bf16);
+        if (odd)
+            panel_steps(x + B * blocks * ldx, ldx, 1, panel, k0, k1, s[blocks], 0, bf16);
     }
-    for (int64_t b = 0; b < blocks; b++)
-        for (int m = 0; m < B; m++) {
-            float tile[PANEL];
-            for (int v = 0; v < V; v++)
-                store8(tile + 8 * v, s[b][m][v]);
-            put_row(y + (B * b + m) * ldy, tile, cols, add);
-        }
+    for (int64_t t = 0; t < tokens; t++) {
+        float tile[PANEL];
+        for (int v = 0; v < V; v++)
+            store8(tile + 8 * v, s[t / B][t % B][v]);
+        put_row(y + t * ldy, tile, cols, add);
+    }
 }
 #endif
 
@@ -254,12 +258,15 @@ static inline __attribute__((always_inline)) void rows_block(const float *x, int
         panel_rows16(x + m * ldx, ldx, 8, panel, rows, y + m * ldy, ldy, cols, add);
     }
 #else
-    if (tokens >= 8 && tokens <= CHUNKED_ROWS) {
-        m = bf16 ? tokens & ~(int64_t)1 : tokens & ~(int64_t)3;
-        if (bf16)
-            chunked_blocks(x, ldx, m, panel, rows, y, ldy, cols, add, 2, 1);
-        else
-            chunked_blocks(x, ldx, m, panel, rows, y, ldy, cols, add, 4, 0);
+    if (bf16 && tokens > 1) {  /* every row, sixteen at a time */
+        for (; m < tokens; m += CHUNKED_ROWS)
+            chunked_blocks(x + m * ldx, ldx, tokens - m < CHUNKED_ROWS ? tokens - m : CHUNKED_ROWS, panel, rows,
+                           y + m * ldy, ldy, cols, add, 2, 1);
+        return;
+    }
+    if (!bf16 && tokens >= 8 && tokens <= CHUNKED_ROWS) {
+        m = tokens & ~(int64_t)3;
+        chunked_blocks(x, ldx, m, panel, rows, y, ldy, cols, add, 4, 0);
     }
     for (; m + 4 <= tokens; m += 4)
         panel_rows(x + m * ldx, ldx, 4, panel, rows, y + m * ldy, ldy, cols, add, bf16);
@@ -366,9 +373,9 @@ static int bf16_products(void) { return __builtin_cpu_supports("avx512bf16"); }
 #elif defined(AVX2_BF16)
 /* Products over bfloat16 panels where AVX2 has no dot-product instruction: the same panels of pairs and the
  * same arithmetic, fused multiply-adds in its order (panel_steps). Half float32's bytes: one to four rows,
- * which wait on memory, take 0.58-0.69x float32's time; eight, which compute, 0.93-0.97x, and sixteen
- * 1.04-1.11x, the widening of the weights in their loops costing more than their bytes save (SmolLM2-135M's
- * products on an AVX2 EPYC, benchmarks/panel_product_bench.py --bf16). */
+ * which wait on memory, take 0.53-0.64x float32's time; eight and nine, which compute, 0.92-0.95x, and
+ * sixteen to sixty-four 1.1-1.3x, the widening of the weights in their loops costing more than their bytes
+ * save (SmolLM2-135M's products on an AVX2 EPYC, benchmarks/panel_product_bench.py --bf16). */
 
 /* One panel's rows in bfloat16 (x: rows rounded, as float32 [tokens, 2 * pairs]). */
 static void bf16_block(const float *x, int64_t ldx, int64_t tokens, const uint32_t *panel, int64_t pairs, float *y,

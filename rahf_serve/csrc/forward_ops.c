@@ -239,7 +239,8 @@ static inline __attribute__((always_inline)) void chunked_blocks(const float *x,
 }
 #endif
 
-/* One panel's rows: blocks of eight (AVX-512) or four, then the rest; `rows`, `bf16`: as panel_rows. */
+/* One panel's rows: blocks of eight (AVX-512); or in chunks (chunked_blocks), then blocks of four; then the
+ * rest. `rows`, `bf16`: as panel_rows. */
 static inline __attribute__((always_inline)) void rows_block(const float *x, int64_t ldx, int64_t tokens,
                                                              const float *panel, int64_t rows, float *y, int64_t ldy,
                                                              int64_t cols, int add, const int bf16)

@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matmul-dtype", choices=tuple(MATMUL_DTYPES), default="float32",
                    help="built-in engine, float32 model on CPU: what its matrix products multiply in. bfloat16 (CPUs "
                         "with AVX512_BF16, or with AVX2 and no AVX-512) keeps a bfloat16 copy of the weights for them "
-                        "and rounds each product's inputs to bfloat16, adapter rows' too (over bfloat16 factors): faster decoding, but results "
-                        "are no longer float32's to the last bit")
+                        "and rounds each product's inputs to bfloat16, adapter rows' too (over bfloat16 factors): "
+                        "faster decoding, but results are no longer float32's to the last bit")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="compute every prompt in full. By default a request whose prompt starts as another's under "
                         "the same adapter and steering reuses those tokens' keys and values: the built-in engine "

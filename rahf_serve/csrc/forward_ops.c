@@ -81,10 +81,11 @@ static inline void put_row(float *out, const float *tile, int64_t cols, int add)
  * with no multiply-adds for rows it does not have) of x [R, ldx] carried over rows k0 .. k1 of one panel, in
  * order, in vectors of eight; `ahead`: also prefetch the panel AHEAD rows ahead. A float32 panel [in, PANEL]
  * has a row per input. A bfloat16 one (`bf16`, AVX2_BF16) [pairs, PANEL, 2] has a row per pair of inputs,
- * x's rows rounded to bfloat16 and kept as float32 [R, 2 * pairs]: AVX2 has no dot-product instruction, so
- * each lane's two products are fused into its sum one after the other, the pair's second input first, as
- * the instruction does; the product of two bfloat16 is exact in float32, so each step rounds once, as the
- * instruction's do. Unlike the instruction, a denormal bfloat16 weight or sum is not read as zero. */
+ * x's rows rounded to bfloat16 and kept as float32 [R, 2 * pairs], each pair's second input first: AVX2 has
+ * no dot-product instruction, so each lane's two products are fused into its sum one after the other, the
+ * pair's second input first, as the instruction does; the product of two bfloat16 is exact in float32, so
+ * each step rounds once, as the instruction's do. Unlike the instruction, a denormal bfloat16 weight or sum
+ * is not read as zero. */
 static inline __attribute__((always_inline)) void panel_steps(const float *x, int64_t ldx, const int R,
                                                               const float *restrict panel, int64_t k0, int64_t k1,
                                                               vec8 sums[4][PANEL / 8], const int ahead,
@@ -111,8 +112,8 @@ static inline __attribute__((always_inline)) void panel_steps(const float *x, in
                 const vec8 second = (vec8)_mm256_castsi256_ps(_mm256_and_si256(lanes, top));
                 const vec8 first = (vec8)_mm256_castsi256_ps(_mm256_slli_epi32(lanes, 16));
                 for (int m = 0; m < R; m++) {
-                    s[m][v] = VMULADD(splat(x[m * ldx + 2 * k + 1]), second, s[m][v]);
-                    s[m][v] = VMULADD(splat(x[m * ldx + 2 * k]), first, s[m][v]);
+                    s[m][v] = VMULADD(splat(x[m * ldx + 2 * k]), second, s[m][v]);
+                    s[m][v] = VMULADD(splat(x[m * ldx + 2 * k + 1]), first, s[m][v]);
                 }
             }
             continue;
@@ -239,8 +240,55 @@ static inline __attribute__((always_inline)) void chunked_blocks(const float *x,
 }
 #endif
 
-/* One panel's rows: blocks of eight (AVX-512); or in chunks (chunked_blocks), then blocks of four; then the
- * rest. `rows`, `bf16`: as panel_rows. */
+#if defined(AVX2_BF16)
+/* bfloat16 rows from WIDENED_FROM on, up to WIDE_ROWS at a time: each chunk of the panel is widened once into
+ * float32 in L1, its pairs' second inputs' row before their first's, as x's rows lie (bf16_pairs), and the
+ * float32 blocks of four run over it: the same fused steps in the same order as panel_steps' bfloat16 loop,
+ * with the widening paid once for every block rather than in each. A prompt chunk's products: at 32 and 64
+ * rows 0.91-0.99x float32's time, in blocks of two 0.76-0.92x; from 12 to 16 rows it gained nothing over
+ * blocks of two (benchmarks/panel_product_bench.py --bf16). */
+#define WIDENED_FROM 24
+#define WIDE_ROWS 64
+
+/* Rows 0 .. tokens-1 (a multiple of four, at most WIDE_ROWS) times one bfloat16 panel of `pairs` rows, as
+ * panel_rows. */
+static void widened_blocks(const float *x, int64_t ldx, int64_t tokens, const float *panel, int64_t pairs, float *y,
+                           int64_t ldy, int64_t cols, int add)
+{
+    enum { V = PANEL / 8 };
+    const int64_t blocks = tokens / 4;
+    vec8 s[WIDE_ROWS / 4][4][V];
+    for (int64_t b = 0; b < blocks; b++)
+        for (int m = 0; m < 4; m++)
+            for (int v = 0; v < V; v++)
+                s[b][m][v] = splat(0);
+    const __m256i top = _mm256_set1_epi32((int)0xffff0000u);
+    float wide[2 * CHUNK * PANEL] __attribute__((aligned(32)));
+    for (int64_t k0 = 0; k0 < pairs; k0 += CHUNK) {
+        const int64_t k1 = k0 + CHUNK < pairs ? k0 + CHUNK : pairs;
+        for (int64_t k = k0; k < k1; k++) {
+            const float *w = panel + k * PANEL;
+            float *o = wide + 2 * (k - k0) * PANEL;
+            for (int v = 0; v < V; v++) {
+                const __m256i lanes = _mm256_loadu_si256((const __m256i *)(w + 8 * v));
+                _mm256_store_ps(o + 8 * v, _mm256_castsi256_ps(_mm256_and_si256(lanes, top)));
+                _mm256_store_ps(o + PANEL + 8 * v, _mm256_castsi256_ps(_mm256_slli_epi32(lanes, 16)));
+            }
+        }
+        for (int64_t b = 0; b < blocks; b++)
+            panel_steps(x + 4 * b * ldx + 2 * k0, ldx, 4, wide, 0, 2 * (k1 - k0), s[b], 0, 0);
+    }
+    for (int64_t t = 0; t < tokens; t++) {
+        float tile[PANEL];
+        for (int v = 0; v < V; v++)
+            store8(tile + 8 * v, s[t / 4][t % 4][v]);
+        put_row(y + t * ldy, tile, cols, add);
+    }
+}
+#endif
+
+/* One panel's rows: blocks of eight (AVX-512); or in chunks (chunked_blocks, widened_blocks), then blocks of
+ * four; then the rest. `rows`, `bf16`: as panel_rows. */
 static inline __attribute__((always_inline)) void rows_block(const float *x, int64_t ldx, int64_t tokens,
                                                              const float *panel, int64_t rows, float *y, int64_t ldy,
                                                              int64_t cols, int add, const int bf16)
@@ -259,6 +307,21 @@ static inline __attribute__((always_inline)) void rows_block(const float *x, int
         panel_rows16(x + m * ldx, ldx, 8, panel, rows, y + m * ldy, ldy, cols, add);
     }
 #else
+#if defined(AVX2_BF16)
+    if (bf16 && tokens >= WIDENED_FROM) {  /* in fours, the last one to three rows in chunks */
+        for (; m + 4 <= tokens; m += WIDE_ROWS) {
+            const int64_t n = tokens - m < WIDE_ROWS ? (tokens - m) & ~(int64_t)3 : WIDE_ROWS;
+            widened_blocks(x + m * ldx, ldx, n, panel, rows, y + m * ldy, ldy, cols, add);
+            if (n < WIDE_ROWS) {
+                m += n;
+                break;
+            }
+        }
+        if (m < tokens)
+            chunked_blocks(x + m * ldx, ldx, tokens - m, panel, rows, y + m * ldy, ldy, cols, add, 2, 1);
+        return;
+    }
+#endif
     if (bf16 && tokens > 1) {  /* every row, sixteen at a time */
         for (; m < tokens; m += CHUNKED_ROWS)
             chunked_blocks(x + m * ldx, ldx, tokens - m < CHUNKED_ROWS ? tokens - m : CHUNKED_ROWS, panel, rows,
@@ -409,7 +472,7 @@ static inline __m256i bf16_round8(__m256i v)
 }
 
 /* x [tokens, ldx] rounded to bfloat16 (bf16_round), kept as float32 [tokens, 2 * pairs], a last odd input
- * paired with zero. */
+ * paired with zero, each pair's second input first: the order of the fused steps (panel_steps). */
 static void bf16_pairs(const float *x, int64_t ldx, int64_t tokens, int64_t in, float *out)
 {
     const int64_t width = 2 * ((in + 1) / 2);
@@ -418,9 +481,9 @@ static void bf16_pairs(const float *x, int64_t ldx, int64_t tokens, int64_t in, 
         uint32_t *o = (uint32_t *)(out + t * width);
         int64_t j = 0;
         for (; j + 8 <= in; j += 8)
-            _mm256_storeu_si256((__m256i *)(o + j), bf16_round8(_mm256_loadu_si256((const __m256i *)(r + j))));
+            _mm256_storeu_si256((__m256i *)(o + j), _mm256_shuffle_epi32(bf16_round8(_mm256_loadu_si256((const __m256i *)(r + j))), 0xb1));
         for (; j < width; j++)
-            o[j] = bf16_round(j < in ? r[j] : 0);
+            o[j ^ 1] = bf16_round(j < in ? r[j] : 0);
     }
 }
 

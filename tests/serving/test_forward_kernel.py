@@ -53,7 +53,7 @@ def bf16_kernel(request, tmp_path_factory) -> ForwardKernel:
     return built
 
 
-@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 16, 17, 64])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 16, 17, 27, 64, 70])
 @pytest.mark.parametrize("inp,out", [(576, 960), (37, 23), (70, 150), (1536, 48)])  # odd inputs, tails of 32
 def test_a_product_over_bfloat16_panels_multiplies_the_rounded_rows_and_weight(bf16_kernel, tokens, inp, out):
     kernel = bf16_kernel
@@ -70,7 +70,7 @@ def test_a_product_over_bfloat16_panels_multiplies_the_rounded_rows_and_weight(b
     assert (x.bfloat16().double() @ w.double().t() - want).abs().max() > 1e-3  # the weight was rounded
 
 
-@pytest.mark.parametrize("rows", [9, 16])
+@pytest.mark.parametrize("rows", [9, 16, 35])  # AVX2: in chunks, in twos; 35: widened in fours, three in twos
 def test_a_bfloat16_product_row_does_not_depend_on_the_rows_around_it_or_the_threads(bf16_kernel, rows):
     kernel = bf16_kernel
     w, x = randn(3072, 576, seed=34), randn(rows, 576, seed=35)

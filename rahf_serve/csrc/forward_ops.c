@@ -199,7 +199,7 @@ static inline __attribute__((always_inline)) void panel_rows16(const float *x, i
  * the first block's pass streams the panel in, prefetching ahead, and the others take each chunk from L1
  * right behind it, their sums kept between chunks. Block after block over the whole panel, the first waited
  * on memory at the speed of its rows and the others computed after it. Chunked, SmolLM2-135M's float32
- * products at eight rows take 0.74-0.86x as long, at sixteen 0.87-0.94x, and a decode step of eight rows
+ * products at eight rows take 0.77-0.83x as long, at sixteen 0.87-0.93x, and a decode step of eight rows
  * 0.82x, on an AVX2 EPYC (benchmarks/panel_product_bench.py and forward_ops_bench.py --against). The
  * prefetch only pays where other blocks follow: a one-row pass prefetching took 1.16x as long (the
  * hardware's prefetch does better alone), and float32 past sixteen rows gained nothing (1.02-1.05x). */
@@ -437,9 +437,9 @@ static int bf16_products(void) { return __builtin_cpu_supports("avx512bf16"); }
 #elif defined(AVX2_BF16)
 /* Products over bfloat16 panels where AVX2 has no dot-product instruction: the same panels of pairs and the
  * same arithmetic, fused multiply-adds in its order (panel_steps). Half float32's bytes: one to four rows,
- * which wait on memory, take 0.53-0.64x float32's time; eight and nine, which compute, 0.92-0.95x, and
- * sixteen to sixty-four 1.1-1.3x, the widening of the weights in their loops costing more than their bytes
- * save (SmolLM2-135M's products on an AVX2 EPYC, benchmarks/panel_product_bench.py --bf16). */
+ * which wait on memory, take 0.53-0.64x float32's time; eight, which compute, 0.83-0.92x; sixteen to
+ * sixty-four 1.0-1.11x, the widening of the weights costing about what their bytes save (SmolLM2-135M's
+ * products on an AVX2 EPYC, benchmarks/panel_product_bench.py --bf16). */
 
 /* One panel's rows in bfloat16 (x: rows rounded, as float32 [tokens, 2 * pairs]). */
 static void bf16_block(const float *x, int64_t ldx, int64_t tokens, const uint32_t *panel, int64_t pairs, float *y,

@@ -63,14 +63,13 @@ def main() -> None:
     if args.bf16 and not kernel.bf16:
         sys.exit("bfloat16 products do not run here: the kernel's AVX2 build, or its AVX-512 build on a CPU with "
                  "AVX512_BF16, runs them")
-    other = None
+    other, label = None, args.against
     if args.against and Path(args.against).is_file():
-        other = build_forward_kernel(source=Path(args.against))
+        other, label = build_forward_kernel(source=Path(args.against)), Path(args.against).name
     elif args.against:
         other = built_for(args.against, build_forward_kernel)  # cached beside this machine's build, by its flags
     print(f"# {platform.machine()}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), "
           f"{torch.get_num_threads()} thread(s); medians of {args.runs} rounds")
-    label = Path(args.against).name if other and Path(args.against).is_file() else args.against
     extra = f"  {label} us  {label}/C" if other else ""
     extra += "  bf16 us  bf16 GFLOP/s  C/bf16" if args.bf16 else ""
     print(f"rows  product   torch us  C us   torch GFLOP/s  C GFLOP/s  C GB/s  torch/C{extra}")

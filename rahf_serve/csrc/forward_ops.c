@@ -73,6 +73,17 @@ static inline void put_row(float *out, const float *tile, int64_t cols, int add)
 #define AVX2_BF16 1
 #endif
 
+#if defined(AVX2_BF16)
+/* Eight lanes of bfloat16 pairs at w as two float32 vectors: the second of each pair is the top half of its
+ * lane, the first the bottom half shifted up. */
+static inline __attribute__((always_inline)) void pair_halves(const float *w, vec8 *second, vec8 *first)
+{
+    const __m256i lanes = _mm256_loadu_si256((const __m256i *)w);
+    *second = (vec8)_mm256_castsi256_ps(_mm256_and_si256(lanes, _mm256_set1_epi32((int)0xffff0000u)));
+    *first = (vec8)_mm256_castsi256_ps(_mm256_slli_epi32(lanes, 16));
+}
+#endif
+
 /* How far ahead of its reads a pass that streams a panel in for others asks for it (`panel_steps`), in the
  * panel's rows: 128 rows, 12 KB at 24 columns (a row of inputs or of pairs is PANEL four-byte lanes). */
 #define AHEAD 128
@@ -104,13 +115,9 @@ static inline __attribute__((always_inline)) void panel_steps(const float *x, in
         }
 #if defined(AVX2_BF16)
         if (bf16) {
-            /* a lane's pair as two float32: the second bfloat16 is the top half of the lane, the first the
-               bottom half shifted up */
-            const __m256i top = _mm256_set1_epi32((int)0xffff0000u);
             for (int v = 0; v < V; v++) {
-                const __m256i lanes = _mm256_loadu_si256((const __m256i *)(w + 8 * v));
-                const vec8 second = (vec8)_mm256_castsi256_ps(_mm256_and_si256(lanes, top));
-                const vec8 first = (vec8)_mm256_castsi256_ps(_mm256_slli_epi32(lanes, 16));
+                vec8 second, first;
+                pair_halves(w + 8 * v, &second, &first);
                 for (int m = 0; m < R; m++) {
                     s[m][v] = VMULADD(splat(x[m * ldx + 2 * k]), second, s[m][v]);
                     s[m][v] = VMULADD(splat(x[m * ldx + 2 * k + 1]), first, s[m][v]);
@@ -206,6 +213,18 @@ static inline __attribute__((always_inline)) void panel_rows16(const float *x, i
 #define CHUNKED_ROWS 16
 #define CHUNK 32
 
+/* The sums of rows 0 .. tokens-1 kept in blocks of B (row t's in s[t / B][t % B]) into y, as put_row. */
+static inline __attribute__((always_inline)) void put_sums(vec8 (*s)[4][PANEL / 8], int64_t tokens, const int B,
+                                                           float *y, int64_t ldy, int64_t cols, int add)
+{
+    for (int64_t t = 0; t < tokens; t++) {
+        float tile[PANEL];
+        for (int v = 0; v < PANEL / 8; v++)
+            store8(tile + 8 * v, s[t / B][t % B][v]);
+        put_row(y + t * ldy, tile, cols, add);
+    }
+}
+
 /* Rows 0 .. tokens-1 (at most CHUNKED_ROWS: a multiple of B, or of two and one more) times one panel in blocks
  * of B, an odd last row a block of its own, as panel_rows. bfloat16 panels go in blocks of two: a block's
  * broadcasts are two a row per pair, and in fours they did not fit the registers beside the sums (eight rows
@@ -231,12 +250,7 @@ static inline __attribute__((always_inline)) void chunked_blocks(const float *x,
         if (odd)
             panel_steps(x + B * blocks * ldx, ldx, 1, panel, k0, k1, s[blocks], 0, bf16);
     }
-    for (int64_t t = 0; t < tokens; t++) {
-        float tile[PANEL];
-        for (int v = 0; v < V; v++)
-            store8(tile + 8 * v, s[t / B][t % B][v]);
-        put_row(y + t * ldy, tile, cols, add);
-    }
+    put_sums(s, tokens, B, y, ldy, cols, add);
 }
 #endif
 
@@ -262,7 +276,6 @@ static void widened_blocks(const float *x, int64_t ldx, int64_t tokens, const fl
         for (int m = 0; m < 4; m++)
             for (int v = 0; v < V; v++)
                 s[b][m][v] = splat(0);
-    const __m256i top = _mm256_set1_epi32((int)0xffff0000u);
     float wide[2 * CHUNK * PANEL] __attribute__((aligned(32)));
     for (int64_t k0 = 0; k0 < pairs; k0 += CHUNK) {
         const int64_t k1 = k0 + CHUNK < pairs ? k0 + CHUNK : pairs;
@@ -270,20 +283,16 @@ static void widened_blocks(const float *x, int64_t ldx, int64_t tokens, const fl
             const float *w = panel + k * PANEL;
             float *o = wide + 2 * (k - k0) * PANEL;
             for (int v = 0; v < V; v++) {
-                const __m256i lanes = _mm256_loadu_si256((const __m256i *)(w + 8 * v));
-                _mm256_store_ps(o + 8 * v, _mm256_castsi256_ps(_mm256_and_si256(lanes, top)));
-                _mm256_store_ps(o + PANEL + 8 * v, _mm256_castsi256_ps(_mm256_slli_epi32(lanes, 16)));
+                vec8 second, first;
+                pair_halves(w + 8 * v, &second, &first);
+                store8(o + 8 * v, second);
+                store8(o + PANEL + 8 * v, first);
             }
         }
         for (int64_t b = 0; b < blocks; b++)
             panel_steps(x + 4 * b * ldx + 2 * k0, ldx, 4, wide, 0, 2 * (k1 - k0), s[b], 0, 0);
     }
-    for (int64_t t = 0; t < tokens; t++) {
-        float tile[PANEL];
-        for (int v = 0; v < V; v++)
-            store8(tile + 8 * v, s[t / 4][t % 4][v]);
-        put_row(y + t * ldy, tile, cols, add);
-    }
+    put_sums(s, tokens, 4, y, ldy, cols, add);
 }
 #endif
 
@@ -448,18 +457,8 @@ static void bf16_block(const float *x, int64_t ldx, int64_t tokens, const uint32
     rows_block(x, ldx, tokens, (const float *)panel, pairs, y, ldy, cols, add, 1);
 }
 
-/* v rounded to bfloat16 as the instruction rounds, to nearest even (torch's rounding), a NaN made quiet and a
- * denormal zero, as float32 bits. */
-static inline uint32_t bf16_round(uint32_t v)
-{
-    if ((v & 0x7fffffffu) > 0x7f800000u)
-        return (v | 0x00400000u) & 0xffff0000u;
-    if ((v & 0x7f800000u) == 0)
-        return v & 0x80000000u;
-    return (v + 0x7fffu + ((v >> 16) & 1u)) & 0xffff0000u;
-}
-
-/* bf16_round of eight lanes. */
+/* Eight float32 lanes' bits rounded to bfloat16 as the instruction rounds, to nearest even (torch's
+ * rounding), a NaN made quiet and a denormal zero, as float32 bits. */
 static inline __m256i bf16_round8(__m256i v)
 {
     const __m256i top = _mm256_set1_epi32((int)0xffff0000u), exponent = _mm256_set1_epi32(0x7f800000);
@@ -471,19 +470,25 @@ static inline __m256i bf16_round8(__m256i v)
     return _mm256_blendv_epi8(r, _mm256_and_si256(v, _mm256_set1_epi32((int)0x80000000u)), denormal);
 }
 
-/* x [tokens, ldx] rounded to bfloat16 (bf16_round), kept as float32 [tokens, 2 * pairs], a last odd input
+/* x [tokens, ldx] rounded to bfloat16 (bf16_round8), kept as float32 [tokens, 2 * pairs], a last odd input
  * paired with zero, each pair's second input first: the order of the fused steps (panel_steps). */
 static void bf16_pairs(const float *x, int64_t ldx, int64_t tokens, int64_t in, float *out)
 {
     const int64_t width = 2 * ((in + 1) / 2);
     for (int64_t t = 0; t < tokens; t++) {
-        const uint32_t *r = (const uint32_t *)(x + t * ldx);
-        uint32_t *o = (uint32_t *)(out + t * width);
+        const float *r = x + t * ldx;
+        float *o = out + t * width;
         int64_t j = 0;
-        for (; j + 8 <= in; j += 8)
-            _mm256_storeu_si256((__m256i *)(o + j), _mm256_shuffle_epi32(bf16_round8(_mm256_loadu_si256((const __m256i *)(r + j))), 0xb1));
-        for (; j < width; j++)
-            o[j ^ 1] = bf16_round(j < in ? r[j] : 0);
+        for (; j + 8 <= in; j += 8)  /* the shuffle swaps each pair */
+            _mm256_storeu_si256((__m256i *)(o + j),
+                                _mm256_shuffle_epi32(bf16_round8(_mm256_loadu_si256((const __m256i *)(r + j))), 0xb1));
+        if (j < width) {  /* the last inputs, zeros past the row */
+            float lanes[8] = {0}, rounded[8];
+            memcpy(lanes, r + j, (size_t)(in - j) * sizeof *lanes);
+            const __m256i v = bf16_round8(_mm256_loadu_si256((const __m256i *)lanes));
+            _mm256_storeu_si256((__m256i *)rounded, _mm256_shuffle_epi32(v, 0xb1));
+            memcpy(o + j, rounded, (size_t)(width - j) * sizeof *rounded);
+        }
     }
 }
 

@@ -17,7 +17,8 @@ Linear (Dual's) and on q/k/v/o (SCIT's); on SmolLM2 the shipped bundles themselv
 random factors of those shapes (speed does not depend on the values). Layouts per batch size: every row
 the base, every row one adapter ("same"), row i adapter i % 8 ("mixed"). The layouts alternate within
 every run, so load swings on a shared machine hit them alike; a time is the median over runs of the mean
-step time, a ratio the median over runs of that run's ratio. Rows start with 256 tokens of context.
+step time, a ratio the median over runs of that run's ratio (beside the one-adapter and mixed ratios, "95%":
+the distribution-free 95% interval of that median). Rows start with 256 tokens of context.
 "walk": base rows with the forward's LoRA path on, i.e. what looking for LoRA work costs when there is none.
 
 The floor, measured in the same runs: a step cannot read the LoRA factors its rows use faster than this
@@ -68,6 +69,7 @@ from rahf_serve.lora_kernel import FACTOR_DTYPES, RowKernel, build_row_kernel  #
 from rahf_serve.lora_slots import LoraSlots, LoraWeights, read_lora  # noqa: E402
 from rahf_serve.models import load_base  # noqa: E402
 from rahf_serve.packed_llama import PackedLlama, packed_forward_for  # noqa: E402
+from training.stats import median_interval  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = [ROOT / "adapters" / "smollm2-135m-rahf-dual", ROOT / "adapters" / "smollm2-135m-rahf-scit"]
@@ -190,6 +192,12 @@ def paired_ratio(other: list[float], base: list[float]) -> float:
     return statistics.median(o / b for o, b in zip(other, base, strict=True))
 
 
+def paired_interval(other: list[float], base: list[float]) -> str:
+    """The 95% interval of `paired_ratio`'s median, as "low-high"."""
+    low, high = median_interval([o / b for o, b in zip(other, base, strict=True)])
+    return f"{low:.3f}-{high:.3f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[8])
@@ -249,8 +257,8 @@ def main() -> None:
     extra += f" {'calls same/base':>15} {'calls mixed/base':>16}" if args.call_cost else ""
     extra += f" {'same/separate':>13} {'mixed/separate':>14}" if args.separate_calls else ""
     extra += f" {'same dots/widened':>17} {'mixed dots/widened':>18}" if args.widened_too else ""
-    print(f"{'rows':>4} {'base ms':>8} {'same ms':>8} {'mixed ms':>9} {'same/base':>9} {'mixed/base':>10} "
-          f"{'floor same':>10} {'floor mixed':>11} {'walk/base':>9}{extra}")
+    print(f"{'rows':>4} {'base ms':>8} {'same ms':>8} {'mixed ms':>9} {'same/base':>9} {'95%':>11} {'mixed/base':>10} "
+          f"{'95%':>11} {'floor same':>10} {'floor mixed':>11} {'walk/base':>9}{extra}")
     with torch.inference_mode():
         for rows in args.rows:
             cache = SlotCache.for_model(model, rows, max_len)
@@ -310,7 +318,8 @@ def main() -> None:
             floor = {k: statistics.median(v) for k, v in floors.items()}
             paired = functools.partial(paired_ratio, base=times["base"])
             print(f"{rows:>4} {med['base']:>8.1f} {med['same']:>8.1f} {med['mixed']:>9.1f} "
-                  f"{paired(times['same']):>9.3f} {paired(times['mixed']):>10.3f} "
+                  f"{paired(times['same']):>9.3f} {paired_interval(times['same'], times['base']):>11} "
+                  f"{paired(times['mixed']):>10.3f} {paired_interval(times['mixed'], times['base']):>11} "
                   f"{floor['same']:>10.3f} {floor['mixed']:>11.3f} "
                   f"{paired(walks):>9.3f}", end="")
             if fillers:  # per run, then the median: both counts ran in the same run

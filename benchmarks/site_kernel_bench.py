@@ -14,8 +14,9 @@ decode step does), rows on slots 0..7 in turn (`--adapters N`: on slots 0..N-1, 
 the first reads its factors from cache: the kernel's arithmetic rather than its reads). One time is one pass
 over all sites; every combination of thread count and factor type is timed in every round, in turn, and a
 figure is the median over rounds. `--against FILE`: the
-kernel built from another source is timed in the same rounds, on factors of its own, and each ratio (this
-kernel over that one) is the median over rounds of the round's ratio. Before each pass a small
+kernel built from another source is timed in the same rounds, over the same factors, inputs and outputs
+(where the allocator put a copy of the factors moved a pass by up to ~20%, more than most kernel changes), and
+each ratio (this kernel over that one) is the median over rounds of the round's ratio. Before each pass a small
 matmul wakes torch's threads, as the base products around each site call do in a step.
 """
 
@@ -71,9 +72,10 @@ class Sites:
                 self._keep += [array, site, x, y]
                 self.calls.append((ctypes.addressof(site), x.data_ptr(), y.data_ptr()))
 
-    def run(self, threads: int) -> float:
+    def run(self, threads: int, kernel: lora_kernel.RowKernel | None = None) -> float:
+        """`kernel`: another build to time over the same factors, inputs and outputs."""
         self._plan.threads = threads
-        site, rows = self.kernel.site, self.rows
+        site, rows = (kernel or self.kernel).site, self.rows
         start = time.perf_counter()
         for address, x, y in self.calls:
             site(address, rows, x, y)
@@ -105,16 +107,16 @@ def main() -> None:
     wake = torch.randn(64, 64)
     for rows in args.rows:
         sites = {d: Sites(kernel, rows, dtype, args.adapters, dots) for d, (dtype, dots) in dtypes.items()}
-        others = {d: Sites(other, rows, dtype, args.adapters, dots) for d, (dtype, dots) in dtypes.items()} if other else {}
         times: dict[tuple[str, int], list[float]] = {(d, t): [] for d in dtypes for t in threads}
-        against: dict[tuple[str, int], list[float]] = {(d, t): [] for d in others for t in threads}
-        for _ in range(args.rounds + 2):
+        against: dict[tuple[str, int], list[float]] = {(d, t): [] for d in dtypes for t in threads} if other else {}
+        for n in range(args.rounds + 2):
             for (d, t), runs in times.items():
-                for pass_of, into in ((sites, runs), (others, against.get((d, t)))):
+                builds = ((kernel, runs), (other, against.get((d, t))))
+                for build, into in builds if n % 2 == 0 else builds[::-1]:  # the second finds the first's reads in cache
                     if into is not None:
                         torch.set_num_threads(t)
                         torch.mm(wake, wake)
-                        into.append(pass_of[d].run(t))
+                        into.append(sites[d].run(t, build))
         med = {k: statistics.median(v[2:]) * 1e3 for k, v in times.items()}  # two rounds to warm up
         line = f"{rows:>4} " + " ".join(f"{med[d, t]:>14.2f}" for d in dtypes for t in threads)
         if threads[0] == 1 and len(threads) > 1:

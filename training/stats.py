@@ -51,6 +51,19 @@ def _log_binom_cdf_half(k: int, n: int) -> float:
     return top + math.log(sum(math.exp(t - top) for t in terms))
 
 
+def median_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median of `values`: the order statistics x_(k) and x_(n+1-k) of
+    the sorted sample, k the largest whose coverage 1 - 2 P[Bin(n, 1/2) <= k - 1] is at least `level`; the
+    sample's range where n is too small for any k (five or fewer at 95%)."""
+    xs = sorted(values)
+    if not xs:
+        raise ValueError("an interval needs at least one value")
+    n, k = len(xs), 0
+    while k + 1 <= n // 2 and 2 * math.exp(_log_binom_cdf_half(k, n)) <= 1 - level:
+        k += 1
+    return (xs[k - 1], xs[n - k]) if k else (xs[0], xs[-1])
+
+
 def mcnemar_exact(base_correct: Sequence[bool], new_correct: Sequence[bool]) -> dict[str, Any]:
     """Exact two-sided McNemar test of paired right/wrong outcomes.
 

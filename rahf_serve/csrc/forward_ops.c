@@ -639,27 +639,6 @@ static void rotate_and_store(float *qkv, int64_t ld, int64_t tokens, const struc
  * (leaving the scores out saved 44% of it, the values' weighting 36%, the exponentials 16-23%); this one
  * 46-50 ms, and 8 against 13 ms at 256 tokens. */
 
-/* The sums of each of s[0..7]'s lanes, as one vector: {sum(s[0]), ..., sum(s[7])}. */
-static inline vec8 lane_sums(const vec8 s[8])
-{
-#if defined(__AVX__)
-    /* Pairs, then fours, within each 128-bit half, then the two halves: 9 operations for 8 sums. */
-    const __m256 t0 = _mm256_hadd_ps((__m256)s[0], (__m256)s[1]), t1 = _mm256_hadd_ps((__m256)s[2], (__m256)s[3]);
-    const __m256 t2 = _mm256_hadd_ps((__m256)s[4], (__m256)s[5]), t3 = _mm256_hadd_ps((__m256)s[6], (__m256)s[7]);
-    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-    return (vec8)_mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-#else
-    vec8 d;
-    for (int j = 0; j < 8; j++) {
-        float t = 0;
-        for (int l = 0; l < 8; l++)
-            t += s[j][l];
-        d[j] = t;
-    }
-    return d;
-#endif
-}
-
 /* Lanewise max; b where either is NaN. */
 static inline vec8 vmax(vec8 a, vec8 b)
 {

@@ -136,6 +136,14 @@ SPECIALISED vec8 load_factors(const char *p, int64_t j, int dtype)
 #define SUMS 8
 #endif
 
+/* The expansion's columns per step, in vectors of eight (expand_block): AVX2's two rows keep sums for two
+ * vectors through a block of ranks; AVX-512's four rows keep one, as measured there. */
+#if defined(__AVX512F__)
+#define TILE 1
+#else
+#define TILE 2
+#endif
+
 /* Each row's arithmetic is fixed whatever the rows beside it and however the loops below block rows and
  * ranks, so a row's result does not depend on its batch:
  *   h[k] = A[k] . x: LANES(dtype) lanes of sums over the input in order (vectors of eight side by side),
@@ -167,10 +175,23 @@ SPECIALISED void shrink_block(const char *a, int64_t row, int64_t in, const floa
                 for (int g = 0; g < G; g++)
                     s[g][k * V + v] = VMULADD(f, load8(x[g] + j + 8 * v), s[g][k * V + v]);
             }
+    float sums[GROUP * MAX];
+    if (V == 1 && G * K == 8) {  /* the eight sums of a float32 block at once, in hsum's order */
+        vec8 all[8];
+        for (int g = 0; g < G; g++)
+            for (int k = 0; k < K; k++)
+                all[g * K + k] = s[g][k];
+        store8(sums, lane_sums(all));
+    } else {
+        for (int g = 0; g < G; g++)
+            for (int k = 0; k < K; k++) {
+                const vec8 *sk = s[g] + k * V;
+                sums[g * K + k] = hsum(V == 4 ? (sk[0] + sk[1]) + (sk[2] + sk[3]) : sk[0]);
+            }
+    }
     for (int g = 0; g < G; g++)
         for (int k = 0; k < K; k++) {
-            const vec8 *sk = s[g] + k * V;
-            float t = hsum(V == 4 ? (sk[0] + sk[1]) + (sk[2] + sk[3]) : sk[0]);
+            float t = sums[g * K + k];
             for (int64_t i = j; i < in; i++)
                 t = MULADD(load(a + k * row, i, dtype), x[g][i], t);
             h[g][k0 + k] = t;
@@ -194,11 +215,30 @@ SPECIALISED void shrink(const char *a, int64_t r, int64_t in, const float *const
 }
 
 /* The ranks k0 .. k0 + K of h_g B into the G rows' y_g (b: rank k0's row, `row` bytes long): each of the K
- * B vectors of eight columns read once for all G rows. */
+ * B vectors of eight columns read once for all G rows. TILE vectors of columns at a time: each h_g[k] loaded
+ * and broadcast then feeds TILE vectors of sums; a vector at a time loaded each again for every eight columns
+ * (y's stores may alias h, so the compiler keeps none of them in registers across columns). */
 SPECIALISED void expand_block(const char *b, int64_t row, int64_t out, const float *const *h, float *const *y,
                               int64_t k0, int G, int K, int dtype)
 {
     int64_t c = 0;
+    for (; TILE > 1 && c + 8 * TILE <= out; c += 8 * TILE) {
+        vec8 t[GROUP][TILE];
+        for (int k = 0; k < K; k++) {
+            vec8 f[TILE];
+            for (int v = 0; v < TILE; v++)
+                f[v] = load_factors(b + k * row, c + 8 * v, dtype);
+            for (int g = 0; g < G; g++) {
+                const vec8 hk = splat(h[g][k0 + k]);
+                for (int v = 0; v < TILE; v++)
+                    t[g][v] = K == 1 ? VMULADD(hk, f[v], load8(y[g] + c + 8 * v))
+                              : k == 0 ? hk * f[v] : VMULADD(hk, f[v], t[g][v]);
+            }
+        }
+        for (int g = 0; g < G; g++)
+            for (int v = 0; v < TILE; v++)
+                store8(y[g] + c + 8 * v, K == 1 ? t[g][v] : load8(y[g] + c + 8 * v) + t[g][v]);
+    }
     for (; c + 8 <= out; c += 8) {
         vec8 f[8];
         for (int k = 0; k < K; k++)

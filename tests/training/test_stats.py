@@ -6,7 +6,15 @@ from fractions import Fraction
 import pytest
 import torch
 
-from training.stats import compare, describe, mcnemar_exact, mean_interval, paired_bootstrap, wilson_interval
+from training.stats import (
+    compare,
+    describe,
+    mcnemar_exact,
+    mean_interval,
+    median_interval,
+    paired_bootstrap,
+    wilson_interval,
+)
 
 
 def reference_mcnemar_p(b: int, c: int) -> float:
@@ -110,6 +118,39 @@ def test_mean_interval_matches_formula():
     half = 1.96 * math.sqrt(5 / 3) / 2   # sample std sqrt(5/3), sqrt(n) = 2
     assert math.isclose(lo, 2.5 - half) and math.isclose(hi, 2.5 + half)
     assert all(math.isnan(v) for v in mean_interval(torch.tensor([1.0])))
+
+
+def reference_median_rank(n: int, level: float) -> int:
+    """The largest k with 1 - 2 P[X <= k - 1] >= level, X ~ Bin(n, 1/2), in exact integer arithmetic."""
+    k = 0
+    while k + 1 <= n // 2 and 1 - 2 * Fraction(sum(math.comb(n, i) for i in range(k + 1)), 2 ** n) >= level:
+        k += 1
+    return k
+
+
+@pytest.mark.parametrize("n", [6, 10, 21, 41, 61, 200])
+def test_median_interval_takes_the_order_statistics_exact_arithmetic_gives(n):
+    values = [float(v) for v in torch.randperm(n, generator=torch.Generator().manual_seed(n))]  # 0 .. n-1 shuffled
+    k = reference_median_rank(n, 0.95)
+    assert median_interval(values) == ((k - 1, n - k) if k else (0, n - 1))
+    assert n < 10 or 0 < k - 1 < n - k < n - 1  # from ten values on, narrower than the range
+
+
+def test_median_interval_of_too_few_values_is_their_range_and_of_none_an_error():
+    assert median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0)
+    assert median_interval([5.0]) == (5.0, 5.0)
+    with pytest.raises(ValueError):
+        median_interval([])
+
+
+def test_median_interval_holds_the_true_median_about_as_often_as_it_says():
+    hits, trials = 0, 400
+    g = torch.Generator().manual_seed(0)
+    for _ in range(trials):
+        sample = torch.randn(41, generator=g).exp()  # skewed, median 1
+        lo, hi = median_interval(sample.tolist())
+        hits += lo <= 1.0 <= hi
+    assert 0.93 <= hits / trials <= 0.995
 
 
 def test_compare_and_describe_shapes_and_ranges():

@@ -9,6 +9,8 @@
     OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --lora-dtype bfloat16  # factors stored in bfloat16
     OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --matmul-dtype bfloat16  # the base's products too
     OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --matmul-dtype bfloat16 --lora-dtype bfloat16 --widened-too
+    git show HEAD~1:rahf_serve/csrc/lora_rows.c > /tmp/old.c
+    OMP_NUM_THREADS=1 python benchmarks/adapter_row_bench.py --against /tmp/old.c  # this row kernel against another
 
 The engine's path: a packed decode step (one token per row) through a `SlotCache` with `LoraSlots`, on the
 forward `Engine._forward` runs (`PackedLlama` for llama bases), with the slots set once per step as the
@@ -41,6 +43,11 @@ that one (paired within runs).
 `--widened-too` (bfloat16 products and factors, whose adapter rows then multiply in bfloat16 dot products):
 also times "same" and "mixed" with the factors widened to float32 arithmetic instead, interleaved, and
 reports the dot products' time over that one (paired within runs).
+
+`--against FILE`: also times "same" and "mixed" with the row kernel built from another source (csrc/lora_rows.c
+of another commit, whose structs must be this one's) in this one's place, interleaved, and reports this
+kernel's steps over that one's (paired within runs) with the median's 95% interval: a kernel change measured
+in the step itself, where runs in separate processes differ by more than most kernel changes.
 
 `--loaded N`: every run also loads N - 8 more adapters (slots the layouts do not use), times the three
 layouts again and unloads them, so "N loaded / 8 loaded" compares the same work, interleaved, with only
@@ -213,6 +220,7 @@ def main() -> None:
                     help="also time adapter rows with a no-op in the C kernel's place (the calls alone), interleaved")
     ap.add_argument("--separate-calls", action="store_true",
                     help="also time adapter rows added by a call of their own after each product, interleaved")
+    ap.add_argument("--against", type=Path, help="another row kernel source to time in this one's place, interleaved")
     ap.add_argument("--lora-dtype", choices=["float32", "bfloat16"], default="float32",
                     help="what the slots store the factors in (rahf-serve --lora-dtype)")
     ap.add_argument("--matmul-dtype", choices=list(MATMUL_DTYPES), default="float32",
@@ -234,13 +242,14 @@ def main() -> None:
     slots = LoraSlots(model, max_loras=max(8, args.loaded), max_rank=RANK, dtype=dtype,
                       matmul_dtype=MATMUL_DTYPES[args.matmul_dtype])
     kernel = slots.kernel
-    if (args.torch_too or args.call_cost or args.separate_calls) and kernel is None:
-        ap.error("--torch-too, --call-cost and --separate-calls need the C row kernel, which is not available here "
-                 "(see the log)")
+    if (args.torch_too or args.call_cost or args.separate_calls or args.against) and kernel is None:
+        ap.error("--torch-too, --call-cost, --separate-calls and --against need the C row kernel, which is not "
+                 "available here (see the log)")
     if args.widened_too and not slots.bf16_dots:
         ap.error("--widened-too compares bfloat16 dot products, which need --matmul-dtype and --lora-dtype bfloat16 "
                  "and a CPU with AVX512_BF16")
     calls_only = no_op_kernel() if args.call_cost else None
+    other = build_row_kernel(Path(tempfile.mkdtemp()), source=args.against) if args.against else None
     for i in range(8):
         slots.load_weights(f"a{i}", weights[i % 2])
     fillers = [f"f{i}" for i in range(8, args.loaded)]
@@ -256,6 +265,7 @@ def main() -> None:
     extra += f" {'torch same/base':>15} {'torch mixed/base':>16}" if args.torch_too else ""
     extra += f" {'calls same/base':>15} {'calls mixed/base':>16}" if args.call_cost else ""
     extra += f" {'same/separate':>13} {'mixed/separate':>14}" if args.separate_calls else ""
+    extra += f" {'same vs other':>13} {'95%':>11} {'mixed vs other':>14} {'95%':>11}" if other else ""
     extra += f" {'same dots/widened':>17} {'mixed dots/widened':>18}" if args.widened_too else ""
     print(f"{'rows':>4} {'base ms':>8} {'same ms':>8} {'mixed ms':>9} {'same/base':>9} {'95%':>11} {'mixed/base':>10} "
           f"{'95%':>11} {'floor same':>10} {'floor mixed':>11} {'walk/base':>9}{extra}")
@@ -275,6 +285,7 @@ def main() -> None:
             torch_times: dict[str, list[float]] = {"same": [], "mixed": []}
             call_times: dict[str, list[float]] = {"same": [], "mixed": []}
             separate_times: dict[str, list[float]] = {"same": [], "mixed": []}
+            other_times: dict[str, list[float]] = {"same": [], "mixed": []}
             widened_times: dict[str, list[float]] = {"same": [], "mixed": []}
             floors: dict[str, list[float]] = {"same": [], "mixed": []}
             used = {"same": [weights[0]], "mixed": [weights[i % 2] for i in range(min(rows, 8))]}
@@ -293,6 +304,11 @@ def main() -> None:
                          (kernel, "site_function", calls_only.site_function)]
                 arms += [functools.partial(timed, call_times[kind], no_op, *common, layouts[kind], args.steps)
                          for kind in call_times]
+            if other is not None:  # every SlotLinear and SlotSite calls through these
+                swapped = [(kernel, "rows", other.rows), (kernel, "site", other.site),
+                           (kernel, "site_function", other.site_function)]
+                arms += [functools.partial(timed, other_times[kind], swapped, *common, layouts[kind], args.steps)
+                         for kind in other_times]
             if args.separate_calls:  # SlotSite.call is then None: the site's own `add` after the product
                 arms += [functools.partial(timed, separate_times[kind], [(kernel, "site_function", 0)], *common,
                                            layouts[kind], args.steps) for kind in separate_times]
@@ -332,6 +348,11 @@ def main() -> None:
             if args.separate_calls:
                 print(f" {paired_ratio(times['same'], separate_times['same']):>13.3f} "
                       f"{paired_ratio(times['mixed'], separate_times['mixed']):>14.3f}", end="")
+            if other is not None:
+                print(f" {paired_ratio(times['same'], other_times['same']):>13.3f} "
+                      f"{paired_interval(times['same'], other_times['same']):>11} "
+                      f"{paired_ratio(times['mixed'], other_times['mixed']):>14.3f} "
+                      f"{paired_interval(times['mixed'], other_times['mixed']):>11}", end="")
             if args.widened_too:
                 print(f" {paired_ratio(times['same'], widened_times['same']):>17.3f} "
                       f"{paired_ratio(times['mixed'], widened_times['mixed']):>18.3f}", end="")

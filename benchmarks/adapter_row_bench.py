@@ -187,6 +187,12 @@ def no_op_kernel() -> RowKernel:
     return build_row_kernel(source.parent, source=source)
 
 
+def in_place_of(kernel: RowKernel, build: RowKernel) -> list[tuple[object, str, object]]:
+    """The swaps (for `timed`) that put `build`'s functions in `kernel`'s place: every SlotLinear and SlotSite
+    calls through these."""
+    return [(kernel, name, getattr(build, name)) for name in ("rows", "site", "site_function")]
+
+
 def rows_by(kernel: RowKernel | None) -> str:
     if kernel is None:
         return "torch batched matmuls"
@@ -299,16 +305,10 @@ def main() -> None:
             if args.torch_too:
                 arms += [functools.partial(timed, torch_times[kind], [(slots, "kernel", None)], *common, layouts[kind],
                                            args.steps) for kind in torch_times]
-            if calls_only is not None:  # every SlotLinear and SlotSite calls through these
-                no_op = [(kernel, "rows", calls_only.rows), (kernel, "site", calls_only.site),
-                         (kernel, "site_function", calls_only.site_function)]
-                arms += [functools.partial(timed, call_times[kind], no_op, *common, layouts[kind], args.steps)
-                         for kind in call_times]
-            if other is not None:  # every SlotLinear and SlotSite calls through these
-                swapped = [(kernel, "rows", other.rows), (kernel, "site", other.site),
-                           (kernel, "site_function", other.site_function)]
-                arms += [functools.partial(timed, other_times[kind], swapped, *common, layouts[kind], args.steps)
-                         for kind in other_times]
+            for build, into in ((calls_only, call_times), (other, other_times)):
+                if build is not None:
+                    arms += [functools.partial(timed, into[kind], in_place_of(kernel, build), *common, layouts[kind],
+                                               args.steps) for kind in into]
             if args.separate_calls:  # SlotSite.call is then None: the site's own `add` after the product
                 arms += [functools.partial(timed, separate_times[kind], [(kernel, "site_function", 0)], *common,
                                            layouts[kind], args.steps) for kind in separate_times]

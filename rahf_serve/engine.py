@@ -85,8 +85,10 @@ DEFAULT_MAX_STEP_SLOWDOWN = {"cpu": 1.7}
 CPU a 4,000-token prompt joining 8 streams left their worst gap at 1.92x of the same streams' gap with
 nothing joining at 1.7 (2.09x at 1.8, ~3.2x unpaced), the long prompt's first token 1.1x later than at 1.8
 (docs/serving.md): the bound is below 2 because the streams' gaps carry noise the pacer's steps do not.
-Not measured on a GPU, so off there. `Engine` itself defaults to no pacer: chunk sizes then depend on token
-counts only, not on timings, which keeps library runs and tests reproducible to the last bit."""
+Lower is not better on a shared VM: at 1.5 the first token came 1.4x later and the worst gap was no lower
+(2.17x and 3.10x in two rounds, 2.31x and 2.17x at 1.7), the host's slow spells deciding it. Not measured
+on a GPU, so off there. `Engine` itself defaults to no pacer: chunk sizes then depend on token counts only,
+not on timings, which keeps library runs and tests reproducible to the last bit."""
 
 LORA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """What `--lora-dtype` may store LoRA factors in (besides the model's own dtype, its default)."""

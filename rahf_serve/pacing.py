@@ -11,7 +11,11 @@ each chunk at what keeps the step within `slowdown` x a decode-only step.
 step times. So it also keeps how far recent predictions missed, each chunked step's time over its
 prediction, and aims at the bound divided by the `quantile` of those ratios (0.95: were the coming steps
 to miss as the recent ones did, 95% of them would stay under the bound), never lower than a quarter of
-the way from 1 to it (a noisy machine slows a long prompt but does not stop it). The step times' tail is
+the way from 1 to it (a noisy machine slows a long prompt but does not stop it). It also aims below the
+latest chunked step's miss (`follow_latest`): a shared machine's slow spells last several steps (on the
+project's 2-core VM, half a second to a second in which every step, decode-only ones alike, takes 1.3-1.8x
+as long, the thread on the CPU throughout), so a step that ran slow says the next will too: after a step
+over the 95th percentile of misses, 35-45% of next steps were over it too, against 5% of all. The step times' tail is
 longer than their mean error says: aiming two mean errors below the bound left 4-6% of steps above it.
 Until it has `warmup` misses to take a quantile of, it assumes they are at least `prior_miss`: with none
 it aimed at the bound itself, and the first chunk it predicted could be the slowest step of a long
@@ -80,7 +84,8 @@ class StepPacer:
     """Moving statistics of step times; `caps` turns them into the prompt tokens each row may feed."""
 
     def __init__(self, slowdown: float, key_cost: float, smoothing: float = 0.25, quantile: float = 0.95,
-                 refresh_every: int = 16, window: int = 128, prior_miss: float = 1.15, warmup: int = 16) -> None:
+                 refresh_every: int = 16, window: int = 128, prior_miss: float = 1.15, warmup: int = 16,
+                 follow_latest: bool = True) -> None:
         if not slowdown > 1.0:
             raise RahfError(f"--max-step-slowdown must be above 1.0 (got {slowdown}): at 1.0 no prompt could be fed "
                              "while other rows decode")
@@ -96,6 +101,8 @@ class StepPacer:
         """the latest chunked steps' time over their predicted time"""
         self.prior_miss, self.warmup = prior_miss, warmup
         """the least miss factor assumed while fewer than `warmup` misses were seen"""
+        self.follow_latest = follow_latest
+        """whether the miss factor is also at least the latest chunked step's miss"""
         self.refresh_every = refresh_every
         """chunked steps after which the prompts sit a step out to time a decode-only step again (0: never)"""
         self.decode_seconds: float | None = None
@@ -136,12 +143,14 @@ class StepPacer:
         self._moments = new if old is None else tuple(self._mix(o, n) for o, n in zip(old, new, strict=True))
 
     def miss_factor(self) -> float:
-        """How much longer than predicted a step may take: the `quantile` of recent misses, at least 1, and
-        at least `prior_miss` until `warmup` misses were seen (1 when `quantile` is 0: aim at the bound)."""
+        """How much longer than predicted a step may take: the `quantile` of recent misses, at least 1, at
+        least the latest miss (`follow_latest`), and at least `prior_miss` until `warmup` misses were seen (1
+        when `quantile` is 0: aim at the bound)."""
         if not self.quantile:
             return 1.0
         seen = quantile(self.misses, self.quantile) if self.misses else 1.0
-        return max(1.0, seen, self.prior_miss if len(self.misses) < self.warmup else 1.0)
+        latest = self.misses[-1] if self.follow_latest and self.misses else 1.0
+        return max(1.0, seen, latest, self.prior_miss if len(self.misses) < self.warmup else 1.0)
 
     def costs(self) -> tuple[float, float] | None:
         """(seconds a prompt token adds, seconds a key adds), or None before any chunk was timed."""

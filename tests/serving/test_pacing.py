@@ -78,6 +78,35 @@ def test_predictions_that_miss_move_the_aim_below_the_bound():
     assert floor == 1 or spent(floor) <= 0.25 * 0.100 < spent(floor + 1)
 
 
+def test_a_slow_step_lowers_the_next_steps_aim_until_one_runs_as_predicted():
+    """A shared machine's slow spells last several steps: the step after a slow one aims below its miss, and
+    one step on time returns the aim to the quantile of recent misses."""
+    pacer = StepPacer(2.0, PRIOR, smoothing=0.5, quantile=0.9, warmup=0, refresh_every=0)
+    pacer.observe(8, 0, 0, 0.100)
+    keys = chunk_keys(0, 20)
+
+    def step(miss: float) -> None:
+        token, key = pacer.costs()
+        pacer.observe(8, 20, keys, 0.100 * (1 + (token * 20 + key * keys) / pacer.decode_seconds) * miss)
+
+    pacer.observe(8, 20, keys, 0.180)
+    for _ in range(20):
+        step(1.0)
+    assert pacer.miss_factor() == pytest.approx(1.0)
+    calm = pacer.caps(8, [100])[0]
+    step(1.5)
+    assert pacer.miss_factor() == pytest.approx(1.5)  # one slow step in 22: far above the 90% quantile
+    token, key = pacer.costs()
+    wary = pacer.caps(8, [100])[0]
+    spent = lambda n: token * n + key * chunk_keys(100, n)  # noqa: E731
+    assert wary < calm and spent(wary) <= (2.0 / 1.5 - 1.0) * 0.100 < spent(wary + 1)
+    step(1.0)
+    assert pacer.miss_factor() == pytest.approx(1.0)
+    pacer.follow_latest = False
+    step(1.5)
+    assert pacer.miss_factor() == pytest.approx(1.0)
+
+
 def test_until_it_has_seen_enough_misses_the_pacer_assumes_the_prior():
     """With no history the aim is below the bound by `prior_miss`, not at it; once `warmup` predictions were
     timed, their quantile alone decides (here they were exact: the aim returns to the bound)."""

@@ -5,6 +5,7 @@
     python benchmarks/join_bench.py --threads 1 --budgets 64 --slowdowns none,2   # the step pacer off / on
     python benchmarks/join_bench.py --threads 1 --budgets 64 --slowdowns 2 --quantiles 0.95,0   # its aim below the bound / at it
     python benchmarks/join_bench.py --threads 1 --budgets 64 --slowdowns 2 --refresh-every 16,0   # re-timing the streams / not
+    python benchmarks/join_bench.py --threads 1 --budgets 64 --slowdowns 1.7 --follow-latest 1,0   # aiming below the latest miss / not
     python benchmarks/join_bench.py --threads 1 --budgets 64 --slowdowns 1.7 --matmul-dtype bfloat16   # bfloat16 products
 
 Eight mixed-adapter streams run (greedy); once each has produced `--warm` tokens, one request with a
@@ -19,6 +20,9 @@ as that round's longest long join lasted: the machine's own noise in the same ga
 scheduler can go below. The streams are greedy, so the control produces their tokens again; each long
 join's gaps are also reported over the control's gaps near the same token of the same stream, which takes
 out what the streams' own growing contexts cost (their step is ~40% slower 700 tokens on, join or not).
+Each gap is also timed in the engine thread's CPU time (the sinks run on that thread): a gap long in both was
+spent running, not waiting for a CPU. With `--noise-floor` each round runs the control twice and reports the
+second against the first: what "against nothing joining" reads when nothing joins at all.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ from rahf_serve.request import GenerationRequest, SteeringSpec  # noqa: E402
 from rahf_serve.sampling import SamplingParams  # noqa: E402
 from tests.helpers import random_lora_bundle  # noqa: E402
 
+Setting = tuple[int, float | None, float, int, bool]
+"""max_num_batched_tokens, max_step_slowdown, and the pacer's quantile, refresh_every and follow_latest"""
+
 CHAT = [{"role": "user", "content": "Write a long, detailed story about a dragon who learns to bake bread."}]
 
 
@@ -58,6 +65,10 @@ class Join:
     """every gap of every stream while the request joined, over that stream's median gap before"""
     gaps: list[dict[int, float]] = field(default_factory=list)
     """per stream, its gaps while the request joined in seconds, by the index of the token that opened each"""
+    on_cpu: list[float] = field(default_factory=list)
+    """beside `ratios`: the engine thread's CPU time over each gap, over the same stream's median before (the
+    sinks run on the engine thread). A gap long in wall time but not here is time the thread was not
+    running: the host's scheduler, not the engine's steps"""
 
     @property
     def stall_ratio(self) -> float:
@@ -68,7 +79,9 @@ class Join:
         return quantile(self.ratios, q)
 
     def __str__(self) -> str:
-        return f"{summary(self.ratios)} of the normal gap; first token after {self.ttft:.2f} s"
+        worst = max(range(len(self.ratios)), key=self.ratios.__getitem__)
+        return (f"{summary(self.ratios)} of the normal gap (the worst {self.on_cpu[worst]:.2f}x on the CPU; in the "
+                f"engine thread's CPU time {summary(self.on_cpu)}); first token after {self.ttft:.2f} s")
 
 
 def against_control(join: Join, control: Join, window: int = 8) -> list[float]:
@@ -91,6 +104,7 @@ def run_join(engine: Engine, background: list[GenerationRequest], joining: Gener
     """`joining` None: the control, the same streams measured over their next `span` tokens with nothing
     joining (the machine's own step-time noise, which no scheduler can remove)."""
     stamps: list[list[float]] = [[] for _ in background]
+    cpu: list[list[float]] = [[] for _ in background]
     done = [threading.Event() for _ in background]
     submitted: list[float] = []
     first: list[float] = []
@@ -109,6 +123,7 @@ def run_join(engine: Engine, background: list[GenerationRequest], joining: Gener
         def sink(event) -> None:
             if event.token_ids:
                 stamps[i].append(time.perf_counter())
+                cpu[i].append(time.thread_time())
             if not submitted and all(len(s) >= warm for s in stamps):
                 submitted.append(time.perf_counter())
                 if joining is not None:
@@ -128,19 +143,25 @@ def run_join(engine: Engine, background: list[GenerationRequest], joining: Gener
         assert event.wait(600), "a background stream did not finish"
     assert finished.wait(600) and joined.is_set() and first, "the joining request did not start in time: raise "\
         "the background streams' max_tokens"
-    ratios, gaps = [], []
-    for s in stamps:
-        before = [b - a for a, b in zip(s, s[1:], strict=False) if b <= submitted[0]][2:]  # skip the prefill
-        during = {k: b - a for k, (a, b) in enumerate(zip(s, s[1:], strict=False)) if b > submitted[0] and a <= first[0]}
-        assert during, "a background stream ended before the joining request started: raise its max_tokens"
-        normal = statistics.median(before)
-        ratios += [gap / normal for gap in during.values()]
-        gaps.append(during)
-    return Join(first[0] - submitted[0], ratios, gaps)
+    ratios, gaps, on_cpu = [], [], []
+    for s, c in zip(stamps, cpu, strict=True):
+        opened = [k for k, (a, b) in enumerate(zip(s, s[1:], strict=False)) if b > submitted[0] and a <= first[0]]
+        assert opened, "a background stream ended before the joining request started: raise its max_tokens"
+        before = range(2, opened[0])  # skip the prefill
+        for t, out in ((s, ratios), (c, on_cpu)):
+            normal = statistics.median(t[k + 1] - t[k] for k in before)
+            out += [(t[k + 1] - t[k]) / normal for k in opened]
+        gaps.append({k: s[k + 1] - s[k] for k in opened})
+    return Join(first[0] - submitted[0], ratios, gaps, on_cpu)
 
 
 def summary(ratios: list[float]) -> str:
-    return f"worst {max(ratios):.2f}x, p90 {quantile(ratios, 0.9):.2f}x, median {quantile(ratios, 0.5):.2f}x"
+    return (f"worst {max(ratios):.2f}x, p90 {quantile(ratios, 0.9):.2f}x, median {quantile(ratios, 0.5):.2f}x, "
+            f"{over_two(ratios)} over 2x")
+
+
+def over_two(ratios: list[float]) -> str:
+    return f"{sum(r > 2 for r in ratios)} of {len(ratios)}"
 
 
 def over_bound(steps: list[PacedStep], slowdown: float) -> str:
@@ -178,6 +199,12 @@ def main() -> None:
     ap.add_argument("--refresh-every", default="16",
                     help="pacer refresh_every values to combine with each slowdown (chunked steps between two "
                          "decode-only steps that re-time the streams; 0: never)")
+    ap.add_argument("--follow-latest", default="1",
+                    help="pacer follow_latest values (1/0) to combine with each slowdown (whether a chunked step's "
+                         "miss lowers the next step's aim)")
+    ap.add_argument("--noise-floor", action="store_true",
+                    help="run the control twice a round and report the second against the first: what the "
+                         "'against nothing joining' statistics read when nothing joins at all")
     ap.add_argument("--streams", type=int, default=8, help="running streams the long prompt joins")
     ap.add_argument("--warm", type=int, default=12, help="tokens each stream produces before the join")
     ap.add_argument("--runs", type=int, default=3, help="runs per budget (medians reported)")
@@ -192,9 +219,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     quantiles = [float(q) for q in args.quantiles.split(",")]
     refreshes = [int(n) for n in args.refresh_every.split(",")]
-    settings = [(int(b), None if s == "none" else float(s), m, n)
+    follows = [bool(int(f)) for f in args.follow_latest.split(",")]
+    settings: list[Setting] = [(int(b), None if s == "none" else float(s), m, n, f)
                 for b in args.budgets.split(",") for s in args.slowdowns.split(",")
-                for m in (quantiles if s != "none" else [0.0]) for n in (refreshes if s != "none" else [0])]
+                for m in (quantiles if s != "none" else [0.0]) for n in (refreshes if s != "none" else [0])
+                for f in (follows if s != "none" else [False])]
 
     base = load_base("smollm2-135m-instruct", device="cpu", dtype="float32")
     tok = base.tokenizer
@@ -227,9 +256,10 @@ def main() -> None:
         "long": (streams(args.streams), GenerationRequest(long_prompt, SamplingParams(max_tokens=1, temperature=0.0),
                                                           "kind")),
     }
-    results: dict[tuple[str, tuple[int, float | None, float, int]], list[Join]] = {(c, s): [] for c in cases for s in settings}
+    results: dict[tuple[str, Setting], list[Join]] = {(c, s): [] for c in cases for s in settings}
     controls: list[Join] = []
-    versus: dict[tuple[int, float | None, float, int], list[list[float]]] = {s: [] for s in settings}
+    floors: list[list[float]] = []
+    versus: dict[Setting, list[list[float]]] = {s: [] for s in settings}
     with engine:
         AdapterRegistry(engine, workdir).load_dir()
         engine.max_num_batched_tokens = settings[0][0]
@@ -237,9 +267,9 @@ def main() -> None:
         for r in range(args.runs):
             for setting in settings:
                 # a fresh pacer per run: each learns its step times from the streams it runs beside
-                engine.max_num_batched_tokens, engine.max_step_slowdown, aim, refresh = setting
+                engine.max_num_batched_tokens, engine.max_step_slowdown, aim, refresh, follow = setting
                 if engine.pacer is not None:
-                    engine.pacer.quantile, engine.pacer.refresh_every = aim, refresh
+                    engine.pacer.quantile, engine.pacer.refresh_every, engine.pacer.follow_latest = aim, refresh, follow
                 for case, (background, joining) in cases.items():
                     seen = len(engine.pacer.steps) if engine.pacer is not None else 0
                     results[(case, setting)].append(run_join(engine, background, joining, args.warm))
@@ -255,6 +285,10 @@ def main() -> None:
                        greedy.max_tokens - args.warm - 8)
             controls.append(run_join(engine, cases["long"][0], None, args.warm, span))
             print(f"run {r + 1}, nothing joins for {span} tokens: {controls[-1]}", file=sys.stderr, flush=True)
+            if args.noise_floor:
+                floors.append(against_control(run_join(engine, cases["long"][0], None, args.warm, span), controls[-1]))
+                print(f"run {r + 1}, nothing joins again, against the first: {summary(floors[-1])}", file=sys.stderr,
+                      flush=True)
             for setting in settings:
                 relative = against_control(results[("long", setting)][-1], controls[-1])
                 versus[setting].append(relative)
@@ -267,12 +301,15 @@ def main() -> None:
           f"{os.getloadavg()[0]:.1f}\n")
     print("Gaps between a running stream's tokens while a request joins, over that stream's median gap "
           "before it joined (worst / 90th percentile / median over all streams' gaps), and the joining "
-          "request's time to first token. *Against nothing joining*: each gap over the same stream's gaps "
-          "near the same token in the control round (the streams slow as their contexts grow, join or not).\n")
-    print(f"| max_num_batched_tokens / max_step_slowdown (pacer quantile, refresh_every) | {args.prompt_tokens}-token prompt joins "
-          f"{args.streams} streams | against nothing joining | its first token | chat prompt joins "
+          "request's time to first token. *On the CPU*: the worst gap in the engine thread's CPU time, over its "
+          "median before (a gap longer in wall time than here is time the thread did not run). *Against nothing "
+          "joining*: each gap over the same stream's gaps "
+          "near the same token in the control round (the streams slow as their contexts grow, join or not); with "
+          "--noise-floor, the control's second run against its first in the 'nothing joins' row.\n")
+    print(f"| max_num_batched_tokens / max_step_slowdown (pacer quantile, refresh_every, follow_latest) | {args.prompt_tokens}-token prompt joins "
+          f"{args.streams} streams | on the CPU | against nothing joining | its first token | chat prompt joins "
           f"{args.streams - 1} streams | its first token |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 
     def gaps(joins: list[Join]) -> str:
         return " / ".join(f"{statistics.median(f(j) for j in joins):.2f}x" for f in (
@@ -280,13 +317,18 @@ def main() -> None:
 
     def relative(runs: list[list[float]]) -> str:
         return " / ".join(f"{statistics.median(f(r) for r in runs):.2f}x" for f in (
-            max, lambda r: quantile(r, 0.9), lambda r: quantile(r, 0.5)))
+            max, lambda r: quantile(r, 0.9), lambda r: quantile(r, 0.5))) + f" ({', '.join(map(over_two, runs))} over 2x)"
 
-    print(f"| nothing joins (the machine's noise over as long) | {gaps(controls)} | | | | |")
+    def on_cpu(joins: list[Join]) -> str:
+        return f"{statistics.median(max(j.on_cpu) for j in joins):.2f}x"
+
+    print(f"| nothing joins (the machine's noise over as long) | {gaps(controls)} | {on_cpu(controls)} | "
+          f"{relative(floors) if floors else ''} | | | |")
     for setting in settings:
         long, short = results[("long", setting)], results[("short", setting)]
-        label = f"{setting[0]} / {setting[1]} ({setting[2]:g}, {setting[3]})" if setting[1] else f"{setting[0]} / -"
-        print(f"| {label} | {gaps(long)} | {relative(versus[setting])} | "
+        label = (f"{setting[0]} / {setting[1]} ({setting[2]:g}, {setting[3]}, {int(setting[4])})" if setting[1]
+                 else f"{setting[0]} / -")
+        print(f"| {label} | {gaps(long)} | {on_cpu(long)} | {relative(versus[setting])} | "
               f"{statistics.median(j.ttft for j in long):.1f} s | {gaps(short)} | "
               f"{statistics.median(j.ttft for j in short) * 1000:.0f} ms |")
 

@@ -11,12 +11,12 @@ each chunk at what keeps the step within `slowdown` x a decode-only step.
 step times. So it also keeps how far recent predictions missed, each chunked step's time over its
 prediction, and aims at the bound divided by the `quantile` of those ratios (0.95: were the coming steps
 to miss as the recent ones did, 95% of them would stay under the bound), never lower than a quarter of
-the way from 1 to it (a noisy machine slows a long prompt but does not stop it). It also aims below the
-latest chunked step's miss (`follow_latest`): a shared machine's slow spells last several steps (on the
-project's 2-core VM, half a second to a second in which every step, decode-only ones alike, takes 1.3-1.8x
-as long, the thread on the CPU throughout), so a step that ran slow says the next will too: after a step
-over the 95th percentile of misses, 35-45% of next steps were over it too, against 5% of all. The step times' tail is
+the way from 1 to it (a noisy machine slows a long prompt but does not stop it). The step times' tail is
 longer than their mean error says: aiming two mean errors below the bound left 4-6% of steps above it.
+It also aims below the latest chunked step's miss (`follow_latest`): a shared machine's slow spells last
+several steps (on the project's 2-core VM, half a second to a second in which every step, decode-only ones
+alike, takes 1.4-1.8x as long, the thread on the CPU throughout), so a step that ran slow says the next
+will too: after a step over the 95th percentile of misses, 35-45% of next steps were over it, against 5%.
 Until it has `warmup` misses to take a quantile of, it assumes they are at least `prior_miss`: with none
 it aimed at the bound itself, and the first chunk it predicted could be the slowest step of a long
 prompt's join (2.09x at a bound of 1.8 where the project's CPU's misses have a 95th percentile of

@@ -200,14 +200,19 @@ def rows_by(kernel: RowKernel | None) -> str:
     return "C row kernel, " + ("sites shared over torch's threads" if shared else "one thread")
 
 
+def run_ratios(other: list[float], base: list[float]) -> list[float]:
+    """Each run's ratio (both timed in the same run, so load swings cancel)."""
+    return [o / b for o, b in zip(other, base, strict=True)]
+
+
 def paired_ratio(other: list[float], base: list[float]) -> float:
-    """The median over runs of each run's ratio (both timed in the same run, so load swings cancel)."""
-    return statistics.median(o / b for o, b in zip(other, base, strict=True))
+    """The median over runs of each run's ratio."""
+    return statistics.median(run_ratios(other, base))
 
 
 def paired_interval(other: list[float], base: list[float]) -> str:
     """The 95% interval of `paired_ratio`'s median, as "low-high"."""
-    low, high = median_interval([o / b for o, b in zip(other, base, strict=True)])
+    low, high = median_interval(run_ratios(other, base))
     return f"{low:.3f}-{high:.3f}"
 
 
